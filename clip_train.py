@@ -1,0 +1,432 @@
+"""CLIP (Radford et al. 2021, arXiv:2103.00020): an image encoder and a text encoder trained so
+that the embeddings of matching image-caption pairs are close and all others far apart, with
+a symmetric cross-entropy over the batch's similarity matrix (Sec. 2.3, Fig. 3). Zero-shot
+classification then compares an image with the embeddings of prompts like "a photo of a {}."
+
+    python clip_train.py                                               # tiny built-in data, CPU, ~3 min
+    torchrun --nproc_per_node 8 clip_train.py --preset vit-b-32 \\
+        --train-data train.json --val-data val.json --zeroshot-data imagenet/val --output-dir runs/b32
+    python clip_train.py --init-from clip-vit-base-patch32/ --eval-only --val-data coco_test.json
+"""
+import dataclasses
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+from common import dist
+from common.data import (ImageDataset, ImageTextDataset, ShardedSampler, Tokenizer, eval_transform,
+                         image_folder, read_annotations, retrieval_texts, tiny_data, train_transform)
+from common.encoders import (TextTransformer, VisionTransformer, hf_clip_text_map, hf_clip_vision_map,
+                             load_mapped, read_hf_checkpoint, resize_pos_embed)
+from common.metrics import retrieval_metrics, zeroshot_classifier, zeroshot_metrics
+from common.utils import (MetricLog, autocast, cosine_schedule, param_groups, parse_config, resolve_precision,
+                          resume_path, rng_state, save_checkpoint, save_config, set_rng_state)
+
+
+# ---- config ----
+
+@dataclass
+class Config:
+    preset: str = "tiny"
+    # model (Table 19/20 of the paper for the ViT presets)
+    image_size: int = 64            # pixels
+    patch_size: int = 8
+    vision_width: int = 128
+    vision_layers: int = 4
+    vision_heads: int = 2           # width / 64 in the paper's models
+    text_width: int = 128
+    text_layers: int = 4
+    text_heads: int = 2
+    context_length: int = 32        # 77 for the paper's models
+    vocab_size: int = 0             # 0: the tokenizer's
+    eos_id: int = -1                # -1: the tokenizer's end-of-text id (pooling position)
+    embed_dim: int = 128            # joint embedding space
+    mlp_ratio: float = 4.0
+    act: str = "quick_gelu"         # OpenAI's QuickGELU; "gelu" as open_clip's non-quickgelu models
+    layer_norm_eps: float = 1e-5
+    # data
+    train_data: str = ""            # annotation file (JSON or CSV); empty: the built-in tiny set
+    val_data: str = ""              # retrieval evaluation split; empty with tiny: its val split
+    image_root: str = ""            # folder relative image paths start from (default: the file's)
+    zeroshot_data: str = ""         # image folder root/<class>/*; empty with tiny: its zero-shot set
+    tokenizer: str = ""             # transformers tokenizer folder or name; empty: tiny's / --init-from's
+    skip_bad: bool = False          # skip (and count) unreadable images and empty captions
+    workers: int = 2                # data-loading processes per rank
+    # optimisation (open_clip params.py / paper Sec. 2.5)
+    epochs: int = 5
+    max_steps: int = 0              # >0: train exactly this many steps (overrides epochs)
+    batch_size: int = 128           # per process; the contrastive batch is batch_size * world_size
+    lr: float = 5e-4
+    weight_decay: float = 0.2
+    beta1: float = 0.9
+    beta2: float = 0.98             # paper: 0.98 for ViTs
+    eps: float = 1e-6
+    warmup_steps: int = 50
+    grad_clip_norm: float = 0.0     # 0: off
+    seed: int = 0
+    precision: str = "auto"         # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16 (GradScaler)
+    grad_checkpointing: bool = False
+    compile: bool = False
+    # run
+    output_dir: str = "runs/clip"
+    resume: str = ""                # checkpoint path, or "auto": output_dir/checkpoint_last.pt if present
+    init_from: str = ""             # Hugging Face CLIPModel folder, or one of our checkpoints
+    eval_only: bool = False
+    save_every: int = 1000          # steps between checkpoint_last.pt saves (and at every epoch end)
+    log_every: int = 10             # steps between train records in metrics.jsonl
+
+
+_VIT_TEXT = dict(text_width=512, text_layers=12, text_heads=8, context_length=77, vocab_size=49408,
+                 tokenizer="openai/clip-vit-base-patch32", batch_size=256, epochs=32, warmup_steps=10000,
+                 image_size=224, workers=8)
+PRESETS = {
+    "tiny": {},
+    # Table 19/20: ViT-B/32 and B/16 (width 768, 12 layers, 12 heads; text 512 x 12, 8 heads; embed 512)
+    "vit-b-32": dict(_VIT_TEXT, patch_size=32, vision_width=768, vision_layers=12, vision_heads=12, embed_dim=512),
+    "vit-b-16": dict(_VIT_TEXT, patch_size=16, vision_width=768, vision_layers=12, vision_heads=12, embed_dim=512),
+    # ViT-L/14: vision 1024 x 24, 16 heads; text 768 x 12, 12 heads; embed 768
+    "vit-l-14": dict(_VIT_TEXT, patch_size=14, vision_width=1024, vision_layers=24, vision_heads=16,
+                     text_width=768, text_heads=12, embed_dim=768, batch_size=96, grad_checkpointing=True),
+}
+
+
+# ---- model ----
+
+class CLIP(nn.Module):
+    """Two towers and a learned temperature (Sec. 2.4-2.5). Both embeddings are projected by a
+    bias-free linear map into the joint space and L2-normalised."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        self.visual = VisionTransformer(image_size=cfg.image_size, patch_size=cfg.patch_size, width=cfg.vision_width,
+                                        layers=cfg.vision_layers, heads=cfg.vision_heads, mlp_ratio=cfg.mlp_ratio,
+                                        act=cfg.act, eps=cfg.layer_norm_eps, pre_norm=True)
+        self.text = TextTransformer(vocab_size=cfg.vocab_size, context_length=cfg.context_length,
+                                    width=cfg.text_width, layers=cfg.text_layers, heads=cfg.text_heads,
+                                    eos_id=cfg.eos_id, mlp_ratio=cfg.mlp_ratio, act=cfg.act, eps=cfg.layer_norm_eps)
+        self.visual_projection = nn.Linear(cfg.vision_width, cfg.embed_dim, bias=False)
+        self.text_projection = nn.Linear(cfg.text_width, cfg.embed_dim, bias=False)
+        nn.init.normal_(self.visual_projection.weight, std=cfg.vision_width ** -0.5)
+        nn.init.normal_(self.text_projection.weight, std=cfg.text_width ** -0.5)
+        # Temperature tau as a log-parametrised scale, initialised to 1/0.07 (Sec. 2.5).
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+
+    def set_grad_checkpointing(self, enabled=True):
+        self.visual.transformer.grad_checkpointing = enabled
+        self.text.transformer.grad_checkpointing = enabled
+
+    def encode_image(self, images, normalize=True):               # (B, 3, H, W) -> (B, E)
+        x = self.visual_projection(self.visual(images)[:, 0])     # class token after ln_post
+        return F.normalize(x, dim=-1) if normalize else x
+
+    def encode_text(self, ids, normalize=True):                   # (B, L) -> (B, E)
+        x = self.text_projection(self.text(ids)[0])               # EOS token after ln_final
+        return F.normalize(x, dim=-1) if normalize else x
+
+    def forward(self, images, ids):
+        return self.encode_image(images), self.encode_text(ids), self.logit_scale.exp()
+
+    @classmethod
+    def from_hf(cls, path, image_size=None):
+        """Build from a Hugging Face `CLIPModel` folder (e.g. openai/clip-vit-base-patch32 saved
+        with save_pretrained). Every weight is mapped and shape-checked; a missing or unused key
+        is an error naming it. `image_size` other than the checkpoint's interpolates the
+        position embeddings (bicubic, as transformers' interpolate_pos_encoding)."""
+        from transformers import CLIPConfig
+        hf = CLIPConfig.from_pretrained(path)                       # fills the defaults config.json omits
+        v, t = hf.vision_config, hf.text_config
+        for name, sub in (("vision", v), ("text", t)):
+            if sub.hidden_act not in ("quick_gelu", "gelu"):
+                raise ValueError(f"{path}: {name} activation {sub.hidden_act!r} is not supported")
+        if v.intermediate_size / v.hidden_size != t.intermediate_size / t.hidden_size or v.hidden_act != t.hidden_act:
+            raise ValueError(f"{path}: vision and text towers differ in MLP ratio or activation")
+        # transformers pools at argmax(ids) when eos_token_id is the legacy value 2 (OpenAI's
+        # checkpoints); OpenAI's EOT is the largest id, so that is the first EOS = vocab_size - 1.
+        eos = t.vocab_size - 1 if t.eos_token_id == 2 else t.eos_token_id
+        cfg = Config(image_size=v.image_size, patch_size=v.patch_size, vision_width=v.hidden_size,
+                     vision_layers=v.num_hidden_layers, vision_heads=v.num_attention_heads,
+                     text_width=t.hidden_size, text_layers=t.num_hidden_layers, text_heads=t.num_attention_heads,
+                     context_length=t.max_position_embeddings, vocab_size=t.vocab_size, eos_id=eos,
+                     embed_dim=hf.projection_dim, mlp_ratio=v.intermediate_size / v.hidden_size,
+                     act=v.hidden_act, layer_norm_eps=v.layer_norm_eps)
+        _, state = read_hf_checkpoint(path)
+        mapping = {"visual_projection.weight": "visual_projection.weight",
+                   "text_projection.weight": "text_projection.weight", "logit_scale": "logit_scale",
+                   **hf_clip_vision_map("visual", "vision_model", cfg.vision_layers),
+                   **hf_clip_text_map("text", "text_model", cfg.text_layers)}
+        model = cls(cfg)
+        load_mapped(model, state, mapping, source=path, ignore=("position_ids",))
+        if image_size and image_size != cfg.image_size:
+            model.resize_image(image_size)
+        return model
+
+    def resize_image(self, image_size):
+        """Serve another image size: interpolate the learned position grid (Touvron et al. 2019)."""
+        pos = resize_pos_embed(self.visual.positional_embedding.data, image_size // self.cfg.patch_size)
+        self.visual.positional_embedding = nn.Parameter(pos)
+        self.visual.image_size = self.cfg.image_size = image_size
+
+
+# ---- loss ----
+
+def clip_loss(image_emb, text_emb, logit_scale):
+    """Symmetric InfoNCE (Fig. 3) with negatives from every rank.
+
+    Written as open_clip's local loss with a gradient-carrying gather: each rank scores its
+    own B images against all N = B*W texts (and its B texts against all N images), labels
+    offset by rank*B. Because the gather's backward sums every rank's gradient for a rank's
+    features, and DDP averages over ranks, the gradient equals that of the loss over the
+    whole N x N matrix, at O(B*N) memory per rank instead of O(N^2). (A plain, no-grad gather
+    would drop the terms where this rank's features are other ranks' negatives.)"""
+    all_images = dist.gather_with_grad(image_emb)                   # (N, E)
+    all_texts = dist.gather_with_grad(text_emb)                     # (N, E)
+    logits_per_image = logit_scale * image_emb @ all_texts.T        # (B, N)
+    logits_per_text = logit_scale * text_emb @ all_images.T         # (B, N)
+    B = image_emb.shape[0]
+    labels = torch.arange(B, device=image_emb.device) + B * dist.rank()
+    return (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)) / 2
+
+
+# ---- data ----
+
+def build_data(cfg, tokenizer, rank, world_size):
+    """Training set and loader, evaluation sets. With no --train-data, the built-in tiny set."""
+    tiny = None if cfg.train_data else tiny_data()
+    train_file = cfg.train_data or os.path.join(tiny, "train.json")
+    val_file = cfg.val_data or (os.path.join(tiny, "val.json") if tiny else "")
+    zs_root = cfg.zeroshot_data or (os.path.join(tiny, "zeroshot") if tiny else "")
+    root = cfg.image_root or None
+    train_set = ImageTextDataset(read_annotations(train_file, root, cfg.skip_bad), train_transform(cfg.image_size),
+                                 tokenizer, cfg.context_length, skip_bad=cfg.skip_bad)
+    if cfg.batch_size * world_size > len(train_set):
+        raise ValueError(f"--batch-size {cfg.batch_size} x {world_size} process(es) is larger than the "
+                         f"{len(train_set)} image-caption pairs of {train_file}; use a smaller --batch-size")
+    sampler = ShardedSampler(len(train_set), rank=rank, world_size=world_size, seed=cfg.seed)
+    loader = torch.utils.data.DataLoader(train_set, batch_size=cfg.batch_size, sampler=sampler, drop_last=True,
+                                         num_workers=cfg.workers, pin_memory=torch.cuda.is_available(),
+                                         persistent_workers=cfg.workers > 0)
+    val = read_annotations(val_file, root) if val_file else None
+    zeroshot = image_folder(zs_root) if zs_root else None
+    return loader, sampler, val, zeroshot
+
+
+# ---- evaluation ----
+
+@torch.no_grad()
+def embed_images(model, paths, cfg, device, precision):
+    """Embeddings of this rank's contiguous shard of `paths`, gathered in order from all ranks."""
+    start, end = dist.shard_range(len(paths))
+    loader = torch.utils.data.DataLoader(ImageDataset(paths[start:end], eval_transform(cfg.image_size)),
+                                         batch_size=cfg.batch_size, num_workers=cfg.workers)
+    feats = [torch.zeros(0, cfg.embed_dim, device=device)]
+    for images, _ in loader:
+        with autocast(precision, device):
+            feats.append(model.encode_image(images.to(device)).float())
+    return dist.gather_varlen(torch.cat(feats))
+
+
+@torch.no_grad()
+def embed_texts(model, texts, tokenizer, cfg, device, precision):
+    start, end = dist.shard_range(len(texts))
+    feats = [torch.zeros(0, cfg.embed_dim, device=device)]
+    for i in range(start, end, cfg.batch_size):
+        ids = tokenizer(texts[i:min(i + cfg.batch_size, end)], cfg.context_length).to(device)
+        with autocast(precision, device):
+            feats.append(model.encode_text(ids).float())
+    return dist.gather_varlen(torch.cat(feats))
+
+
+@torch.no_grad()
+def evaluate(model, cfg, val, zeroshot, tokenizer, device, precision):
+    """Retrieval recall@K on the val split and zero-shot top-1/top-5; every rank embeds its
+    shard, the features are gathered, and every rank computes the same metrics."""
+    was_training = model.training
+    model.eval()
+    metrics = {}
+    if val is not None:
+        texts, txt2img = retrieval_texts(val)
+        image_emb = embed_images(model, [r["image"] for r in val], cfg, device, precision)
+        text_emb = embed_texts(model, texts, tokenizer, cfg, device, precision)
+        metrics.update(retrieval_metrics(image_emb @ text_emb.T, txt2img))
+    if zeroshot is not None:
+        paths, labels, classnames, templates = zeroshot
+        start, end = dist.shard_range(len(classnames))
+        with autocast(precision, device):
+            classifier = zeroshot_classifier(model.encode_text, tokenizer, classnames[start:end], templates,
+                                             cfg.context_length, device).float()
+        classifier = dist.gather_varlen(classifier.reshape(-1, cfg.embed_dim))  # (n_classes, E)
+        image_emb = embed_images(model, paths, cfg, device, precision)
+        metrics.update(zeroshot_metrics(image_emb @ classifier.T, labels))
+    model.train(was_training)
+    return metrics
+
+
+# ---- training ----
+
+def load_tokenizer(cfg):
+    if cfg.tokenizer:
+        return Tokenizer(cfg.tokenizer)
+    if cfg.init_from and os.path.isdir(cfg.init_from) and any(
+            os.path.isfile(os.path.join(cfg.init_from, f)) for f in ("tokenizer.json", "vocab.json")):
+        return Tokenizer(cfg.init_from)
+    if not cfg.train_data:
+        return Tokenizer(os.path.join(tiny_data(), "tokenizer"))
+    raise ValueError("no tokenizer: pass --tokenizer (a transformers tokenizer folder or name)")
+
+
+MODEL_FIELDS = ("image_size", "patch_size", "vision_width", "vision_layers", "vision_heads", "text_width",
+                "text_layers", "text_heads", "context_length", "vocab_size", "eos_id", "embed_dim", "mlp_ratio",
+                "act", "layer_norm_eps")
+
+
+def build_model(cfg, tokenizer):
+    """A fresh model, or one initialised from a Hugging Face folder / our checkpoint. The
+    architecture fields of cfg become those of the loaded weights (except an --image-size
+    given on the command line, for which the position embeddings are interpolated)."""
+    if cfg.init_from and os.path.isdir(cfg.init_from):
+        model = CLIP.from_hf(cfg.init_from, image_size=cfg.image_size if "image_size" in cfg.cli_keys else None)
+        for k in MODEL_FIELDS:
+            setattr(cfg, k, getattr(model.cfg, k))
+        model.cfg = cfg
+    else:
+        if cfg.init_from:
+            saved = torch.load(cfg.init_from, map_location="cpu", weights_only=False)
+            for k in MODEL_FIELDS:
+                setattr(cfg, k, saved["config"][k])
+        cfg.vocab_size = cfg.vocab_size or tokenizer.vocab_size
+        cfg.eos_id = tokenizer.eos_id if cfg.eos_id < 0 else cfg.eos_id
+        model = CLIP(cfg)
+        if cfg.init_from:
+            model.load_state_dict(saved["model"])
+    if cfg.vocab_size < tokenizer.vocab_size or cfg.eos_id != tokenizer.eos_id:
+        raise ValueError(f"tokenizer (vocab {tokenizer.vocab_size}, EOS {tokenizer.eos_id}) does not fit the model "
+                         f"(vocab {cfg.vocab_size}, EOS {cfg.eos_id})")
+    return model, cfg
+
+
+def main(argv=None):
+    cfg = parse_config(Config, PRESETS, argv, __doc__)
+    rank, local_rank, world_size, device = dist.setup()
+    precision = resolve_precision(cfg.precision, device)
+    torch.manual_seed(cfg.seed)
+    os.makedirs(cfg.output_dir, exist_ok=True)
+    ckpt_path = resume_path(cfg.resume, cfg.output_dir)
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False) if ckpt_path else None
+    if ckpt:  # a resumed run keeps the architecture it was started with
+        for k in MODEL_FIELDS:
+            setattr(cfg, k, ckpt["config"][k])
+        cfg.init_from = ""
+
+    tokenizer = load_tokenizer(cfg)
+    model, cfg = build_model(cfg, tokenizer)
+    model.to(device)
+    if cfg.grad_checkpointing:
+        model.set_grad_checkpointing()
+    loader, sampler, val, zeroshot = build_data(cfg, tokenizer, rank, world_size)
+    save_config(cfg, cfg.output_dir)
+    log = MetricLog(cfg.output_dir)
+
+    if cfg.eval_only:
+        if ckpt:
+            model.load_state_dict(ckpt["model"])
+        metrics = evaluate(model, cfg, val, zeroshot, tokenizer, device, precision)
+        log.write({"step": ckpt["step"] if ckpt else 0, "epoch": 0, "split": "val", **metrics})
+        if dist.is_main():
+            print(json.dumps(metrics))
+        dist.cleanup()
+        return metrics
+
+    # AdamW as the paper (Sec. 2.5, beta2 0.98, eps 1e-6), decoupled decay off for gains,
+    # biases, embeddings and the temperature; fused kernel on CUDA.
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay, ("logit_scale",)), lr=cfg.lr,
+                                  betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=device.type == "cuda")
+    steps_per_epoch = len(loader)
+    total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
+    scheduler = cosine_schedule(optimizer, cfg.warmup_steps, total_steps)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    step, best = 0, -1.0
+    if ckpt:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        scaler.load_state_dict(ckpt["scaler"])
+        step, best = ckpt["step"], ckpt["best"]
+        if len(ckpt["rng"]) == world_size:
+            set_rng_state(ckpt["rng"][rank])
+        if dist.is_main():
+            print(f"resumed from {ckpt_path} at step {step}")
+    del ckpt
+
+    ddp_model = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None) if world_size > 1 else model
+    if cfg.compile:
+        ddp_model = torch.compile(ddp_model)
+
+    def checkpoint(name):
+        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                 "scaler": scaler.state_dict(), "step": step, "best": best, "config": dataclasses.asdict(cfg),
+                 "rng": dist.gather_objects(rng_state())}
+        if dist.is_main():
+            save_checkpoint(os.path.join(cfg.output_dir, name), state)
+
+    pbar = tqdm(total=total_steps, initial=step, disable=not dist.is_main(), dynamic_ncols=True)
+    metrics, tick = {}, time.time()
+    while step < total_steps:
+        epoch = step // steps_per_epoch
+        sampler.set_epoch(epoch, skip=(step % steps_per_epoch) * cfg.batch_size)
+        for images, ids, _ in loader:
+            images = images.to(device, non_blocking=True)
+            ids = ids.to(device, non_blocking=True)
+            with autocast(precision, device):
+                image_emb, text_emb, logit_scale = ddp_model(images, ids)
+            loss = clip_loss(image_emb.float(), text_emb.float(), logit_scale.float())
+            scaler.scale(loss).backward()
+            if cfg.grad_clip_norm > 0:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip_norm)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            with torch.no_grad():  # open_clip: keep the scale <= 100 for stability (Sec. 2.5)
+                model.logit_scale.clamp_(0, math.log(100))
+            step += 1
+            pbar.update(1)
+            if step % cfg.log_every == 0 or step == total_steps:
+                loss_value = dist.all_reduce_mean(loss).item()
+                speed = cfg.log_every * cfg.batch_size * world_size / (time.time() - tick)
+                tick = time.time()
+                lr = optimizer.param_groups[0]["lr"]
+                pbar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", samples_s=f"{speed:.0f}")
+                log.write({"step": step, "epoch": epoch, "split": "train", "loss": loss_value, "lr": lr,
+                           "logit_scale": model.logit_scale.exp().item(), "samples_per_s": speed})
+            if step % cfg.save_every == 0 and step % steps_per_epoch:
+                checkpoint("checkpoint_last.pt")
+            if step >= total_steps:
+                break
+        # end of an epoch (or of training): evaluate, keep the best, save
+        metrics = evaluate(model, cfg, val, zeroshot, tokenizer, device, precision)
+        log.write({"step": step, "epoch": epoch, "split": "val", **metrics})
+        if metrics and dist.is_main():
+            tqdm.write(f"epoch {epoch} step {step}: " + " ".join(f"{k} {v:.2f}" for k, v in metrics.items()))
+        if metrics.get("r_mean", -1.0) > best:
+            best = metrics["r_mean"]
+            checkpoint("checkpoint_best.pt")
+        checkpoint("checkpoint_last.pt")
+    pbar.close()
+    if dist.is_main():
+        print(json.dumps(metrics or {"step": step}))
+    dist.cleanup()
+    return metrics
+
+
+if __name__ == "__main__":
+    main()

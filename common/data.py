@@ -1,0 +1,353 @@
+"""Image-text data: annotation readers (Karpathy-style JSON, CSV pairs), datasets for training,
+retrieval evaluation and zero-shot classification, transforms, tokenizer, sampler, and the
+built-in tiny dataset.
+
+Bad input fails early with the file and the entry/line named; with `skip_bad=True` an
+unreadable image is replaced by the next sample and counted in the log instead."""
+import csv
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+
+import torch
+from PIL import Image
+from torchvision.transforms import v2
+
+log = logging.getLogger("data")
+
+# OpenAI CLIP's normalisation (clip.py::_transform), used by CLIP, ALBEF, BLIP and BLIP-2.
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+# ---- the built-in tiny dataset ----
+
+def tiny_data(cache_dir=None):
+    """Folder of the built-in tiny dataset, built on first use (deterministic, ~2 s).
+
+    Built into a temporary folder and renamed into place, so concurrent ranks or test
+    processes never see a half-written copy. Override the location with VLP_TINY_DIR."""
+    root = cache_dir or os.environ.get("VLP_TINY_DIR") or os.path.join(
+        os.path.expanduser("~"), ".cache", "vlp-reference")
+    spec = importlib.util.spec_from_file_location(
+        "make_tiny", os.path.join(os.path.dirname(__file__), "..", "data", "make_tiny.py"))
+    make_tiny = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(make_tiny)
+    out = os.path.join(root, f"tiny-v{make_tiny.VERSION}")
+    if not os.path.isfile(os.path.join(out, "VERSION")):
+        os.makedirs(root, exist_ok=True)
+        tmp = tempfile.mkdtemp(dir=root, prefix=".building-")
+        make_tiny.build(tmp)
+        try:
+            os.replace(tmp, out)
+        except OSError:  # another process finished first; its copy is identical
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+# ---- tokenizer ----
+
+class Tokenizer:
+    """Any `transformers` tokenizer (a folder or a hub name) producing fixed-length rows
+    `[BOS] tokens [EOS] [PAD]...`. BOS/EOS are the tokenizer's bos/eos tokens, or CLS/SEP for
+    BERT-style ones. Text longer than the context is truncated with EOS kept as the last token."""
+
+    def __init__(self, name_or_path):
+        from transformers import AutoTokenizer
+        self.tok = AutoTokenizer.from_pretrained(name_or_path)
+        t = self.tok
+        self.bos_id = t.bos_token_id if t.bos_token_id is not None else t.cls_token_id
+        self.eos_id = t.eos_token_id if t.eos_token_id is not None else t.sep_token_id
+        self.pad_id = t.pad_token_id if t.pad_token_id is not None else 0
+        if self.bos_id is None or self.eos_id is None:
+            raise ValueError(f"tokenizer {name_or_path} has neither bos/eos nor cls/sep tokens")
+        self.vocab_size = len(t)
+
+    def __call__(self, texts, context_length):
+        if isinstance(texts, str):
+            texts = [texts]
+        rows = self.tok(list(texts), add_special_tokens=False)["input_ids"]
+        out = torch.full((len(rows), context_length), self.pad_id, dtype=torch.long)
+        for i, ids in enumerate(rows):
+            ids = [self.bos_id] + ids[: context_length - 2] + [self.eos_id]
+            out[i, : len(ids)] = torch.tensor(ids)
+        return out
+
+    def decode(self, ids):
+        return self.tok.decode(ids, skip_special_tokens=True)
+
+
+# ---- annotations ----
+
+def _check_caption(cap, where, skip_bad, counter):
+    if not isinstance(cap, str):
+        raise ValueError(f"{where}: caption must be a string, got {type(cap).__name__}")
+    if not cap.strip():
+        if skip_bad:
+            counter[0] += 1
+            return None
+        raise ValueError(f"{where}: empty caption (pass --skip-bad to skip such captions)")
+    return cap.strip()
+
+
+def read_annotations(path, image_root=None, skip_bad=False):
+    """Records [{"image": abs path, "captions": [str], "image_id": id}] from
+    - JSON: [{"image": path, "caption": str or [str], "image_id": optional}] (Karpathy / BLIP), or
+    - CSV with a header naming `image,caption` (or open_clip's `filepath,title`), one pair per row;
+      rows of the same image are merged.
+    Relative image paths are taken from `image_root` (default: the annotation file's folder).
+    Every image is checked to exist; a missing one is an error naming it and its entry/line."""
+    root = image_root or os.path.dirname(os.path.abspath(path))
+    empty = [0]
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"annotation file {path} does not exist")
+    if path.endswith(".csv") or path.endswith(".tsv"):
+        entries = _read_csv(path)
+    else:
+        try:
+            with open(path) as f:
+                data = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} is not valid JSON: {e.msg} at line {e.lineno}, column {e.colno}") from None
+        if not isinstance(data, list):
+            raise ValueError(f"{path}: expected a JSON list of {{'image', 'caption'}} objects")
+        entries = []
+        for i, item in enumerate(data):
+            where = f"{path}, entry {i}"
+            for field in ("image", "caption"):
+                if not isinstance(item, dict) or field not in item:
+                    raise ValueError(f"{where}: missing field '{field}'")
+            caps = item["caption"] if isinstance(item["caption"], list) else [item["caption"]]
+            entries.append((where, item["image"], caps, item.get("image_id")))
+    records, by_image = [], {}
+    for where, image, caps, image_id in entries:
+        caps = [c for c in (_check_caption(c, where, skip_bad, empty) for c in caps) if c is not None]
+        full = image if os.path.isabs(image) else os.path.join(root, image)
+        if full in by_image:                       # the same image listed again: merge captions
+            by_image[full]["captions"] += caps
+            continue
+        if not os.path.isfile(full):
+            raise FileNotFoundError(f"{where}: image file {full} does not exist")
+        rec = {"image": full, "captions": caps, "image_id": image_id if image_id is not None else image}
+        by_image[full] = rec
+        records.append(rec)
+    if empty[0]:
+        log.warning("%s: skipped %d empty caption(s)", path, empty[0])
+    records = [r for r in records if r["captions"]]
+    if not records:
+        raise ValueError(f"{path}: no image-caption pairs")
+    return records
+
+
+def _read_csv(path):
+    delimiter = "\t" if path.endswith(".tsv") else ","
+    with open(path, newline="") as f:
+        try:
+            rows = list(csv.reader(f, delimiter=delimiter))
+        except csv.Error as e:
+            raise ValueError(f"{path} is not valid CSV: {e}") from None
+    if not rows:
+        raise ValueError(f"{path} is empty")
+    header = [h.strip() for h in rows[0]]
+    cols = {}
+    for field, alias in (("image", "filepath"), ("caption", "title")):
+        name = field if field in header else alias if alias in header else None
+        if name is None:
+            raise ValueError(f"{path}: header {header} lacks the '{field}' column")
+        cols[field] = header.index(name)
+    entries = []
+    for line, row in enumerate(rows[1:], start=2):
+        if not row:
+            continue
+        if len(row) != len(header):
+            raise ValueError(f"{path}, line {line}: {len(row)} fields, the header has {len(header)}")
+        entries.append((f"{path}, line {line}", row[cols["image"]], [row[cols["caption"]]], None))
+    return entries
+
+
+# ---- images and transforms ----
+
+def load_rgb(path):
+    """Open an image as RGB. Grayscale and palette images are converted; transparency is
+    composited on white (a plain convert('RGB') would turn transparent pixels black or noise)."""
+    try:
+        with Image.open(path) as img:
+            img.load()
+            if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
+                img = img.convert("RGBA")
+                canvas = Image.new("RGB", img.size, (255, 255, 255))
+                canvas.paste(img, mask=img.getchannel("A"))
+                return canvas
+            return img.convert("RGB")
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise OSError(f"cannot read image {path}: {e}") from None
+
+
+def train_transform(size):
+    """open_clip's training crop (RandomResizedCrop, scale 0.9-1.0, bicubic); no flips, since
+    captions say 'left' and 'right'."""
+    return v2.Compose([v2.ToImage(), v2.RandomResizedCrop(size, scale=(0.9, 1.0), interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
+                       v2.ToDtype(torch.float32, scale=True), v2.Normalize(CLIP_MEAN, CLIP_STD)])
+
+
+def eval_transform(size):
+    """CLIP's preprocessing: bicubic resize of the short side, centre crop, normalise."""
+    return v2.Compose([v2.ToImage(), v2.Resize(size, interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
+                       v2.CenterCrop(size), v2.ToDtype(torch.float32, scale=True), v2.Normalize(CLIP_MEAN, CLIP_STD)])
+
+
+# ---- datasets ----
+
+class ImageTextDataset(torch.utils.data.Dataset):
+    """Training pairs: every (image, caption) pair of the records is one sample (as BLIP's
+    COCO loader). Returns (image (3, H, W), token ids (L,), index of the image's record).
+
+    Keys may be (index, seed) from `ShardedSampler`: the augmentation then depends only on
+    (seed, epoch, index), so a resumed run sees exactly the crops an uninterrupted one would."""
+
+    def __init__(self, records, transform, tokenizer, context_length, skip_bad=False):
+        self.records, self.transform = records, transform
+        self.tokenizer, self.context_length, self.skip_bad = tokenizer, context_length, skip_bad
+        self.pairs = [(r, c) for r, rec in enumerate(records) for c in range(len(rec["captions"]))]
+        self.skipped = 0
+
+    def __len__(self):
+        return len(self.pairs)
+
+    def __getitem__(self, key):
+        index, seed = key if isinstance(key, tuple) else (key, None)
+        for attempt in range(len(self)):
+            r, c = self.pairs[(index + attempt) % len(self)]
+            try:
+                image = load_rgb(self.records[r]["image"])
+                break
+            except OSError as e:
+                if not self.skip_bad:
+                    raise
+                self.skipped += 1
+                log.warning("%s; using the next sample instead (%d skipped in this worker)", e, self.skipped)
+        if seed is not None:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                image = self.transform(image)
+        else:
+            image = self.transform(image)
+        ids = self.tokenizer(self.records[r]["captions"][c], self.context_length)[0]
+        return image, ids, r
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """Images only (evaluation): returns (image, index)."""
+
+    def __init__(self, paths, transform):
+        self.paths, self.transform = paths, transform
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        return self.transform(load_rgb(self.paths[i])), i
+
+
+def retrieval_texts(records):
+    """Flatten an evaluation split: texts, txt2img (image index of each text)."""
+    texts, txt2img = [], []
+    for i, rec in enumerate(records):
+        texts += rec["captions"]
+        txt2img += [i] * len(rec["captions"])
+    return texts, torch.tensor(txt2img)
+
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+
+def image_folder(root):
+    """Zero-shot classification folder `root/<class>/<image>` (ImageNet's val layout).
+    Returns (paths, labels, classnames, templates). Class names come from `classnames.txt`
+    (one per line, in sorted folder order) if present, else from folder names; prompt
+    templates from `templates.txt` if present, else OpenAI's 80 ImageNet templates."""
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"zero-shot folder {root} does not exist")
+    folders = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+    if not folders:
+        raise ValueError(f"{root}: no class sub-folders")
+    names_file = os.path.join(root, "classnames.txt")
+    if os.path.isfile(names_file):
+        with open(names_file) as f:
+            classnames = [line.strip() for line in f if line.strip()]
+        if len(classnames) != len(folders):
+            raise ValueError(f"{names_file}: {len(classnames)} names for {len(folders)} class folders")
+    else:
+        classnames = [d.replace("_", " ") for d in folders]
+    tmpl_file = os.path.join(root, "templates.txt")
+    if os.path.isfile(tmpl_file):
+        with open(tmpl_file) as f:
+            templates = [line.strip() for line in f if line.strip()]
+    else:
+        templates = OPENAI_IMAGENET_TEMPLATES
+    paths, labels = [], []
+    for label, d in enumerate(folders):
+        for name in sorted(os.listdir(os.path.join(root, d))):
+            if name.lower().endswith(IMAGE_EXTENSIONS):
+                paths.append(os.path.join(root, d, name))
+                labels.append(label)
+    return paths, torch.tensor(labels), classnames, templates
+
+
+# ---- sampler ----
+
+class ShardedSampler(torch.utils.data.Sampler):
+    """Distributed training sampler: a seeded permutation per epoch, split into equal
+    per-rank shards (the last incomplete round dropped, so every rank runs the same number
+    of steps and gathered batches have equal shapes). Yields (index, seed) keys so that
+    augmentations are a function of (seed, epoch, index), and can start `skip` samples into
+    the epoch for an exact mid-epoch resume."""
+
+    def __init__(self, n, *, rank=0, world_size=1, seed=0, shuffle=True):
+        self.n, self.rank, self.world, self.seed, self.shuffle = n, rank, world_size, seed, shuffle
+        self.per_rank = n // world_size
+        self.epoch, self.skip = 0, 0
+
+    def set_epoch(self, epoch, skip=0):
+        self.epoch, self.skip = epoch, skip
+
+    def __len__(self):
+        return self.per_rank - self.skip
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        order = torch.randperm(self.n, generator=g) if self.shuffle else torch.arange(self.n)
+        mine = order[self.rank: self.per_rank * self.world: self.world][self.skip:].tolist()
+        for i in mine:
+            digest = hashlib.blake2b(f"{self.seed}/{self.epoch}/{i}".encode(), digest_size=8).digest()
+            yield i, int.from_bytes(digest, "little") & 0x7FFF_FFFF_FFFF_FFFF
+
+
+# OpenAI's 80 prompt templates for zero-shot ImageNet (CLIP notebooks / open_clip zero_shot_metadata).
+OPENAI_IMAGENET_TEMPLATES = [
+    "a bad photo of a {}.", "a photo of many {}.", "a sculpture of a {}.", "a photo of the hard to see {}.",
+    "a low resolution photo of the {}.", "a rendering of a {}.", "graffiti of a {}.", "a bad photo of the {}.",
+    "a cropped photo of the {}.", "a tattoo of a {}.", "the embroidered {}.", "a photo of a hard to see {}.",
+    "a bright photo of a {}.", "a photo of a clean {}.", "a photo of a dirty {}.", "a dark photo of the {}.",
+    "a drawing of a {}.", "a photo of my {}.", "the plastic {}.", "a photo of the cool {}.",
+    "a close-up photo of a {}.", "a black and white photo of the {}.", "a painting of the {}.",
+    "a painting of a {}.", "a pixelated photo of the {}.", "a sculpture of the {}.", "a bright photo of the {}.",
+    "a cropped photo of a {}.", "a plastic {}.", "a photo of the dirty {}.", "a jpeg corrupted photo of a {}.",
+    "a blurry photo of the {}.", "a photo of the {}.", "a good photo of the {}.", "a rendering of the {}.",
+    "a {} in a video game.", "a photo of one {}.", "a doodle of a {}.", "a close-up photo of the {}.",
+    "a photo of a {}.", "the origami {}.", "the {} in a video game.", "a sketch of a {}.", "a doodle of the {}.",
+    "a origami {}.", "a low resolution photo of a {}.", "the toy {}.", "a rendition of the {}.",
+    "a photo of the clean {}.", "a photo of a large {}.", "a rendition of a {}.", "a photo of a nice {}.",
+    "a photo of a weird {}.", "a blurry photo of a {}.", "a cartoon {}.", "art of a {}.", "a sketch of the {}.",
+    "a embroidered {}.", "a pixelated photo of a {}.", "itap of the {}.", "a jpeg corrupted photo of the {}.",
+    "a good photo of a {}.", "a plushie {}.", "a photo of the nice {}.", "a photo of the small {}.",
+    "a photo of the weird {}.", "the cartoon {}.", "art of the {}.", "a drawing of the {}.",
+    "a photo of the large {}.", "a black and white photo of a {}.", "the plushie {}.", "a dark photo of a {}.",
+    "itap of a {}.", "graffiti of the {}.", "a toy {}.", "itap of my {}.", "a photo of a cool {}.",
+    "a photo of a small {}.", "a tattoo of the {}.",
+]
+assert len(OPENAI_IMAGENET_TEMPLATES) == 80

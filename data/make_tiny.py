@@ -1,0 +1,161 @@
+"""The built-in tiny dataset: 64x64 pictures of one to three coloured shapes, each with five
+compositional captions ("a large red circle to the left of a small blue square"), in the
+Karpathy JSON format, plus a zero-shot classification folder and a word-level tokenizer.
+
+Deterministic (fixed seed) and built in a few seconds with Pillow. Every training script
+builds it on first use when no --train-data is given (common.data.tiny_data()).
+
+    python data/make_tiny.py --out /tmp/tiny          # build it by hand
+
+Layout written:
+    train.json val.json test.json       [{"image": "images/train_00000.png", "caption": [5 str], "image_id": int}]
+    images/*.png
+    zeroshot/<colour>_<shape>/*.png, zeroshot/classnames.txt, zeroshot/templates.txt
+    tokenizer/                          (a transformers PreTrainedTokenizerFast folder)
+"""
+import argparse
+import json
+import os
+import random
+
+from PIL import Image, ImageDraw
+
+VERSION = 1
+SIZE = 64
+COLOURS = {"red": (220, 30, 30), "green": (30, 170, 50), "blue": (40, 60, 220),
+           "yellow": (235, 215, 30), "purple": (140, 40, 170), "orange": (245, 130, 20)}
+BACKGROUNDS = {"white": (245, 245, 245), "black": (15, 15, 15), "gray": (128, 128, 128)}
+SHAPES = ("circle", "square", "triangle", "diamond")
+RADIUS = {"small": 7, "large": 13}
+SPLITS = {"train": 3000, "val": 200, "test": 200}
+ZEROSHOT_PER_CLASS = 10
+ZEROSHOT_TEMPLATES = ["a photo of a {}.", "a picture of a {}.", "a {} on a plain background.",
+                      "an image with a {} in it.", "there is a {}."]
+
+
+def draw_shape(draw, shape, cx, cy, r, fill):
+    if shape == "circle":
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
+    elif shape == "square":
+        draw.rectangle([cx - r, cy - r, cx + r, cy + r], fill=fill)
+    elif shape == "triangle":
+        draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=fill)
+    else:  # diamond
+        draw.polygon([(cx, cy - r), (cx + r, cy), (cx, cy + r), (cx - r, cy)], fill=fill)
+
+
+def where(cx, cy):
+    """Coarse position words for a single shape."""
+    row = "top" if cy < SIZE / 3 else "bottom" if cy > 2 * SIZE / 3 else "middle"
+    col = "left" if cx < SIZE / 3 else "right" if cx > 2 * SIZE / 3 else "center"
+    return "center" if (row, col) == ("middle", "center") else f"{row} {col}"
+
+
+def sample_scene(rng, n):
+    """n shapes in distinct columns (left to right), so 'to the left of' is well defined."""
+    columns = sorted(rng.sample(range(3), n))
+    objs = []
+    for c in columns:
+        size = rng.choice(list(RADIUS))
+        r = RADIUS[size]
+        lo, hi = c * SIZE // 3 + r // 2, (c + 1) * SIZE // 3 - r // 2
+        cx = min(max(rng.randint(lo, hi), r + 1), SIZE - r - 2)
+        cy = rng.randint(r + 1, SIZE - r - 2)
+        objs.append(dict(shape=rng.choice(SHAPES), colour=rng.choice(list(COLOURS)), size=size, cx=cx, cy=cy))
+    return rng.choice(list(BACKGROUNDS)), objs
+
+
+def render(bg, objs):
+    img = Image.new("RGB", (SIZE, SIZE), BACKGROUNDS[bg])
+    draw = ImageDraw.Draw(img)
+    for o in objs:
+        draw_shape(draw, o["shape"], o["cx"], o["cy"], RADIUS[o["size"]], COLOURS[o["colour"]])
+    return img
+
+
+def captions(rng, bg, objs):
+    """Five paraphrases, each naming every shape's size, colour and kind, and the layout."""
+    d = [f"{o['size']} {o['colour']} {o['shape']}" for o in objs]
+    if len(objs) == 1:
+        pos = where(objs[0]["cx"], objs[0]["cy"])
+        options = [f"a {d[0]} on a {bg} background",
+                   f"a {d[0]} in the {pos}",
+                   f"a {bg} picture with a {d[0]} in the {pos}",
+                   f"there is a {d[0]} in the {pos} of a {bg} image",
+                   f"one {d[0]} on {bg}",
+                   f"a single {d[0]} placed in the {pos}"]
+    elif len(objs) == 2:
+        options = [f"a {d[0]} to the left of a {d[1]}",
+                   f"a {d[1]} to the right of a {d[0]}",
+                   f"a {d[0]} and a {d[1]} on a {bg} background",
+                   f"two shapes on {bg}: a {d[0]} on the left and a {d[1]} on the right",
+                   f"on a {bg} background a {d[1]} is right of a {d[0]}",
+                   f"a {d[0]} left of a {d[1]}"]
+    else:
+        options = [f"a {d[0]}, a {d[1]} and a {d[2]} from left to right",
+                   f"three shapes on a {bg} background: a {d[0]}, a {d[1]} and a {d[2]}",
+                   f"a {d[1]} between a {d[0]} and a {d[2]}",
+                   f"from right to left a {d[2]}, a {d[1]} and a {d[0]}",
+                   f"a {d[0]} on the left, a {d[1]} in the middle and a {d[2]} on the right",
+                   f"a {bg} image with a {d[0]}, a {d[1]} and a {d[2]}"]
+    return rng.sample(options, 5)
+
+
+def build_tokenizer(texts, out_dir):
+    """Word-level tokenizer trained on the captions (lower-cased, punctuation split)."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    tok = Tokenizer(models.WordLevel(unk_token="[UNK]"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator(texts, trainers.WordLevelTrainer(special_tokens=specials))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]",
+                                   cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]")
+    fast.save_pretrained(out_dir)
+
+
+def build(out):
+    """Write the whole dataset into `out` (which must not exist yet or be empty)."""
+    rng = random.Random(0)
+    os.makedirs(os.path.join(out, "images"), exist_ok=True)
+    all_text = []
+    image_id = 0
+    for split, n in SPLITS.items():
+        records = []
+        for i in range(n):
+            bg, objs = sample_scene(rng, rng.choice((1, 2, 3)))
+            rel = f"images/{split}_{i:05d}.png"
+            render(bg, objs).save(os.path.join(out, rel))
+            caps = captions(rng, bg, objs)
+            all_text += caps
+            records.append({"image": rel, "caption": caps, "image_id": image_id})
+            image_id += 1
+        with open(os.path.join(out, f"{split}.json"), "w") as f:
+            json.dump(records, f, indent=0)
+    # Zero-shot classification: one shape per image, class = "<colour> <shape>" (24 classes).
+    zs = os.path.join(out, "zeroshot")
+    classes = [f"{c} {s}" for c in COLOURS for s in SHAPES]
+    for name in classes:
+        colour, shape = name.split()
+        folder = os.path.join(zs, name.replace(" ", "_"))
+        os.makedirs(folder, exist_ok=True)
+        for k in range(ZEROSHOT_PER_CLASS):
+            bg, objs = sample_scene(rng, 1)
+            objs[0].update(colour=colour, shape=shape)
+            render(bg, objs).save(os.path.join(folder, f"{k:03d}.png"))
+    # Folder order is sorted(dirnames); classnames.txt follows it.
+    with open(os.path.join(zs, "classnames.txt"), "w") as f:
+        f.write("\n".join(n.replace("_", " ") for n in sorted(c.replace(" ", "_") for c in classes)) + "\n")
+    with open(os.path.join(zs, "templates.txt"), "w") as f:
+        f.write("\n".join(ZEROSHOT_TEMPLATES) + "\n")
+    build_tokenizer(all_text + [t.format(c) for t in ZEROSHOT_TEMPLATES for c in classes],
+                    os.path.join(out, "tokenizer"))
+    with open(os.path.join(out, "VERSION"), "w") as f:
+        f.write(f"{VERSION}\n")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", required=True)
+    build(parser.parse_args().out)
