@@ -61,7 +61,7 @@ class Config:
     skip_bad: bool = False          # skip (and count) unreadable images and empty captions
     workers: int = 2                # data-loading processes per rank
     # optimisation (open_clip params.py / paper Sec. 2.5)
-    epochs: int = 5
+    epochs: int = 2
     max_steps: int = 0              # >0: train exactly this many steps (overrides epochs)
     batch_size: int = 128           # per process; the contrastive batch is batch_size * world_size
     lr: float = 5e-4

@@ -1,0 +1,152 @@
+"""clip_train.py end to end: learning on the tiny data, torchrun with 2 processes, checkpoints,
+--resume auto, an interrupted run resumed to the same losses, --init-from and --eval-only."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import clip_train
+from tests.test_distributed import ROOT, torchrun
+
+SMALL = ["--vision-layers", "2", "--text-layers", "2", "--vision-width", "64", "--text-width", "64",
+         "--embed-dim", "64", "--batch-size", "16", "--workers", "0", "--warmup-steps", "5", "--log-every", "1"]
+
+
+@pytest.fixture(scope="module")
+def subset(tiny, tmp_path_factory):
+    """40 training images (200 pairs: 6 steps per epoch at 2 x 16) and 20 val images."""
+    d = tmp_path_factory.mktemp("subset")
+    for split, n in (("train", 40), ("val", 20)):
+        with open(os.path.join(tiny, f"{split}.json")) as f:
+            recs = json.load(f)[:n]
+        for r in recs:
+            r["image"] = os.path.join(tiny, r["image"])
+        (d / f"{split}.json").write_text(json.dumps(recs))
+    return ["--train-data", str(d / "train.json"), "--val-data", str(d / "val.json"),
+            "--zeroshot-data", os.path.join(tiny, "zeroshot"), "--tokenizer", os.path.join(tiny, "tokenizer")]
+
+
+def read_metrics(out):
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def train_losses(out):
+    """{step: loss} from metrics.jsonl; a step logged twice (before a crash and after resume) keeps the last."""
+    return {r["step"]: r["loss"] for r in read_metrics(out) if r["split"] == "train"}
+
+
+def kill_tree(pid):
+    """SIGKILL a process and all its descendants (torchrun starts its workers in their own sessions)."""
+    children = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except OSError:
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    todo, tree = [pid], []
+    while todo:
+        p = todo.pop()
+        tree.append(p)
+        todo += children.get(p, [])
+    for p in tree:
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def test_learns_far_above_chance(tmp_path):
+    """80 steps of the default tiny preset. Chance r_mean on 200 val images x 5 captions is ~7
+    (i2t R@1/5/10 ~2.5/12/22, t2i ~0.5/2.5/5); broken labels, a broken loss or shuffled captions
+    stay there (see README, 'Tiny run')."""
+    metrics = clip_train.main(["--max-steps", "80", "--workers", "0", "--output-dir", str(tmp_path)])
+    assert metrics["r_mean"] > 40, metrics
+    assert metrics["zeroshot_top5"] > 50, metrics                         # chance 20.8 (24 classes)
+    assert os.path.isfile(tmp_path / "checkpoint_best.pt")
+
+
+def test_torchrun_checkpoint_and_resume_auto(tmp_path, subset):
+    out = str(tmp_path / "run")
+    first = torchrun(["clip_train.py", *SMALL, *subset, "--max-steps", "4", "--output-dir", out], timeout=300)
+    assert first.returncode == 0, first.stderr[-3000:]
+    final = json.loads(first.stdout.strip().splitlines()[-1])
+    assert set(final) >= {"i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "r_mean",
+                          "zeroshot_top1", "zeroshot_top5"}
+    ckpt = torch.load(os.path.join(out, "checkpoint_last.pt"), weights_only=False)
+    assert ckpt["step"] == 4 and len(ckpt["rng"]) == 2 and ckpt["config"]["batch_size"] == 16
+    assert set(ckpt) >= {"model", "optimizer", "scheduler", "scaler"}
+    assert os.path.isfile(os.path.join(out, "checkpoint_best.pt"))
+    with open(os.path.join(out, "config.json")) as f:
+        assert json.load(f)["vision_layers"] == 2
+    second = torchrun(["clip_train.py", *SMALL, *subset, "--max-steps", "8", "--output-dir", out,
+                       "--resume", "auto"], timeout=300)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "resumed from" in second.stdout and "at step 4" in second.stdout
+    steps = [r["step"] for r in read_metrics(out) if r["split"] == "train"]
+    assert steps == [1, 2, 3, 4, 5, 6, 7, 8]
+    assert torch.load(os.path.join(out, "checkpoint_last.pt"), weights_only=False)["step"] == 8
+
+
+def test_killed_run_resumes_to_the_same_losses(tmp_path, subset):
+    """SIGKILL a 2-process run after its first mid-epoch checkpoint, resume it, and compare every
+    step's loss with an uninterrupted run: same batches, same crops, same optimizer state."""
+    args = [*SMALL, *subset, "--max-steps", "40", "--save-every", "4"]
+    ref = str(tmp_path / "ref")
+    proc = torchrun(["clip_train.py", *args, "--output-dir", ref], timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = str(tmp_path / "killed")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "clip_train.py",
+           *args, "--output-dir", out]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
+    victim = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and victim.poll() is None:
+        if os.path.isfile(os.path.join(out, "metrics.jsonl")) and max(train_losses(out), default=0) >= 9:
+            break
+        time.sleep(0.02)
+    kill_tree(victim.pid)
+    victim.wait()
+    killed_at = max(train_losses(out))
+    assert 9 <= killed_at < 40, f"the run was not killed mid-way (last step {killed_at})"
+    saved = torch.load(os.path.join(out, "checkpoint_last.pt"), weights_only=False)["step"]
+    assert saved % 4 == 0 and 4 <= saved <= killed_at
+    proc = torchrun(["clip_train.py", *args, "--output-dir", out, "--resume", "auto"], timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"at step {saved}" in proc.stdout
+    want, got = train_losses(ref), train_losses(out)
+    assert sorted(got) == list(range(1, 41))
+    for step in range(1, 41):
+        assert abs(got[step] - want[step]) < 1e-5, (step, got[step], want[step])
+    final_ref = {k: v for k, v in read_metrics(ref)[-1].items() if k not in ("step", "epoch", "split")}
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == pytest.approx(final_ref, abs=1e-6)
+
+
+def test_init_from_hf_and_eval_only(tmp_path, tiny):
+    """--init-from a transformers CLIPModel folder (with its tokenizer) and --eval-only."""
+    from transformers import CLIPConfig, CLIPModel, PreTrainedTokenizerFast
+    from common.data import Tokenizer
+    tok = Tokenizer(os.path.join(tiny, "tokenizer"))
+    hf = CLIPModel(CLIPConfig(
+        text_config=dict(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=128, num_hidden_layers=1,
+                         num_attention_heads=2, max_position_embeddings=32, eos_token_id=tok.eos_id,
+                         bos_token_id=tok.bos_id, pad_token_id=tok.pad_id),
+        vision_config=dict(hidden_size=32, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=64, patch_size=16), projection_dim=16))
+    hf.save_pretrained(tmp_path / "hf")
+    PreTrainedTokenizerFast.from_pretrained(os.path.join(tiny, "tokenizer")).save_pretrained(tmp_path / "hf")
+    metrics = clip_train.main(["--init-from", str(tmp_path / "hf"), "--eval-only", "--workers", "0",
+                               "--output-dir", str(tmp_path / "out")])
+    assert set(metrics) >= {"r_mean", "zeroshot_top1"}
+    with open(tmp_path / "out" / "config.json") as f:
+        cfg = json.load(f)
+    assert (cfg["vision_width"], cfg["patch_size"], cfg["embed_dim"]) == (32, 16, 16)

@@ -1,0 +1,159 @@
+"""Annotation readers, image loading, tokenizer, sampler: every documented error and conversion."""
+import json
+import logging
+import os
+
+import pytest
+import torch
+from PIL import Image
+
+import clip_train
+from common.data import (ImageTextDataset, ShardedSampler, Tokenizer, image_folder, load_rgb, read_annotations,
+                         train_transform)
+
+
+def write_image(path, mode="RGB", size=(16, 16)):
+    colour = {"RGB": (10, 200, 30), "L": 128, "RGBA": (200, 0, 0, 0), "P": 3}[mode]
+    img = Image.new(mode, size, colour)
+    if mode == "P":
+        img.putpalette([0, 0, 0, 255, 0, 0, 0, 255, 0, 0, 0, 255] * 64)
+    img.save(path)
+    return path
+
+
+@pytest.fixture
+def folder(tmp_path):
+    for name in ("a.png", "b.png"):
+        write_image(tmp_path / name)
+    return tmp_path
+
+
+def write_json(path, data):
+    path.write_text(json.dumps(data))
+    return str(path)
+
+
+def test_json_and_csv_formats(folder):
+    recs = read_annotations(write_json(folder / "ann.json", [
+        {"image": "a.png", "caption": ["one", "two"], "image_id": 7}, {"image": "b.png", "caption": "three"}]))
+    assert [r["captions"] for r in recs] == [["one", "two"], ["three"]]
+    assert recs[0]["image_id"] == 7 and recs[1]["image_id"] == "b.png"
+    assert recs[0]["image"] == str(folder / "a.png")
+    (folder / "pairs.csv").write_text('image,caption\na.png,"a red, round thing"\nb.png,two\na.png,more\n')
+    recs = read_annotations(str(folder / "pairs.csv"))
+    assert recs[0]["captions"] == ["a red, round thing", "more"] and recs[1]["captions"] == ["two"]
+    (folder / "oc.csv").write_text("filepath,title\nb.png,open clip style\n")
+    assert read_annotations(str(folder / "oc.csv"))[0]["captions"] == ["open clip style"]
+
+
+def test_missing_image_names_file_and_entry(folder):
+    path = write_json(folder / "ann.json", [{"image": "a.png", "caption": "x"}, {"image": "gone.png", "caption": "y"}])
+    with pytest.raises(FileNotFoundError, match=r"entry 1.*gone\.png"):
+        read_annotations(path)
+    (folder / "p.csv").write_text("image,caption\na.png,x\n\nnope.jpg,y\n")
+    with pytest.raises(FileNotFoundError, match=r"line 4.*nope\.jpg"):
+        read_annotations(str(folder / "p.csv"))
+
+
+def test_invalid_json_and_missing_fields(folder):
+    (folder / "bad.json").write_text('[{"image": "a.png", "caption": "x"},\n oops]')
+    with pytest.raises(ValueError, match=r"bad\.json is not valid JSON.*line 2"):
+        read_annotations(str(folder / "bad.json"))
+    with pytest.raises(ValueError, match=r"entry 0: missing field 'caption'"):
+        read_annotations(write_json(folder / "f.json", [{"image": "a.png", "text": "x"}]))
+    with pytest.raises(ValueError, match=r"entry 0: missing field 'image'"):
+        read_annotations(write_json(folder / "g.json", [{"caption": "x"}]))
+    (folder / "h.csv").write_text("path,text\na.png,x\n")
+    with pytest.raises(ValueError, match=r"h\.csv.*lacks the 'image' column"):
+        read_annotations(str(folder / "h.csv"))
+    (folder / "i.csv").write_text("image,caption\na.png,x,extra\n")
+    with pytest.raises(ValueError, match=r"i\.csv, line 2"):
+        read_annotations(str(folder / "i.csv"))
+
+
+def test_empty_caption_is_an_error_or_counted_skip(folder, caplog):
+    path = write_json(folder / "e.json", [{"image": "a.png", "caption": ["ok", "  "]}, {"image": "b.png", "caption": ""}])
+    with pytest.raises(ValueError, match=r"entry 0: empty caption"):
+        read_annotations(path)
+    with caplog.at_level(logging.WARNING):
+        recs = read_annotations(path, skip_bad=True)
+    assert [r["captions"] for r in recs] == [["ok"]]
+    assert "skipped 2 empty caption(s)" in caplog.text
+
+
+def test_corrupt_and_truncated_images(folder, tiny, caplog):
+    (folder / "corrupt.png").write_bytes(b"not an image at all")
+    big = folder / "big.png"
+    write_image(big, size=(200, 200))
+    Image.effect_noise((200, 200), 50).convert("RGB").save(big)
+    (folder / "trunc.png").write_bytes(big.read_bytes()[: len(big.read_bytes()) // 2])
+    for name in ("corrupt.png", "trunc.png"):
+        with pytest.raises(OSError, match=name):
+            load_rgb(str(folder / name))
+    assert load_rgb(str(folder / "a.png")).size == (16, 16)  # a good image beside them loads
+    recs = read_annotations(write_json(folder / "c.json", [{"image": "trunc.png", "caption": "x"},
+                                                           {"image": "a.png", "caption": "y"}]))
+    tok = Tokenizer(os.path.join(tiny, "tokenizer"))
+    with pytest.raises(OSError, match="trunc.png"):
+        ImageTextDataset(recs, train_transform(16), tok, 8)[0]
+    ds = ImageTextDataset(recs, train_transform(16), tok, 8, skip_bad=True)
+    with caplog.at_level(logging.WARNING):
+        image, ids, r = ds[0]
+    assert r == 1 and image.shape == (3, 16, 16) and ds.skipped == 1   # replaced by the next sample
+    assert "trunc.png" in caplog.text and "1 skipped" in caplog.text
+
+
+def test_grayscale_palette_rgba_become_rgb(tmp_path):
+    for mode in ("L", "P", "RGBA"):
+        img = load_rgb(write_image(tmp_path / f"{mode}.png", mode))
+        assert img.mode == "RGB" and img.size == (16, 16)
+    assert load_rgb(str(tmp_path / "RGBA.png")).getpixel((0, 0)) == (255, 255, 255)  # transparent -> white
+    assert load_rgb(str(tmp_path / "P.png")).getpixel((0, 0)) == (0, 0, 255)
+    assert load_rgb(str(tmp_path / "L.png")).getpixel((0, 0)) == (128, 128, 128)
+
+
+def test_tokenizer_truncates_keeping_eos(tiny):
+    tok = Tokenizer(os.path.join(tiny, "tokenizer"))
+    ids = tok(["a red circle", "a " * 50 + "square", ""], 8)
+    assert ids.shape == (3, 8)
+    assert ids[0, 0] == tok.bos_id and ids[0, 4] == tok.eos_id and (ids[0, 5:] == tok.pad_id).all()
+    assert ids[1, -1] == tok.eos_id and (ids[1] != tok.pad_id).all()     # truncated, EOS kept last
+    assert ids[2, :2].tolist() == [tok.bos_id, tok.eos_id]               # empty text: BOS EOS
+    assert tok.decode(ids[0].tolist()) == "a red circle"
+
+
+def test_sampler_shards_are_disjoint_and_resume_exactly():
+    full = [list(ShardedSampler(103, rank=r, world_size=2, seed=5)) for r in range(2)]
+    idx = [i for shard in full for i, _ in shard]
+    assert len(idx) == 102 and len(set(idx)) == 102                     # 51 per rank, one dropped
+    s = ShardedSampler(103, rank=1, world_size=2, seed=5)
+    s.set_epoch(0, skip=20)
+    assert list(s) == full[1][20:]                                      # same indices and crop seeds
+    s.set_epoch(1)
+    assert [i for i, _ in s] != [i for i, _ in full[1]]                 # reshuffled per epoch
+
+
+def test_image_folder_classes_and_templates(tmp_path):
+    for cls in ("n02_dog", "n01_cat"):
+        (tmp_path / cls).mkdir()
+        write_image(tmp_path / cls / "x.jpg")
+    (tmp_path / "n01_cat" / "notes.txt").write_text("not an image")
+    paths, labels, names, templates = image_folder(str(tmp_path))
+    assert names == ["n01 cat", "n02 dog"] and labels.tolist() == [0, 1] and len(templates) == 80
+    (tmp_path / "classnames.txt").write_text("cat\ndog\n")
+    assert image_folder(str(tmp_path))[2] == ["cat", "dog"]
+    (tmp_path / "classnames.txt").write_text("cat\n")
+    with pytest.raises(ValueError, match="1 names for 2 class folders"):
+        image_folder(str(tmp_path))
+
+
+def test_batch_larger_than_dataset_is_a_clear_error(folder, tmp_path):
+    path = write_json(folder / "small.json", [{"image": "a.png", "caption": ["a red circle", "a square"]}])
+    with pytest.raises(ValueError, match=r"--batch-size 4 x 1 process\(es\) is larger than the 2 image-caption pairs"):
+        clip_train.main(["--train-data", path, "--batch-size", "4", "--output-dir", str(tmp_path / "o"),
+                         "--tokenizer", os.path.join(tiny_dir(), "tokenizer"), "--workers", "0"])
+
+
+def tiny_dir():
+    from common.data import tiny_data
+    return tiny_data()

@@ -1,0 +1,72 @@
+"""Recall@K and zero-shot accuracy on hand-made cases whose answers are known."""
+import torch
+
+from common.metrics import retrieval_metrics, zeroshot_classifier, zeroshot_metrics
+
+
+def test_recall_with_several_captions_per_image():
+    # 3 images; captions 0,1 -> image 0; 2 -> image 1; 3,4 -> image 2.
+    txt2img = torch.tensor([0, 0, 1, 2, 2])
+    sim = torch.tensor([
+        # c0   c1   c2   c3   c4
+        [0.1, 0.9, 0.0, 0.2, 0.3],   # image 0: best caption c1 (a GT) -> i2t rank 0
+        [0.5, 0.1, 0.4, 0.6, 0.0],   # image 1: its only caption c2 (0.4) is beaten by c0, c3 -> rank 2
+        [0.0, 0.0, 0.9, 0.1, 0.8],   # image 2: best GT c4 (0.8) beaten by c2 -> rank 1
+    ])
+    m = retrieval_metrics(sim, txt2img)
+    # i2t ranks [0, 2, 1]: R@1 = 1/3, R@5 = R@10 = 1
+    assert abs(m["i2t_r1"] - 100 / 3) < 1e-4 and m["i2t_r5"] == 100 and m["i2t_r10"] == 100
+    # t2i (column-wise): c0 -> img0 0.1 vs 0.5, 0.0 -> rank 1; c1 -> rank 0; c2 -> 0.4 vs 0.0, 0.9 -> rank 1;
+    # c3 -> 0.1 vs 0.2, 0.6 -> rank 2; c4 -> 0.8 vs 0.3, 0.0 -> rank 0. R@1 = 2/5.
+    assert abs(m["t2i_r1"] - 40) < 1e-4 and m["t2i_r5"] == 100
+    assert abs(m["r_mean"] - (100 / 3 + 100 + 100 + 40 + 100 + 100) / 6) < 1e-4
+
+
+def test_ties_count_against_the_model():
+    # A collapsed model (all scores equal) must not get perfect recall.
+    txt2img = torch.arange(20).repeat_interleave(2)
+    m = retrieval_metrics(torch.zeros(20, 40), txt2img)
+    assert m["i2t_r1"] == 0 and m["t2i_r1"] == 0 and m["t2i_r10"] == 0
+    # a tie between a GT caption and another image's caption: rank 1, so R@1 fails, R@5 holds
+    sim = torch.tensor([[1.0, 1.0], [0.0, 2.0]])
+    m = retrieval_metrics(sim, torch.tensor([0, 1]))
+    assert m["i2t_r1"] == 50 and m["i2t_r5"] == 100
+    # t2i: text 0 ties? column 0 = [1, 0] -> rank 0; column 1 = [1, 2] -> rank 0
+    assert m["t2i_r1"] == 100
+
+
+def test_recall_at_10_over_many_candidates():
+    n = 30
+    sim = torch.eye(n)
+    sim[0, 0] = -1  # image 0's caption below 29 others (all 0) -> rank 29
+    sim[1, 1] = 0.0  # tie with 28 zeros -> rank 28
+    m = retrieval_metrics(sim, torch.arange(n))
+    assert abs(m["i2t_r10"] - 100 * 28 / 30) < 1e-4
+    assert abs(m["t2i_r1"] - 100 * 28 / 30) < 1e-4
+
+
+def test_zeroshot_top1_top5_with_ties():
+    logits = torch.tensor([
+        [0.9, 0.1, 0.0, 0.0, 0.0, 0.0, 0.0],   # label 0: top-1
+        [0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3],   # label 4: 4 ahead -> top-5 only
+        [0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3],   # label 5: 5 ahead -> neither
+        [0.5, 0.5, 0.0, 0.0, 0.0, 0.0, 0.0],   # label 1: tie with class 0 -> not top-1, top-5
+    ])
+    m = zeroshot_metrics(logits, torch.tensor([0, 4, 5, 1]))
+    assert m["zeroshot_top1"] == 25 and m["zeroshot_top5"] == 75
+
+
+def test_zeroshot_classifier_averages_normalised_template_embeddings():
+    # encode_text returns one fixed vector per prompt string; check the per-class ensembling.
+    table = {"a x": [3.0, 0.0], "b x": [0.0, 1.0], "a y": [1.0, 1.0], "b y": [-1.0, 1.0]}
+
+    class Tok:
+        def __call__(self, texts, context_length):
+            return torch.tensor([list(table).index(t) for t in texts])
+
+    def encode_text(ids):
+        return torch.tensor([table[list(table)[i]] for i in ids.tolist()])
+
+    w = zeroshot_classifier(encode_text, Tok(), ["x", "y"], ["a {}", "b {}"], 8, "cpu")
+    s = 2 ** -0.5
+    torch.testing.assert_close(w, torch.tensor([[s, s], [0.0, 1.0]]))
