@@ -40,7 +40,7 @@ def build(impl, cfg, device):
                       heads=cfg.text_heads, layers=cfg.text_layers, mlp_ratio=cfg.mlp_ratio),
         quick_gelu=cfg.act == "quick_gelu").to(device)
     loss = open_clip.loss.ClipLoss()
-    return model, loss, lambda out: (out["image_features"], out["text_features"], out["logit_scale"])
+    return model, loss, lambda out: out[:3]  # (image_features, text_features, logit_scale.exp())
 
 
 def worker(args):
