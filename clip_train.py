@@ -378,7 +378,7 @@ def main(argv=None):
             save_checkpoint(os.path.join(cfg.output_dir, name), state)
 
     pbar = tqdm(total=total_steps, initial=step, disable=not dist.is_main(), dynamic_ncols=True)
-    metrics, tick = {}, time.time()
+    metrics, tick, tick_step = {}, time.time(), step
     while step < total_steps:
         epoch = step // steps_per_epoch
         sampler.set_epoch(epoch, skip=(step % steps_per_epoch) * cfg.batch_size)
@@ -402,8 +402,8 @@ def main(argv=None):
             pbar.update(1)
             if step % cfg.log_every == 0 or step == total_steps:
                 loss_value = dist.all_reduce_mean(loss).item()
-                speed = cfg.log_every * cfg.batch_size * world_size / (time.time() - tick)
-                tick = time.time()
+                speed = (step - tick_step) * cfg.batch_size * world_size / (time.time() - tick)
+                tick, tick_step = time.time(), step
                 lr = optimizer.param_groups[0]["lr"]
                 pbar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", samples_s=f"{speed:.0f}")
                 log.write({"step": step, "epoch": epoch, "split": "train", "loss": loss_value, "lr": lr,
@@ -421,6 +421,7 @@ def main(argv=None):
             best = metrics["r_mean"]
             checkpoint("checkpoint_best.pt")
         checkpoint("checkpoint_last.pt")
+        tick = time.time()  # samples/s counts training only
     pbar.close()
     if dist.is_main():
         print(json.dumps(metrics or {"step": step}))

@@ -65,9 +65,9 @@ def kill_tree(pid):
 
 
 def test_learns_far_above_chance(tmp_path):
-    """80 steps of the default tiny preset. Chance r_mean on 200 val images x 5 captions is ~7
-    (i2t R@1/5/10 ~2.5/12/22, t2i ~0.5/2.5/5); broken labels, a broken loss or shuffled captions
-    stay there (see README, 'Tiny run')."""
+    """80 steps of the default tiny preset (~1 min). Chance on 200 val images x 5 captions:
+    R@1/5/10 = 0.5/2.5/5 both ways, r_mean 2.7. Measured: r_mean ~78 here; with rolled labels,
+    constant labels or shuffled training captions the same run stays at 1.7-2.7 (README)."""
     metrics = clip_train.main(["--max-steps", "80", "--workers", "0", "--output-dir", str(tmp_path)])
     assert metrics["r_mean"] > 40, metrics
     assert metrics["zeroshot_top5"] > 50, metrics                         # chance 20.8 (24 classes)
