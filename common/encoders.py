@@ -144,17 +144,18 @@ def resize_pos_embed(pos, new_grid):
 
 
 class VisionTransformer(nn.Module):
-    """ViT (Dosovitskiy et al. 2021) as CLIP builds it: bias-free conv patch embedding, class
-    token, learned positions, optional pre-norm (`ln_pre`, CLIP) and a final norm on every
-    token (`ln_post`). Returns all tokens (B, 1 + P, D); token 0 is the class token."""
+    """ViT (Dosovitskiy et al. 2021): conv patch embedding, class token, learned positions,
+    optional pre-norm (`ln_pre`, CLIP only) and a final norm on every token (`ln_post`).
+    Returns all tokens (B, 1 + P, D); token 0 is the class token."""
 
     def __init__(self, *, image_size, patch_size, width, layers, heads, mlp_ratio=4.0,
-                 act="gelu", eps=1e-5, pre_norm=True):
+                 act="gelu", eps=1e-5, pre_norm=True, patch_bias=False):
         super().__init__()
         assert image_size % patch_size == 0, f"image size {image_size} is not a multiple of patch {patch_size}"
         self.image_size, self.patch_size = image_size, patch_size
         self.grid = image_size // patch_size
-        self.conv1 = nn.Conv2d(3, width, patch_size, stride=patch_size, bias=False)
+        # CLIP's patch embedding has no bias; timm/DeiT ViTs (BLIP, ALBEF) have one.
+        self.conv1 = nn.Conv2d(3, width, patch_size, stride=patch_size, bias=patch_bias)
         scale = width ** -0.5
         self.class_embedding = nn.Parameter(scale * torch.randn(width))
         self.positional_embedding = nn.Parameter(scale * torch.randn(self.grid ** 2 + 1, width))
@@ -207,6 +208,104 @@ class TextTransformer(nn.Module):
         return x[torch.arange(x.shape[0], device=x.device), eos], x  # (B, D), (B, L, D)
 
 
+# ---- BERT-family encoder / decoder (ALBEF, BLIP, BLIP-2) ----
+
+class BertAttention(nn.Module):
+    """Post-LN attention sub-layer of BERT: LayerNorm(x + attn(x)). Self-attention, or
+    cross-attention to `context` when `kv_dim` is given (image features of another width)."""
+
+    def __init__(self, width, heads, *, kv_dim=None, eps=1e-12, dropout=0.0):
+        super().__init__()
+        self.attn = Attention(width, heads, kv_dim=kv_dim, dropout=dropout)
+        self.LayerNorm = nn.LayerNorm(width, eps=eps)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x, context=None, mask=None, causal=False):
+        return self.LayerNorm(x + self.dropout(self.attn(x, context=context, mask=mask, causal=causal)))
+
+
+class BertLayer(nn.Module):
+    """BERT layer: self-attention, optional cross-attention to image features (skipped when no
+    context is passed: the unimodal text mode), GELU feed-forward, each post-LN."""
+
+    def __init__(self, width, heads, mlp_dim, *, cross_dim=None, eps=1e-12, dropout=0.0):
+        super().__init__()
+        self.attention = BertAttention(width, heads, eps=eps, dropout=dropout)
+        self.crossattention = (BertAttention(width, heads, kv_dim=cross_dim, eps=eps, dropout=dropout)
+                               if cross_dim else None)
+        self.intermediate = nn.Linear(width, mlp_dim)
+        self.output = nn.Linear(mlp_dim, width)
+        self.output_norm = nn.LayerNorm(width, eps=eps)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x, mask=None, causal=False, context=None, context_mask=None):
+        x = self.attention(x, mask=mask, causal=causal)
+        if context is not None and self.crossattention is not None:
+            x = self.crossattention(x, context=context, mask=context_mask)
+        return self.output_norm(x + self.dropout(self.output(F.gelu(self.intermediate(x)))))
+
+
+class BertEncoder(nn.Module):
+    """BERT (Devlin et al. 2019) with learned absolute positions, optional token types, and
+    cross-attention in the layers listed in `cross_layers` (BLIP: all, ALBEF: the last six,
+    BLIP-2's Q-Former: every other one). Self-attention is bidirectional, or causal for the
+    decoder. `forward(ids, attention_mask, causal, context, context_mask)` -> (B, L, D)."""
+
+    def __init__(self, *, vocab_size, width, layers, heads, mlp_dim, max_positions=512, type_vocab_size=0,
+                 cross_dim=None, cross_layers=(), eps=1e-12, dropout=0.0):
+        super().__init__()
+        self.word_embeddings = nn.Embedding(vocab_size, width)
+        self.position_embeddings = nn.Embedding(max_positions, width)
+        self.token_type_embeddings = nn.Embedding(type_vocab_size, width) if type_vocab_size else None
+        self.embed_norm = nn.LayerNorm(width, eps=eps)
+        self.dropout = nn.Dropout(dropout)
+        cross_layers = set(cross_layers)
+        self.layer = nn.ModuleList(
+            BertLayer(width, heads, mlp_dim, cross_dim=cross_dim if i in cross_layers else None, eps=eps,
+                      dropout=dropout) for i in range(layers))
+        self.grad_checkpointing = False
+        self.apply(_bert_init)
+
+    def embed(self, ids):
+        x = self.word_embeddings(ids) + self.position_embeddings.weight[: ids.shape[1]]
+        if self.token_type_embeddings is not None:
+            x = x + self.token_type_embeddings.weight[0]
+        return self.dropout(self.embed_norm(x))
+
+    def forward(self, ids, attention_mask=None, causal=False, context=None, context_mask=None):
+        x = self.embed(ids)                                                   # (B, L, D)
+        mask = padding_mask(attention_mask.bool(), causal) if attention_mask is not None else None
+        cmask = padding_mask(context_mask.bool()) if context_mask is not None else None
+        for layer in self.layer:
+            if self.grad_checkpointing and self.training:
+                x = checkpoint(layer, x, mask, causal, context, cmask, use_reentrant=False)
+            else:
+                x = layer(x, mask, causal, context, cmask)
+        return x
+
+
+class BertLMHead(nn.Module):
+    """Masked / causal LM head: dense + GELU + LayerNorm, then a vocabulary projection."""
+
+    def __init__(self, width, vocab_size, eps=1e-12):
+        super().__init__()
+        self.dense = nn.Linear(width, width)
+        self.LayerNorm = nn.LayerNorm(width, eps=eps)
+        self.decoder = nn.Linear(width, vocab_size)
+        self.apply(_bert_init)
+
+    def forward(self, x):
+        return self.decoder(self.LayerNorm(F.gelu(self.dense(x))))
+
+
+def _bert_init(m):
+    """BERT's initialisation: normal(0, 0.02) weights, zero biases, unit LayerNorms."""
+    if isinstance(m, (nn.Linear, nn.Embedding)):
+        nn.init.normal_(m.weight, std=0.02)
+    if isinstance(m, nn.Linear) and m.bias is not None:
+        nn.init.zeros_(m.bias)
+
+
 # ---- Hugging Face checkpoints ----
 
 def read_hf_checkpoint(path):
@@ -237,16 +336,17 @@ def read_hf_checkpoint(path):
     raise FileNotFoundError(f"{path}: no model.safetensors or pytorch_model.bin (or a sharded index)")
 
 
-def load_mapped(module, hf_state, mapping, *, source, ignore=()):
+def load_mapped(module, hf_state, mapping, *, source, ignore=(), keep_init=()):
     """Copy `hf_state` into `module` through `mapping` {our key: hf key | tuple of hf keys to
-    concatenate on dim 0 (fused q, k, v)}. Every one of our keys must be mapped, every hf key
-    used (except those matching `ignore` substrings), and every shape equal; otherwise a
-    ValueError names the key."""
+    concatenate on dim 0 (fused q, k, v)}. Every one of our keys must be mapped (except those
+    starting with a `keep_init` prefix, which keep their current values), every hf key used
+    (except those containing an `ignore` substring), and every shape equal up to leading
+    singleton dimensions; otherwise an error names the key."""
     ours = module.state_dict()
-    unmapped = sorted(set(ours) - set(mapping))
+    unmapped = sorted(k for k in set(ours) - set(mapping) if not k.startswith(tuple(keep_init)))
     if unmapped:
         raise ValueError(f"{source}: no checkpoint key maps to our parameter(s) {unmapped[:5]}")
-    used, new_state = set(), {}
+    used, new_state = set(), dict(ours)
     for key, src in mapping.items():
         srcs = src if isinstance(src, tuple) else (src,)
         missing = [s for s in srcs if s not in hf_state]
@@ -255,10 +355,12 @@ def load_mapped(module, hf_state, mapping, *, source, ignore=()):
         value = torch.cat([hf_state[s] for s in srcs], 0) if len(srcs) > 1 else hf_state[srcs[0]]
         if key not in ours:
             raise KeyError(f"{source}: mapping names '{key}', which our model does not have")
-        if value.shape != ours[key].shape:
+        squeezed = value.shape[len(value.shape) - len(ours[key].shape):] if value.ndim > ours[key].ndim else None
+        if value.shape != ours[key].shape and not (
+                squeezed == ours[key].shape and all(d == 1 for d in value.shape[: value.ndim - ours[key].ndim])):
             raise ValueError(f"{source}: shape of '{srcs[0]}' is {tuple(value.shape)}, "
                              f"our '{key}' is {tuple(ours[key].shape)}")
-        new_state[key] = value
+        new_state[key] = value.reshape(ours[key].shape)
         used.update(srcs)
     extra = sorted(k for k in set(hf_state) - used if not any(s in k for s in ignore))
     if extra:
@@ -300,4 +402,60 @@ def hf_clip_text_map(ours, hf, layers):
     for p in ("weight", "bias"):
         m[f"{ours}.ln_final.{p}"] = f"{hf}.final_layer_norm.{p}"
     m.update(hf_clip_layers_map(f"{ours}.transformer", f"{hf}.encoder", layers))
+    return m
+
+
+def hf_bert_map(ours, hf, layers, *, cross_layers=(), token_types=True):
+    """Our BertEncoder at `ours` <- HF `BertModel` at `hf` ('bert' in BertLMHeadModel, ''
+    for a bare BertModel, 'text_encoder' in BLIP). Self-attention q, k, v are fused."""
+    pre = f"{hf}." if hf else ""
+    m = {f"{ours}.word_embeddings.weight": f"{pre}embeddings.word_embeddings.weight",
+         f"{ours}.position_embeddings.weight": f"{pre}embeddings.position_embeddings.weight"}
+    if token_types:
+        m[f"{ours}.token_type_embeddings.weight"] = f"{pre}embeddings.token_type_embeddings.weight"
+    for p in ("weight", "bias"):
+        m[f"{ours}.embed_norm.{p}"] = f"{pre}embeddings.LayerNorm.{p}"
+        for i in range(layers):
+            o, h = f"{ours}.layer.{i}", f"{pre}encoder.layer.{i}"
+            m[f"{o}.attention.attn.qkv.{p}"] = tuple(f"{h}.attention.self.{n}.{p}" for n in ("query", "key", "value"))
+            m[f"{o}.attention.attn.proj.{p}"] = f"{h}.attention.output.dense.{p}"
+            m[f"{o}.attention.LayerNorm.{p}"] = f"{h}.attention.output.LayerNorm.{p}"
+            if i in cross_layers:
+                m[f"{o}.crossattention.attn.q.{p}"] = f"{h}.crossattention.self.query.{p}"
+                m[f"{o}.crossattention.attn.kv.{p}"] = (f"{h}.crossattention.self.key.{p}",
+                                                        f"{h}.crossattention.self.value.{p}")
+                m[f"{o}.crossattention.attn.proj.{p}"] = f"{h}.crossattention.output.dense.{p}"
+                m[f"{o}.crossattention.LayerNorm.{p}"] = f"{h}.crossattention.output.LayerNorm.{p}"
+            m[f"{o}.intermediate.{p}"] = f"{h}.intermediate.dense.{p}"
+            m[f"{o}.output.{p}"] = f"{h}.output.dense.{p}"
+            m[f"{o}.output_norm.{p}"] = f"{h}.output.LayerNorm.{p}"
+    return m
+
+
+def hf_bert_lm_head_map(ours, hf, tied_to=None):
+    """Our BertLMHead at `ours` <- HF `cls.predictions` at `hf` (e.g. 'cls.predictions'). With
+    tied embeddings the checkpoint stores no decoder weight: pass the embedding key as `tied_to`."""
+    m = {f"{ours}.decoder.weight": tied_to or f"{hf}.decoder.weight", f"{ours}.decoder.bias": f"{hf}.bias"}
+    for p in ("weight", "bias"):
+        m[f"{ours}.dense.{p}"] = f"{hf}.transform.dense.{p}"
+        m[f"{ours}.LayerNorm.{p}"] = f"{hf}.transform.LayerNorm.{p}"
+    return m
+
+
+def hf_blip_vision_map(ours, hf, layers):
+    """Our VisionTransformer (no ln_pre, patch bias) at `ours` <- HF `BlipVisionModel` at `hf`."""
+    m = {f"{ours}.conv1.weight": f"{hf}.embeddings.patch_embedding.weight",
+         f"{ours}.conv1.bias": f"{hf}.embeddings.patch_embedding.bias",
+         f"{ours}.class_embedding": f"{hf}.embeddings.class_embedding",
+         f"{ours}.positional_embedding": f"{hf}.embeddings.position_embedding"}
+    for p in ("weight", "bias"):
+        m[f"{ours}.ln_post.{p}"] = f"{hf}.post_layernorm.{p}"
+        for i in range(layers):
+            o, h = f"{ours}.transformer.resblocks.{i}", f"{hf}.encoder.layers.{i}"
+            m[f"{o}.ln_1.{p}"] = f"{h}.layer_norm1.{p}"
+            m[f"{o}.attn.qkv.{p}"] = f"{h}.self_attn.qkv.{p}"
+            m[f"{o}.attn.proj.{p}"] = f"{h}.self_attn.projection.{p}"
+            m[f"{o}.ln_2.{p}"] = f"{h}.layer_norm2.{p}"
+            m[f"{o}.mlp.fc.{p}"] = f"{h}.mlp.fc1.{p}"
+            m[f"{o}.mlp.proj.{p}"] = f"{h}.mlp.fc2.{p}"
     return m
