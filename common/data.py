@@ -80,6 +80,14 @@ class Tokenizer:
     def decode(self, ids):
         return self.tok.decode(ids, skip_special_tokens=True)
 
+    def add_special_tokens(self, tokens):
+        """Add tokens (e.g. BLIP's [DEC], [ENC]) unless the vocabulary has them; returns their ids."""
+        missing = [t for t in tokens if t not in self.tok.get_vocab()]
+        if missing:
+            self.tok.add_special_tokens({"additional_special_tokens": missing})
+        self.vocab_size = len(self.tok)
+        return [self.tok.convert_tokens_to_ids(t) for t in tokens]
+
 
 # ---- annotations ----
 
@@ -209,8 +217,8 @@ class ImageTextDataset(torch.utils.data.Dataset):
     Keys may be (index, seed) from `ShardedSampler`: the augmentation then depends only on
     (seed, epoch, index), so a resumed run sees exactly the crops an uninterrupted one would."""
 
-    def __init__(self, records, transform, tokenizer, context_length, skip_bad=False):
-        self.records, self.transform = records, transform
+    def __init__(self, records, transform, tokenizer, context_length, skip_bad=False, prefix=""):
+        self.records, self.transform, self.prefix = records, transform, prefix
         self.tokenizer, self.context_length, self.skip_bad = tokenizer, context_length, skip_bad
         self.pairs = [(r, c) for r, rec in enumerate(records) for c in range(len(rec["captions"]))]
         self.skipped = 0
@@ -236,7 +244,7 @@ class ImageTextDataset(torch.utils.data.Dataset):
                 image = self.transform(image)
         else:
             image = self.transform(image)
-        ids = self.tokenizer(self.records[r]["captions"][c], self.context_length)[0]
+        ids = self.tokenizer(self.prefix + self.records[r]["captions"][c], self.context_length)[0]
         return image, ids, r
 
 

@@ -70,3 +70,15 @@ def test_zeroshot_classifier_averages_normalised_template_embeddings():
     w = zeroshot_classifier(encode_text, Tok(), ["x", "y"], ["a {}", "b {}"], 8, "cpu")
     s = 2 ** -0.5
     torch.testing.assert_close(w, torch.tensor([[s, s], [0.0, 1.0]]))
+
+
+def test_caption_metrics_on_hand_made_captions():
+    from common.metrics import caption_metrics
+    refs = {1: ["a large red circle on a white background", "a red circle"],
+            2: ["two shapes: a blue square and a green triangle", "a blue square left of a green triangle"]}
+    perfect = caption_metrics({1: refs[1][0], 2: refs[2][1]}, refs)
+    assert abs(perfect["bleu4"] - 1.0) < 1e-6 and abs(perfect["rouge_l"] - 1.0) < 1e-6
+    assert perfect["meteor"] > 0.9
+    wrong = caption_metrics({1: "a dog runs in the park", 2: "people eat pizza at a table"}, refs)
+    assert wrong["bleu4"] < 1e-3 and wrong["cider"] < 0.05 and wrong["rouge_l"] < 0.3
+    # hand-checkable: identical captions give BLEU-4 = ROUGE-L = 1; no shared n-gram gives ~0
