@@ -1,0 +1,883 @@
+"""BLIP (Li et al. 2022, arXiv:2201.12086): a ViT and a multimodal mixture of encoder-decoder
+(MED) pretrained with three objectives at once (Sec. 3.2): image-text contrastive (ITC) on the
+unimodal encoders, image-text matching (ITM) on the image-grounded text encoder with hard
+negatives, and language modelling (LM) on the image-grounded text decoder, which shares every
+weight with the encoder except self-attention. CapFilt (Sec. 3.3) then uses the fine-tuned
+decoder to caption web images and the ITM head to filter noisy captions.
+
+    python blip_train.py                                         # tiny built-in data, pretraining, CPU
+    python blip_train.py --task caption                          # captioning fine-tuning (LM only)
+    torchrun --nproc_per_node 8 blip_train.py --preset vit-b --task retrieval --image-size 384 \\
+        --init-from blip-itm-base-coco/ --train-data coco_karpathy_train.json --val-data coco_karpathy_test.json
+    python blip_train.py --task capfilt --init-from run/checkpoint_best.pt --train-data web.json
+"""
+import copy
+import dataclasses
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+from common import dist
+from common.data import (ImageDataset, ImageTextDataset, ShardedSampler, Tokenizer, eval_transform, read_annotations,
+                         retrieval_texts, tiny_data, train_transform)
+from common.encoders import (BertEncoder, BertLMHead, VisionTransformer, hf_bert_lm_head_map, hf_bert_map,
+                             hf_blip_vision_map, load_mapped, read_hf_checkpoint)
+from common.metrics import caption_metrics, retrieval_metrics
+from common.utils import (MetricLog, autocast, cosine_schedule, param_groups, parse_config, resolve_precision,
+                          resume_path, rng_state, save_checkpoint, save_config, set_rng_state)
+
+
+# ---- config ----
+
+@dataclass
+class Config:
+    preset: str = "tiny"
+    task: str = "pretrain"          # pretrain (ITC+ITM+LM) | retrieval (ITC+ITM) | caption (LM) | capfilt
+    # vision (ViT-B/16 from DeiT in the paper: timm blocks, no pre-norm, LayerNorm eps 1e-6)
+    image_size: int = 64
+    patch_size: int = 8
+    vision_width: int = 128
+    vision_layers: int = 4
+    vision_heads: int = 2
+    vision_eps: float = 1e-6
+    # text: the MED, a bert-base with cross-attention in every layer
+    text_width: int = 128
+    text_layers: int = 4
+    text_heads: int = 2
+    text_mlp_dim: int = 512
+    max_positions: int = 64         # BERT's 512
+    text_eps: float = 1e-12
+    vocab_size: int = 0             # 0: the tokenizer's (with [DEC] and [ENC] added)
+    max_length: int = 32            # tokens per caption, [CLS] and [SEP] included (BLIP: 30-35)
+    embed_dim: int = 64             # ITC space (256 in the paper)
+    # method (configs/pretrain.yaml, retrieval_coco.yaml, caption_coco.yaml)
+    queue_size: int = 1024          # 57600 in pretraining; a multiple of the global batch
+    momentum: float = 0.995
+    alpha: float = 0.4              # momentum-distillation weight, ramped up at the start
+    temp: float = 0.07              # learnable, clamped to [0.001, 0.5]
+    label_smoothing: float = 0.1    # LM loss (med.py)
+    prompt: str = "a picture of "   # caption task: prefix the decoder is conditioned on, not trained on
+    k_test: int = 16                # ITM re-ranking candidates (256 COCO, 128 Flickr)
+    itm_batch: int = 256            # (image, text) pairs per ITM forward when re-ranking
+    num_beams: int = 3
+    max_gen_length: int = 20        # tokens including [DEC] and the prompt, as BLIP passes to generate
+    min_gen_length: int = 5
+    top_p: float = 0.9
+    capfilt_samples: int = 1        # synthetic captions per image (nucleus sampling)
+    capfilt_threshold: float = 0.5  # keep a caption when ITM p(match) >= this
+    capfilt_output: str = ""        # default: output_dir/capfilt.json
+    # data
+    train_data: str = ""
+    val_data: str = ""
+    image_root: str = ""
+    tokenizer: str = ""             # transformers folder or name (bert-base-uncased); empty: tiny's
+    skip_bad: bool = False
+    workers: int = 2
+    # optimisation
+    epochs: int = 3
+    max_steps: int = 0
+    batch_size: int = 32
+    lr: float = 3e-4                # pretraining; 1e-5 for fine-tuning
+    weight_decay: float = 0.05
+    warmup_steps: int = 50
+    grad_clip_norm: float = 0.0
+    seed: int = 0
+    precision: str = "auto"
+    grad_checkpointing: bool = False
+    compile: bool = False
+    # run
+    output_dir: str = "runs/blip"
+    resume: str = ""
+    init_from: str = ""             # HF BlipForImageTextRetrieval / BlipForConditionalGeneration folder, or ours
+    eval_only: bool = False
+    save_every: int = 1000
+    log_every: int = 10
+
+
+_BERT_BASE = dict(text_width=768, text_layers=12, text_heads=12, text_mlp_dim=3072, max_positions=512,
+                  tokenizer="bert-base-uncased", embed_dim=256, max_length=35, queue_size=57600, workers=8,
+                  epochs=20, warmup_steps=3000)
+PRESETS = {
+    "tiny": {},
+    # ViT-B/16, 224 px pretraining (384 px for fine-tuning: pass --image-size 384), batch 75/GPU
+    "vit-b": dict(_BERT_BASE, image_size=224, patch_size=16, vision_width=768, vision_layers=12, vision_heads=12,
+                  batch_size=75),
+    # ViT-L/16 (IN-21k), gradient checkpointing as the paper's 32-GPU runs
+    "vit-l": dict(_BERT_BASE, image_size=224, patch_size=16, vision_width=1024, vision_layers=24, vision_heads=16,
+                  batch_size=50, grad_checkpointing=True),
+}
+MODEL_FIELDS = ("image_size", "patch_size", "vision_width", "vision_layers", "vision_heads", "vision_eps",
+                "text_width", "text_layers", "text_heads", "text_mlp_dim", "max_positions", "text_eps", "vocab_size",
+                "embed_dim", "queue_size")
+
+
+# ---- model ----
+
+class BLIP(nn.Module):
+    """ViT + MED (Fig. 2). One module set serves three roles:
+    unimodal text encoder (text_encoder without cross-attention, [CLS]),
+    image-grounded text encoder (text_encoder with cross-attention, [ENC]),
+    image-grounded text decoder (text_decoder: causal, [DEC]; shares all but self-attention)."""
+
+    def __init__(self, cfg, *, cls_id, enc_id, dec_id, sep_id, pad_id):
+        super().__init__()
+        self.cfg = cfg
+        self.cls_id, self.enc_id, self.dec_id, self.sep_id, self.pad_id = cls_id, enc_id, dec_id, sep_id, pad_id
+        self.visual_encoder = VisionTransformer(
+            image_size=cfg.image_size, patch_size=cfg.patch_size, width=cfg.vision_width, layers=cfg.vision_layers,
+            heads=cfg.vision_heads, act="gelu", eps=cfg.vision_eps, pre_norm=False, patch_bias=True)
+        bert = dict(vocab_size=cfg.vocab_size, width=cfg.text_width, layers=cfg.text_layers, heads=cfg.text_heads,
+                    mlp_dim=cfg.text_mlp_dim, max_positions=cfg.max_positions, cross_dim=cfg.vision_width,
+                    cross_layers=range(cfg.text_layers), eps=cfg.text_eps)
+        self.text_encoder = BertEncoder(**bert)
+        self.text_decoder = BertEncoder(**bert)
+        tie_decoder_to_encoder(self.text_decoder, self.text_encoder)
+        self.lm_head = BertLMHead(cfg.text_width, cfg.vocab_size, eps=cfg.text_eps)
+        self.lm_head.decoder.weight = self.text_decoder.word_embeddings.weight   # tied, as BertLMHeadModel
+        self.vision_proj = nn.Linear(cfg.vision_width, cfg.embed_dim)
+        self.text_proj = nn.Linear(cfg.text_width, cfg.embed_dim)
+        self.itm_head = nn.Linear(cfg.text_width, 2)
+        self.temp = nn.Parameter(torch.tensor(cfg.temp))
+        # Momentum encoders (Sec. 3.2, from ALBEF): EMA copies of the ViT, the text encoder and
+        # the projections; they produce the ITC keys and the distillation targets.
+        self.visual_encoder_m = copy.deepcopy(self.visual_encoder)
+        self.text_encoder_m = copy.deepcopy(self.text_encoder)
+        self.vision_proj_m = copy.deepcopy(self.vision_proj)
+        self.text_proj_m = copy.deepcopy(self.text_proj)
+        for p in self.momentum_params():
+            p.requires_grad_(False)
+        # Feature queues of momentum features from past batches of all ranks, and their image ids.
+        self.register_buffer("image_queue", F.normalize(torch.randn(cfg.embed_dim, cfg.queue_size), dim=0))
+        self.register_buffer("text_queue", F.normalize(torch.randn(cfg.embed_dim, cfg.queue_size), dim=0))
+        self.register_buffer("idx_queue", torch.full((1, cfg.queue_size), -100, dtype=torch.long))
+        self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
+
+    def model_pairs(self):
+        return [(self.visual_encoder, self.visual_encoder_m), (self.text_encoder, self.text_encoder_m),
+                (self.vision_proj, self.vision_proj_m), (self.text_proj, self.text_proj_m)]
+
+    def momentum_params(self):
+        return [p for _, m in self.model_pairs() for p in m.parameters()]
+
+    def copy_to_momentum(self):
+        for online, m in self.model_pairs():
+            m.load_state_dict(online.state_dict())
+
+    @torch.no_grad()
+    def momentum_update(self):
+        """theta_m <- m * theta_m + (1 - m) * theta, every step before the momentum forward."""
+        for online, m in self.model_pairs():
+            for p, p_m in zip(online.parameters(), m.parameters()):
+                p_m.mul_(self.cfg.momentum).add_(p.detach(), alpha=1 - self.cfg.momentum)
+
+    @torch.no_grad()
+    def dequeue_and_enqueue(self, image_feat, text_feat, idx):
+        """Replace the oldest entries with this step's momentum features from every rank, in rank order."""
+        image_feat, text_feat, idx = dist.gather_no_grad(image_feat), dist.gather_no_grad(text_feat), dist.gather_no_grad(idx)
+        n, ptr = image_feat.shape[0], int(self.queue_ptr)
+        self.image_queue[:, ptr:ptr + n] = image_feat.T
+        self.text_queue[:, ptr:ptr + n] = text_feat.T
+        self.idx_queue[:, ptr:ptr + n] = idx[None]
+        self.queue_ptr[0] = (ptr + n) % self.cfg.queue_size
+
+    def set_grad_checkpointing(self, enabled=True):
+        self.visual_encoder.transformer.grad_checkpointing = enabled
+        self.text_encoder.grad_checkpointing = enabled
+        self.text_decoder.grad_checkpointing = enabled
+
+    # -- the three uses of the MED --
+
+    def image_features(self, images):                                  # (B, 1 + P, Dv)
+        return self.visual_encoder(images)
+
+    def image_embed(self, image_embeds):                               # ITC space (B, E)
+        return F.normalize(self.vision_proj(image_embeds[:, 0]), dim=-1)
+
+    def text_embed(self, ids, mask):                                   # unimodal encoder, [CLS] -> (B, E)
+        return F.normalize(self.text_proj(self.text_encoder(ids, mask)[:, 0]), dim=-1)
+
+    def itm_logits(self, ids, mask, image_embeds):
+        """Image-grounded text encoder: [ENC] replaces [CLS], cross-attention to all image tokens."""
+        ids = ids.clone()
+        ids[:, 0] = self.enc_id
+        return self.itm_head(self.text_encoder(ids, mask, context=image_embeds)[:, 0])        # (B, 2)
+
+    def lm_logits(self, ids, mask, image_embeds):
+        """Image-grounded text decoder: [DEC] replaces [CLS], causal self-attention."""
+        ids = ids.clone()
+        ids[:, 0] = self.dec_id
+        return self.lm_head(self.text_decoder(ids, mask, causal=True, context=image_embeds))  # (B, L, V)
+
+    def encode_image(self, images):
+        return self.image_embed(self.image_features(images))
+
+    def encode_text(self, ids, mask):
+        return self.text_embed(ids, mask)
+
+    def forward(self, images, ids, mask, idx, alpha, task="pretrain", prompt_length=0):
+        """Losses of one step. idx: (B,) image ids (positives share one in retrieval fine-tuning)."""
+        image_embeds = self.image_features(images)
+        losses = {}
+        if task == "caption":
+            losses["loss_lm"] = self.loss_lm(ids, mask, image_embeds, prompt_length)
+            return losses
+        with torch.no_grad():
+            self.temp.clamp_(0.001, 0.5)
+        image_feat = self.image_embed(image_embeds)
+        text_feat = self.text_embed(ids, mask)
+        # --- ITC with momentum distillation (Sec. 3.2; ALBEF Sec. 3.3) ---
+        losses["loss_itc"] = self.loss_itc(images, ids, mask, idx, image_feat, text_feat, alpha, task)
+        # --- ITM with hard negatives from every rank (Sec. 3.2) ---
+        losses["loss_itm"] = self.loss_itm(ids, mask, idx, image_embeds, image_feat, text_feat)
+        # --- LM: image-grounded decoder, the caption after [DEC] (Sec. 3.2) ---
+        if task == "pretrain":
+            losses["loss_lm"] = self.loss_lm(ids, mask, image_embeds, 0)
+        return losses
+
+    # ---- losses ----
+
+    def loss_itc(self, images, ids, mask, idx, image_feat, text_feat, alpha, task):
+        with torch.no_grad():
+            self.momentum_update()
+            image_feat_m = F.normalize(self.vision_proj_m(self.visual_encoder_m(images)[:, 0]), dim=-1)
+            text_feat_m = F.normalize(self.text_proj_m(self.text_encoder_m(ids, mask)[:, 0]), dim=-1)
+            image_keys = torch.cat([image_feat_m.T, self.image_queue.clone()], 1)      # (E, B + K)
+            text_keys = torch.cat([text_feat_m.T, self.text_queue.clone()], 1)
+            if task == "retrieval":  # positives: every key with the same image id (blip_retrieval.py)
+                idx_all = torch.cat([idx[None], self.idx_queue.clone()], 1)           # (1, B + K)
+                pos = (idx[:, None] == idx_all).float()
+                targets = pos / pos.sum(1, keepdim=True)
+            else:                    # pretraining: the diagonal of the current batch (blip_pretrain.py)
+                targets = torch.zeros(ids.shape[0], image_keys.shape[1], device=ids.device)
+                targets[:, : ids.shape[0]].fill_diagonal_(1)
+            sim_i2t_m = image_feat_m @ text_keys / self.temp
+            sim_t2i_m = text_feat_m @ image_keys / self.temp
+            i2t_targets = alpha * F.softmax(sim_i2t_m, 1) + (1 - alpha) * targets
+            t2i_targets = alpha * F.softmax(sim_t2i_m, 1) + (1 - alpha) * targets
+        sim_i2t = image_feat @ text_keys / self.temp                                   # (B, B + K)
+        sim_t2i = text_feat @ image_keys / self.temp
+        loss_i2t = -(F.log_softmax(sim_i2t, 1) * i2t_targets).sum(1).mean()
+        loss_t2i = -(F.log_softmax(sim_t2i, 1) * t2i_targets).sum(1).mean()
+        self.dequeue_and_enqueue(image_feat_m, text_feat_m, idx)
+        return (loss_i2t + loss_t2i) / 2
+
+    def loss_itm(self, ids, mask, idx, image_embeds, image_feat, text_feat):
+        """Positive pairs plus, per text, a hard negative image and, per image, a hard negative
+        text, sampled from the softmax of the contrastive similarities over the global batch.
+        As BLIP's retrieval fine-tuning (negative_all_rank): image embeddings gathered with
+        gradient, text ids gathered and re-encoded locally. (BLIP's pretraining samples from the
+        local batch only; with one process the two are the same.)"""
+        B = ids.shape[0]
+        with torch.no_grad():
+            idx_all = dist.gather_no_grad(idx)                                         # (N,)
+            sim_i2t = image_feat @ dist.gather_no_grad(text_feat).T / self.temp        # (B, N)
+            sim_t2i = text_feat @ dist.gather_no_grad(image_feat).T / self.temp
+            same = idx[:, None] == idx_all[None, :]                # the positive and its duplicates
+            neg_image = sample_negatives(F.softmax(sim_t2i.float(), 1).masked_fill(same, 0))   # (B,) into N
+            neg_text = sample_negatives(F.softmax(sim_i2t.float(), 1).masked_fill(same, 0))
+            ids_all, mask_all = dist.gather_no_grad(ids), dist.gather_no_grad(mask)
+        image_embeds_all = dist.gather_with_grad(image_embeds)                         # (N, 1 + P, Dv)
+        text_ids = torch.cat([ids, ids, ids_all[neg_text]])                           # pos, neg image, neg text
+        text_mask = torch.cat([mask, mask, mask_all[neg_text]])
+        images = torch.cat([image_embeds, image_embeds_all[neg_image], image_embeds])
+        logits = self.itm_logits(text_ids, text_mask, images)                         # (3B, 2)
+        # A sampled "negative" that shares the image id (only possible when a row had no valid
+        # negative: a batch of one, all ids equal) is labelled a match, so labels never lie.
+        labels = torch.cat([torch.ones(B, dtype=torch.long, device=ids.device),
+                            (idx_all[neg_image] == idx).long(), (idx_all[neg_text] == idx).long()])
+        return F.cross_entropy(logits.float(), labels)
+
+    def loss_lm(self, ids, mask, image_embeds, prompt_length):
+        """Shifted cross-entropy with label smoothing 0.1 (med.py); padding and the prompt tokens
+        (caption fine-tuning: "a picture of ") are not predicted."""
+        targets = ids.masked_fill(mask == 0, -100)
+        targets[:, : max(prompt_length, 1)] = -100                     # [DEC] (+ prompt) are inputs only
+        logits = self.lm_logits(ids, mask, image_embeds)
+        return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), targets[:, 1:].reshape(-1),
+                               ignore_index=-100, label_smoothing=self.cfg.label_smoothing)
+
+    # ---- generation ----
+
+    @torch.no_grad()
+    def generate(self, images, prompt_ids, *, sample=False, num_beams=3, max_length=20, min_length=5, top_p=0.9,
+                 repetition_penalty=1.0):
+        """Captions for a batch: the ViT runs once per batch; the decoder is conditioned on
+        [DEC] + prompt (prompt_ids: (Lp,) without [CLS]/[SEP]). Beam search (deterministic) or
+        nucleus sampling. Lengths count [DEC] and the prompt, as BLIP's call of HF generate.
+        Returns (B, T) token ids including the prompt, padded with [PAD] after [SEP]."""
+        image_embeds = self.image_features(images)
+        B = images.shape[0]
+        start = torch.cat([torch.tensor([self.dec_id]), prompt_ids.cpu()]).to(images.device)
+        prompt = start[None].expand(B, -1)
+
+        def next_logits(seqs, context):
+            mask = torch.ones_like(seqs)
+            return self.lm_head(self.text_decoder(seqs, mask, causal=True, context=context)[:, -1]).float()
+
+        if sample or num_beams == 1:
+            return decode_greedy_or_sample(next_logits, prompt, image_embeds, sample=sample, max_length=max_length,
+                                           min_length=min_length, top_p=top_p, eos_id=self.sep_id,
+                                           pad_id=self.pad_id, repetition_penalty=repetition_penalty)
+        return beam_search(next_logits, prompt, image_embeds, num_beams=num_beams, max_length=max_length,
+                           min_length=min_length, eos_id=self.sep_id, pad_id=self.pad_id,
+                           repetition_penalty=repetition_penalty)
+
+    # ---- weights ----
+
+    @classmethod
+    def from_hf(cls, path, tokenizer, cfg=None):
+        """Build from a Hugging Face `BlipForImageTextRetrieval` folder (ViT, text encoder,
+        projections, ITM head) or `BlipForConditionalGeneration` folder (ViT, text decoder, LM
+        head). Every key of the checkpoint is mapped and shape-checked. The half the checkpoint
+        lacks keeps its initialisation and is named in the log: the decoder's self-attention and
+        LM head for a retrieval checkpoint; the encoder's self-attention, projections and ITM head
+        for a captioning one (the other MED weights are shared). Momentum encoders are copies."""
+        from transformers import BlipConfig
+        hf = BlipConfig.from_pretrained(path)
+        v, t = hf.vision_config, hf.text_config
+        cfg = dataclasses.replace(cfg or Config(), image_size=v.image_size, patch_size=v.patch_size,
+                                  vision_width=v.hidden_size, vision_layers=v.num_hidden_layers,
+                                  vision_heads=v.num_attention_heads, vision_eps=v.layer_norm_eps,
+                                  text_width=t.hidden_size, text_layers=t.num_hidden_layers,
+                                  text_heads=t.num_attention_heads, text_mlp_dim=t.intermediate_size,
+                                  max_positions=t.max_position_embeddings, text_eps=t.layer_norm_eps,
+                                  vocab_size=t.vocab_size, embed_dim=hf.image_text_hidden_size)
+        _, state = read_hf_checkpoint(path)
+        model = build_blip(cfg, tokenizer)
+        L = cfg.text_layers
+        mapping = hf_blip_vision_map("visual_encoder", "vision_model", cfg.vision_layers)
+        if any(k.startswith("text_encoder.") for k in state):            # BlipForImageTextRetrieval
+            enc = hf_bert_map("text_encoder", "text_encoder", L, cross_layers=range(L), token_types=False)
+            mapping.update(enc)
+            mapping.update({k.replace("text_encoder", "text_decoder", 1): src for k, src in enc.items()
+                            if ".attention." not in k})                  # shared modules, same tensors
+            for name in ("vision_proj", "text_proj", "itm_head"):
+                mapping.update({f"{name}.{p}": f"{name}.{p}" for p in ("weight", "bias")})
+            keep = ["text_decoder.layer.", "lm_head."]
+        else:                                                             # BlipForConditionalGeneration
+            dec = hf_bert_map("text_decoder", "text_decoder.bert", L, cross_layers=range(L), token_types=False)
+            mapping.update(dec)
+            mapping.update({k.replace("text_decoder", "text_encoder", 1): src for k, src in dec.items()
+                            if ".attention." not in k})
+            mapping.update(hf_bert_lm_head_map("lm_head", "text_decoder.cls.predictions",
+                                               tied_to=None if "text_decoder.cls.predictions.decoder.weight" in state
+                                               else "text_decoder.bert.embeddings.word_embeddings.weight"))
+            keep = ["text_encoder.layer.", "vision_proj.", "text_proj.", "itm_head.", "temp"]
+        keep += ["visual_encoder_m.", "text_encoder_m.", "vision_proj_m.", "text_proj_m.", "image_queue",
+                 "text_queue", "idx_queue", "queue_ptr"]
+        if "text_decoder.cls.predictions.decoder.weight" in state and "text_decoder.cls.predictions.bias" in state:
+            ignore = ("position_ids", "text_decoder.cls.predictions.decoder.bias")   # the same tensor as .bias
+        else:
+            ignore = ("position_ids",)
+        load_mapped(model, state, mapping, source=path, ignore=ignore, keep_init=keep)
+        model.copy_to_momentum()
+        return model
+
+
+def tie_decoder_to_encoder(decoder, encoder):
+    """BLIP's tie_encoder_decoder_weights(skip_key='/attention'): the decoder uses the encoder's
+    embeddings, cross-attention and feed-forward modules; only self-attention is its own (Sec. 3.1)."""
+    decoder.word_embeddings = encoder.word_embeddings
+    decoder.position_embeddings = encoder.position_embeddings
+    decoder.embed_norm = encoder.embed_norm
+    for d, e in zip(decoder.layer, encoder.layer):
+        d.crossattention, d.intermediate, d.output, d.output_norm = (e.crossattention, e.intermediate, e.output,
+                                                                     e.output_norm)
+
+
+def build_blip(cfg, tokenizer):
+    cls_id = tokenizer.tok.cls_token_id if tokenizer.tok.cls_token_id is not None else tokenizer.bos_id
+    dec_id, enc_id = tokenizer.add_special_tokens(["[DEC]", "[ENC]"])
+    tokenizer.bos_id = cls_id   # text rows start with [CLS]; [ENC] / [DEC] replace it per task
+    if cfg.vocab_size < tokenizer.vocab_size:
+        raise ValueError(f"model vocabulary {cfg.vocab_size} is smaller than the tokenizer's {tokenizer.vocab_size}")
+    return BLIP(cfg, cls_id=cls_id, enc_id=enc_id, dec_id=dec_id, sep_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
+
+
+def sample_negatives(weights):
+    """One index per row, drawn with probability proportional to `weights` (B, N). Rows with no
+    mass left (a batch of one, every candidate sharing the image id, NaN similarities) draw
+    uniformly instead of crashing torch.multinomial ('invalid multinomial distribution', the
+    error users of the official code hit)."""
+    weights = torch.nan_to_num(weights.float(), nan=0.0, posinf=0.0, neginf=0.0).clamp_(min=0)
+    empty = weights.sum(1) <= 0
+    weights[empty] = 1.0
+    return torch.multinomial(weights, 1).squeeze(1)
+
+
+# ---- decoding ----
+
+def _process_logits(scores, seqs, cur_len, min_length, eos_id, repetition_penalty):
+    """HF's MinLengthLogitsProcessor and RepetitionPenaltyLogitsProcessor (CTRL, Keskar et al. 2019)."""
+    if repetition_penalty != 1.0:
+        prev = scores.gather(1, seqs)
+        scores = scores.scatter(1, seqs, torch.where(prev < 0, prev * repetition_penalty, prev / repetition_penalty))
+    if cur_len < min_length:
+        scores[:, eos_id] = -float("inf")
+    return scores
+
+
+def decode_greedy_or_sample(next_logits, prompt, context, *, sample, max_length, min_length, top_p, eos_id, pad_id,
+                            repetition_penalty):
+    seqs, done = prompt.clone(), torch.zeros(prompt.shape[0], dtype=torch.bool, device=prompt.device)
+    while seqs.shape[1] < max_length and not done.all():
+        scores = _process_logits(next_logits(seqs, context), seqs, seqs.shape[1], min_length, eos_id,
+                                 repetition_penalty)
+        if sample:  # nucleus sampling (Holtzman et al. 2020): the smallest set with mass >= top_p
+            probs = F.softmax(scores, -1)
+            sorted_probs, order = probs.sort(-1, descending=True)
+            drop = sorted_probs.cumsum(-1) - sorted_probs > top_p
+            probs = probs.scatter(1, order, sorted_probs.masked_fill(drop, 0))
+            token = torch.multinomial(probs, 1).squeeze(1)
+        else:
+            token = scores.argmax(-1)
+        token = torch.where(done, torch.full_like(token, pad_id), token)
+        seqs = torch.cat([seqs, token[:, None]], 1)
+        done |= token == eos_id
+    return seqs
+
+
+def beam_search(next_logits, prompt, context, *, num_beams, max_length, min_length, eos_id, pad_id,
+                repetition_penalty=1.0, length_penalty=1.0):
+    """Beam search as transformers' generate (early_stopping=False): keep the 2K best
+    continuations, finish those hitting [SEP] or max_length if among the top K, score finished
+    beams by sum(log p) / generated_length^length_penalty, stop when no running beam can beat
+    the worst finished one. Returns the best finished sequence per example."""
+    B, Lp = prompt.shape
+    K, dev = num_beams, prompt.device
+    context = context.repeat_interleave(K, 0)
+    seqs = prompt.repeat_interleave(K, 0)                                         # (B*K, t)
+    running = torch.tensor([0.0] + [-1e9] * (K - 1), device=dev).repeat(B, 1)    # (B, K)
+    finished = torch.full((B, K, max_length), pad_id, dtype=torch.long, device=dev)
+    finished_scores = torch.full((B, K), -1e9, device=dev)
+    is_finished = torch.zeros(B, K, dtype=torch.bool, device=dev)
+    can_improve = torch.ones(B, 1, dtype=torch.bool, device=dev)
+    top_k_mask = torch.arange(2 * K, device=dev) < K
+    cur = Lp
+    while True:
+        logp = _process_logits(F.log_softmax(next_logits(seqs, context), -1), seqs, cur, min_length, eos_id,
+                               repetition_penalty)
+        V = logp.shape[-1]
+        acc = (logp.view(B, K, V) + running[..., None]).view(B, K * V)
+        top_scores, top_idx = acc.topk(2 * K, 1)                                  # (B, 2K)
+        beam, token = top_idx // V, top_idx % V
+        cand = torch.cat([seqs.view(B, K, cur).gather(1, beam[..., None].expand(-1, -1, cur)), token[..., None]], 2)
+        hits = (token == eos_id) | (cur + 1 >= max_length)
+        # running beams for the next step: the K best that did not finish
+        run_scores = top_scores - 1e9 * hits.float()
+        keep = run_scores.topk(K, 1).indices
+        seqs = cand.gather(1, keep[..., None].expand(-1, -1, cur + 1)).view(B * K, cur + 1)
+        running = run_scores.gather(1, keep)
+        # finished hypotheses: only candidates among the top K, length-normalised
+        fin = top_scores / (cur + 1 - Lp) ** length_penalty
+        fin = fin - 1e9 * (~can_improve).float() - 1e9 * (~(hits & top_k_mask)).float()
+        padded = F.pad(cand, (0, max_length - cur - 1), value=pad_id)
+        merged = torch.cat([finished, padded], 1)
+        merged_scores = torch.cat([finished_scores, fin], 1)
+        merged_done = torch.cat([is_finished, hits & top_k_mask], 1)
+        best = merged_scores.topk(K, 1).indices
+        finished = merged.gather(1, best[..., None].expand(-1, -1, max_length))
+        finished_scores, is_finished = merged_scores.gather(1, best), merged_done.gather(1, best)
+        cur += 1
+        best_running = running[:, :1] / (cur - Lp) ** length_penalty
+        worst_finished = torch.where(is_finished, finished_scores.min(1, keepdim=True).values,
+                                     torch.full_like(finished_scores, -1e9))
+        can_improve = can_improve & (best_running > worst_finished).any(1, keepdim=True)
+        if not can_improve.any() or hits.all():
+            break
+    out = finished[:, 0]
+    length = int((out != pad_id).sum(1).max())       # trailing padding removed, as generate crops
+    return out[:, :max(length, Lp)]
+
+
+# ---- data ----
+
+def load_tokenizer(cfg):
+    if cfg.tokenizer:
+        return Tokenizer(cfg.tokenizer)
+    if cfg.init_from and os.path.isdir(cfg.init_from) and any(
+            os.path.isfile(os.path.join(cfg.init_from, f)) for f in ("tokenizer.json", "vocab.txt")):
+        return Tokenizer(cfg.init_from)
+    if not cfg.train_data:
+        return Tokenizer(os.path.join(tiny_data(), "tokenizer"))
+    raise ValueError("no tokenizer: pass --tokenizer (e.g. bert-base-uncased, or a saved folder)")
+
+
+def build_data(cfg, tokenizer, rank, world_size):
+    tiny = None if cfg.train_data else tiny_data()
+    train_file = cfg.train_data or os.path.join(tiny, "train.json")
+    val_file = cfg.val_data or (os.path.join(tiny, "val.json") if tiny else "")
+    root = cfg.image_root or None
+    records = read_annotations(train_file, root, cfg.skip_bad)
+    prefix = cfg.prompt if cfg.task == "caption" else ""
+    train_set = ImageTextDataset(records, train_transform(cfg.image_size), tokenizer, cfg.max_length,
+                                 skip_bad=cfg.skip_bad, prefix=prefix)
+    if cfg.batch_size * world_size > len(train_set):
+        raise ValueError(f"--batch-size {cfg.batch_size} x {world_size} process(es) is larger than the "
+                         f"{len(train_set)} image-caption pairs of {train_file}; use a smaller --batch-size")
+    # Image ids -> integers: positives in retrieval fine-tuning, exclusions for ITM negatives. An
+    # entry without "image_id" uses its image path (read_annotations), so its captions share one id.
+    ids = {}
+    image_index = torch.tensor([ids.setdefault(r["image_id"], len(ids)) for r in records])
+    sampler = ShardedSampler(len(train_set), rank=rank, world_size=world_size, seed=cfg.seed)
+    loader = torch.utils.data.DataLoader(train_set, batch_size=cfg.batch_size, sampler=sampler, drop_last=True,
+                                         num_workers=cfg.workers, pin_memory=torch.cuda.is_available(),
+                                         persistent_workers=cfg.workers > 0)
+    val = read_annotations(val_file, root) if val_file else None
+    return loader, sampler, image_index, val, records
+
+
+def check_config(cfg, tokenizer, world_size):
+    """Start-up checks with clear messages (instead of an assert deep in the first step)."""
+    if cfg.task not in ("pretrain", "retrieval", "caption", "capfilt"):
+        raise ValueError(f"--task must be pretrain, retrieval, caption or capfilt, not {cfg.task!r}")
+    if cfg.task in ("pretrain", "retrieval") and cfg.queue_size % (cfg.batch_size * world_size):
+        raise ValueError(f"--queue-size {cfg.queue_size} is not a multiple of the global batch "
+                         f"{cfg.batch_size} x {world_size} = {cfg.batch_size * world_size}")
+    prompt_length = int((tokenizer(cfg.prompt, cfg.max_positions)[0] != tokenizer.pad_id).sum()) - 1  # [CLS] + prompt
+    if cfg.task == "caption" and prompt_length >= min(cfg.max_length, cfg.max_gen_length) - 1:
+        raise ValueError(f"--prompt {cfg.prompt!r} takes {prompt_length} tokens with [DEC]; it leaves no room for "
+                         f"a caption within --max-length {cfg.max_length} / --max-gen-length {cfg.max_gen_length}")
+    if cfg.max_length > cfg.max_positions:
+        raise ValueError(f"--max-length {cfg.max_length} exceeds the {cfg.max_positions} position embeddings")
+    return prompt_length
+
+
+# ---- evaluation ----
+
+def image_tokens(model, paths, cfg, device, precision):
+    """ViT tokens (n, 1 + P, Dv) of every image; each rank holds all of them, as BLIP's evaluation."""
+    loader = torch.utils.data.DataLoader(ImageDataset(paths, eval_transform(cfg.image_size)),
+                                         batch_size=cfg.batch_size, num_workers=cfg.workers)
+    out = []
+    for images, _ in loader:
+        with autocast(precision, device):
+            out.append(model.image_features(images.to(device)))
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def evaluate_retrieval(model, cfg, val, tokenizer, device, precision):
+    """Sec. 5.1 / train_retrieval.py: ITC similarity for all pairs, then the ITM head re-ranks each
+    row's top-k candidates; score = ITM match logit + ITC similarity (-100 outside the top k).
+    Rows (images for i2t, texts for t2i) are split across ranks and gathered. Returns the
+    metrics and the number of ITM forward passes, k x (n_images + n_texts)."""
+    texts, txt2img = retrieval_texts(val)
+    ids = tokenizer(texts, cfg.max_length).to(device)
+    mask = (ids != tokenizer.pad_id).long()
+    text_feat = []
+    for i in range(0, len(texts), cfg.batch_size):
+        with autocast(precision, device):
+            text_feat.append(model.text_embed(ids[i:i + cfg.batch_size], mask[i:i + cfg.batch_size]).float())
+    text_feat = torch.cat(text_feat)                                                    # (n_txt, E)
+    tokens = image_tokens(model, [r["image"] for r in val], cfg, device, precision)   # (n_img, 1 + P, Dv)
+    with autocast(precision, device):
+        image_feat = torch.cat([model.image_embed(tokens[i:i + cfg.batch_size]).float()
+                                for i in range(0, len(tokens), cfg.batch_size)])
+    sim = image_feat @ text_feat.T                                                      # (n_img, n_txt)
+    k = min(cfg.k_test, len(texts), len(tokens))
+    i0, i1 = dist.shard_range(len(tokens))
+    t0, t1 = dist.shard_range(len(texts))
+    rows_i2t = rerank(model, sim[i0:i1], lambda r, c: (ids[c], mask[c], tokens[i0 + r]), k, cfg, device, precision)
+    rows_t2i = rerank(model, sim.T[t0:t1], lambda r, c: (ids[t0 + r], mask[t0 + r], tokens[c]), k, cfg, device,
+                      precision)
+    metrics = retrieval_metrics(dist.gather_varlen(rows_i2t), txt2img, dist.gather_varlen(rows_t2i))
+    return metrics, k * (len(texts) + len(tokens))
+
+
+def rerank(model, sim_rows, pairs, k, cfg, device, precision):
+    """sim_rows: (R, n_cols) ITC scores. For each row, ITM over its top-k columns, batched over
+    several rows at once. pairs(row_idx, col_idx) -> (text ids, mask, image tokens) per pair."""
+    R = sim_rows.shape[0]
+    scores = torch.full_like(sim_rows, -100.0)
+    if R == 0:
+        return scores
+    top_sim, top_idx = sim_rows.topk(k, 1)                                           # (R, k)
+    rows_per_batch = max(1, cfg.itm_batch // max(k, 1))
+    for r0 in range(0, R, rows_per_batch):
+        r = torch.arange(r0, min(r0 + rows_per_batch, R), device=device).repeat_interleave(k)
+        c = top_idx[r0:r0 + rows_per_batch].reshape(-1)
+        t_ids, t_mask, img = pairs(r, c)
+        with autocast(precision, device):
+            itm = model.itm_logits(t_ids, t_mask, img)[:, 1].float()
+        scores[r, c] = itm + top_sim[r0:r0 + rows_per_batch].reshape(-1)
+    return scores
+
+
+@torch.no_grad()
+def evaluate_captions(model, cfg, val, tokenizer, device, precision, output_dir=None):
+    """Beam-search captions for this rank's images, gathered; pycocoevalcap scores on rank 0's
+    gathered set (every rank computes the same). Writes captions.json."""
+    paths = [r["image"] for r in val]
+    start, end = dist.shard_range(len(paths))
+    loader = torch.utils.data.DataLoader(ImageDataset(paths[start:end], eval_transform(cfg.image_size)),
+                                         batch_size=cfg.batch_size, num_workers=cfg.workers)
+    prompt_ids = tokenizer(cfg.prompt, cfg.max_length)[0]
+    prompt_ids = prompt_ids[1: int((prompt_ids != tokenizer.pad_id).sum()) - 1]          # drop [CLS], [SEP]
+    tokens = []
+    for images, _ in loader:
+        with autocast(precision, device):
+            seqs = model.generate(images.to(device), prompt_ids, num_beams=cfg.num_beams,
+                                  max_length=cfg.max_gen_length, min_length=cfg.min_gen_length)
+        tokens += [s[1 + len(prompt_ids):].tolist() for s in seqs]
+    mine = [tokenizer.decode([t for t in s if t != tokenizer.pad_id]).strip() for s in tokens]
+    captions = [c for part in dist.gather_objects(mine) for c in part]
+    predictions = {i: c for i, c in enumerate(captions)}
+    references = {i: r["captions"] for i, r in enumerate(val)}
+    metrics = caption_metrics(predictions, references) if dist.is_main() else {}
+    metrics = dist.gather_objects(metrics)[0]                                           # rank 0's, everywhere
+    if output_dir and dist.is_main():
+        with open(os.path.join(output_dir, "captions.json"), "w") as f:
+            json.dump([{"image": val[i]["image"], "image_id": val[i]["image_id"], "caption": c}
+                       for i, c in predictions.items()], f, indent=1)
+    return metrics
+
+
+@torch.no_grad()
+def evaluate(model, cfg, val, tokenizer, device, precision, output_dir=None):
+    was_training = model.training
+    model.eval()
+    metrics = {}
+    if val is not None:
+        if cfg.task in ("pretrain", "retrieval"):
+            tick = time.time()
+            ret, n_itm = evaluate_retrieval(model, cfg, val, tokenizer, device, precision)
+            metrics.update(ret, itm_pairs=n_itm, retrieval_eval_s=time.time() - tick)
+        if cfg.task in ("pretrain", "caption"):
+            metrics.update(evaluate_captions(model, cfg, val, tokenizer, device, precision, output_dir))
+    model.train(was_training)
+    return metrics
+
+
+# ---- CapFilt (Sec. 3.3) ----
+
+@torch.no_grad()
+def capfilt(model, cfg, records, tokenizer, device, precision):
+    """Captioner: nucleus-sample synthetic captions for every image. Filter: keep a web or
+    synthetic caption when the ITM head's p(match) >= threshold. Images are split across
+    ranks; rank 0 writes the new annotation file atomically (the input is never modified)."""
+    model.eval()
+    start, end = dist.shard_range(len(records))
+    mine = records[start:end]
+    loader = torch.utils.data.DataLoader(ImageDataset([r["image"] for r in mine], eval_transform(cfg.image_size)),
+                                         batch_size=cfg.batch_size, num_workers=cfg.workers)
+    prompt_ids = tokenizer(cfg.prompt, cfg.max_length)[0]
+    prompt_ids = prompt_ids[1: int((prompt_ids != tokenizer.pad_id).sum()) - 1]
+    out, kept, total = [], 0, 0
+    for images, index in loader:
+        images = images.to(device)
+        with autocast(precision, device):
+            embeds = model.image_features(images)
+            synthetic = [[] for _ in index]
+            for _ in range(cfg.capfilt_samples):
+                seqs = model.generate(images, prompt_ids, sample=True, max_length=cfg.max_gen_length,
+                                      min_length=cfg.min_gen_length, top_p=cfg.top_p, repetition_penalty=1.1)
+                for j, s in enumerate(seqs):
+                    text = tokenizer.decode([t for t in s[1:].tolist() if t != tokenizer.pad_id]).strip()
+                    synthetic[j].append(text[len(cfg.prompt.strip()):].strip() if text.startswith(cfg.prompt.strip())
+                                        else text)
+            for j, i in enumerate(index.tolist()):
+                candidates = [c for c in mine[i]["captions"] + synthetic[j] if c]
+                ids = tokenizer(candidates, cfg.max_length).to(device)
+                logits = model.itm_logits(ids, (ids != tokenizer.pad_id).long(),
+                                          embeds[j:j + 1].expand(len(candidates), -1, -1))
+                p_match = F.softmax(logits.float(), 1)[:, 1]
+                keep = [c for c, p in zip(candidates, p_match.tolist()) if p >= cfg.capfilt_threshold]
+                total += len(candidates)
+                kept += len(keep)
+                if keep:
+                    out.append({"image": mine[i]["image"], "caption": keep, "image_id": mine[i]["image_id"]})
+    out = [r for part in dist.gather_objects(out) for r in part]
+    counts = [sum(x) for x in zip(*dist.gather_objects((kept, total)))]
+    return out, {"captions_kept": counts[0], "captions_scored": counts[1], "images_kept": len(out),
+                 "images": len(records)}
+
+
+# ---- training ----
+
+def build_model(cfg, tokenizer):
+    """Fresh model, or --init-from a Hugging Face BLIP folder / one of our checkpoints."""
+    if cfg.init_from and os.path.isdir(cfg.init_from):
+        model = BLIP.from_hf(cfg.init_from, tokenizer, cfg)
+        for k in MODEL_FIELDS:
+            setattr(cfg, k, getattr(model.cfg, k))
+        model.cfg = cfg
+        return model, cfg
+    saved = None
+    if cfg.init_from:
+        saved = torch.load(cfg.init_from, map_location="cpu", weights_only=False)
+        for k in MODEL_FIELDS:
+            setattr(cfg, k, saved["config"][k])
+    cfg.vocab_size = cfg.vocab_size or tokenizer.vocab_size + sum(
+        t not in tokenizer.tok.get_vocab() for t in ("[DEC]", "[ENC]"))
+    model = build_blip(cfg, tokenizer)
+    if saved:
+        model.load_state_dict(saved["model"])
+    return model, cfg
+
+
+def freeze_unused(model, task):
+    """Parameters a task never uses get no gradient (DDP requires every trainable parameter to
+    receive one): captioning trains the ViT and the decoder only; retrieval leaves the decoder's
+    self-attention and the LM head aside."""
+    if task == "caption":
+        unused = [model.vision_proj, model.text_proj, model.itm_head] + [l.attention for l in model.text_encoder.layer]
+        model.temp.requires_grad_(False)
+    elif task == "retrieval":
+        unused = [model.lm_head.dense, model.lm_head.LayerNorm] + [l.attention for l in model.text_decoder.layer]
+        model.lm_head.decoder.bias.requires_grad_(False)
+    else:
+        unused = []
+    for m in unused:
+        m.requires_grad_(False)
+
+
+def alpha_at(cfg, step, steps_per_epoch):
+    """Distillation weight ramp: over two epochs in pretraining (BLIP pretrain.py), over the first
+    epoch in retrieval fine-tuning (train_retrieval.py)."""
+    ramp = (2 if cfg.task == "pretrain" else 1) * steps_per_epoch
+    return cfg.alpha * min(1.0, step / ramp)
+
+
+def main(argv=None):
+    cfg = parse_config(Config, PRESETS, argv, __doc__)
+    rank, local_rank, world_size, device = dist.setup()
+    precision = resolve_precision(cfg.precision, device)
+    torch.manual_seed(cfg.seed)
+    os.makedirs(cfg.output_dir, exist_ok=True)
+    ckpt_path = resume_path(cfg.resume, cfg.output_dir)
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False) if ckpt_path else None
+    if ckpt:
+        for k in MODEL_FIELDS:
+            setattr(cfg, k, ckpt["config"][k])
+        cfg.init_from = ""
+    tokenizer = load_tokenizer(cfg)
+    model, cfg = build_model(cfg, tokenizer)
+    prompt_length = check_config(cfg, tokenizer, world_size)
+    model.to(device)
+    if cfg.grad_checkpointing:
+        model.set_grad_checkpointing()
+    loader, sampler, image_index, val, records = build_data(cfg, tokenizer, rank, world_size)
+    save_config(cfg, cfg.output_dir)
+    log = MetricLog(cfg.output_dir)
+    if ckpt:
+        model.load_state_dict(ckpt["model"])
+
+    if cfg.task == "capfilt":
+        out, counts = capfilt(model, cfg, records, tokenizer, device, precision)
+        path = cfg.capfilt_output or os.path.join(cfg.output_dir, "capfilt.json")
+        if dist.is_main():
+            with open(path + ".tmp", "w") as f:
+                json.dump(out, f, indent=1)
+            os.replace(path + ".tmp", path)
+            log.write({"step": 0, "epoch": 0, "split": "capfilt", **counts})
+            print(json.dumps({**counts, "output": path}))
+        dist.cleanup()
+        return counts
+    if cfg.eval_only:
+        metrics = evaluate(model, cfg, val, tokenizer, device, precision, cfg.output_dir)
+        log.write({"step": ckpt["step"] if ckpt else 0, "epoch": 0, "split": "val", **metrics})
+        if dist.is_main():
+            print(json.dumps(metrics))
+        dist.cleanup()
+        return metrics
+
+    freeze_unused(model, cfg.task)
+    # AdamW, weight decay 0.05 (BLIP applies it to every parameter; here biases, norms,
+    # embeddings and the temperature are exempt, as in BLIP-2/LAVIS's recipe).
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay, ("temp",)), lr=cfg.lr,
+                                  fused=device.type == "cuda")
+    steps_per_epoch = len(loader)
+    total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
+    # Warm-up then cosine (BLIP: warm-up then x0.9 per epoch in pretraining, cosine per epoch
+    # in fine-tuning; one per-step schedule for every task here).
+    scheduler = cosine_schedule(optimizer, cfg.warmup_steps, total_steps)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    step, best = 0, -1.0
+    if ckpt:
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        scaler.load_state_dict(ckpt["scaler"])
+        step, best = ckpt["step"], ckpt["best"]
+        if len(ckpt["rng"]) == world_size:
+            set_rng_state(ckpt["rng"][rank])
+        if dist.is_main():
+            print(f"resumed from {ckpt_path} at step {step}")
+    del ckpt
+    # broadcast_buffers=False: the queues are identical on every rank already (enqueued from
+    # gathered features); re-broadcasting them would cost queue_size x E floats per step.
+    ddp_model = (DDP(model, device_ids=[local_rank] if device.type == "cuda" else None, broadcast_buffers=False)
+                 if world_size > 1 else model)
+    if cfg.compile:
+        ddp_model = torch.compile(ddp_model)
+    image_index = image_index.to(device)
+
+    def checkpoint(name):
+        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                 "scaler": scaler.state_dict(), "step": step, "best": best, "config": dataclasses.asdict(cfg),
+                 "rng": dist.gather_objects(rng_state())}
+        if dist.is_main():
+            save_checkpoint(os.path.join(cfg.output_dir, name), state)
+
+    best_key = "cider" if cfg.task == "caption" else "r_mean"
+    pbar = tqdm(total=total_steps, initial=step, disable=not dist.is_main(), dynamic_ncols=True)
+    metrics, tick, tick_step = {}, time.time(), step
+    while step < total_steps:
+        epoch = step // steps_per_epoch
+        sampler.set_epoch(epoch, skip=(step % steps_per_epoch) * cfg.batch_size)
+        for images, ids, r in loader:
+            images, ids = images.to(device, non_blocking=True), ids.to(device, non_blocking=True)
+            mask = (ids != tokenizer.pad_id).long()
+            idx = image_index[r.to(device)]
+            with autocast(precision, device):
+                losses = ddp_model(images, ids, mask, idx, alpha_at(cfg, step, steps_per_epoch), cfg.task,
+                                   prompt_length)
+            loss = sum(losses.values())                 # unweighted sum, as the paper
+            scaler.scale(loss).backward()
+            if cfg.grad_clip_norm > 0:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip_norm)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            step += 1
+            pbar.update(1)
+            if step % cfg.log_every == 0 or step == total_steps:
+                values = {k: dist.all_reduce_mean(v).item() for k, v in {"loss": loss, **losses}.items()}
+                speed = (step - tick_step) * cfg.batch_size * world_size / (time.time() - tick)
+                tick, tick_step = time.time(), step
+                lr = optimizer.param_groups[0]["lr"]
+                pbar.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{lr:.2e}", samples_s=f"{speed:.0f}")
+                log.write({"step": step, "epoch": epoch, "split": "train", **values, "lr": lr,
+                           "temp": model.temp.item(), "samples_per_s": speed})
+            if step % cfg.save_every == 0 and step % steps_per_epoch:
+                checkpoint("checkpoint_last.pt")
+            if step >= total_steps:
+                break
+        metrics = evaluate(model, cfg, val, tokenizer, device, precision, cfg.output_dir)
+        log.write({"step": step, "epoch": epoch, "split": "val", **metrics})
+        if metrics and dist.is_main():
+            tqdm.write(f"epoch {epoch} step {step}: " + " ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
+        if metrics.get(best_key, -1.0) > best:
+            best = metrics[best_key]
+            checkpoint("checkpoint_best.pt")
+        checkpoint("checkpoint_last.pt")
+        tick = time.time()
+    pbar.close()
+    if dist.is_main():
+        print(json.dumps(metrics or {"step": step}))
+    dist.cleanup()
+    return metrics
+
+
+if __name__ == "__main__":
+    main()
