@@ -48,6 +48,7 @@ class Config:
     vision_layers: int = 4
     vision_heads: int = 2
     vision_eps: float = 1e-6
+    vision_mlp_ratio: float = 4.0
     # text: the MED, a bert-base with cross-attention in every layer
     text_width: int = 128
     text_layers: int = 4
@@ -114,7 +115,7 @@ PRESETS = {
     "vit-l": dict(_BERT_BASE, image_size=224, patch_size=16, vision_width=1024, vision_layers=24, vision_heads=16,
                   batch_size=50, grad_checkpointing=True),
 }
-MODEL_FIELDS = ("image_size", "patch_size", "vision_width", "vision_layers", "vision_heads", "vision_eps",
+MODEL_FIELDS = ("image_size", "patch_size", "vision_width", "vision_layers", "vision_heads", "vision_eps", "vision_mlp_ratio",
                 "text_width", "text_layers", "text_heads", "text_mlp_dim", "max_positions", "text_eps", "vocab_size",
                 "embed_dim", "queue_size")
 
@@ -133,7 +134,8 @@ class BLIP(nn.Module):
         self.cls_id, self.enc_id, self.dec_id, self.sep_id, self.pad_id = cls_id, enc_id, dec_id, sep_id, pad_id
         self.visual_encoder = VisionTransformer(
             image_size=cfg.image_size, patch_size=cfg.patch_size, width=cfg.vision_width, layers=cfg.vision_layers,
-            heads=cfg.vision_heads, act="gelu", eps=cfg.vision_eps, pre_norm=False, patch_bias=True)
+            heads=cfg.vision_heads, mlp_ratio=cfg.vision_mlp_ratio, act="gelu", eps=cfg.vision_eps, pre_norm=False,
+            patch_bias=True)
         bert = dict(vocab_size=cfg.vocab_size, width=cfg.text_width, layers=cfg.text_layers, heads=cfg.text_heads,
                     mlp_dim=cfg.text_mlp_dim, max_positions=cfg.max_positions, cross_dim=cfg.vision_width,
                     cross_layers=range(cfg.text_layers), eps=cfg.text_eps)
@@ -346,6 +348,7 @@ class BLIP(nn.Module):
         cfg = dataclasses.replace(cfg or Config(), image_size=v.image_size, patch_size=v.patch_size,
                                   vision_width=v.hidden_size, vision_layers=v.num_hidden_layers,
                                   vision_heads=v.num_attention_heads, vision_eps=v.layer_norm_eps,
+                                  vision_mlp_ratio=v.intermediate_size / v.hidden_size,
                                   text_width=t.hidden_size, text_layers=t.num_hidden_layers,
                                   text_heads=t.num_attention_heads, text_mlp_dim=t.intermediate_size,
                                   max_positions=t.max_position_embeddings, text_eps=t.layer_norm_eps,
@@ -361,7 +364,7 @@ class BLIP(nn.Module):
                             if ".attention." not in k})                  # shared modules, same tensors
             for name in ("vision_proj", "text_proj", "itm_head"):
                 mapping.update({f"{name}.{p}": f"{name}.{p}" for p in ("weight", "bias")})
-            keep = ["text_decoder.layer.", "lm_head."]
+            keep = ["text_decoder.layer.", "lm_head.", "temp"]
         else:                                                             # BlipForConditionalGeneration
             dec = hf_bert_map("text_decoder", "text_decoder.bert", L, cross_layers=range(L), token_types=False)
             mapping.update(dec)
