@@ -147,8 +147,9 @@ class CLIP(nn.Module):
         for name, sub in (("vision", v), ("text", t)):
             if sub.hidden_act not in ("quick_gelu", "gelu"):
                 raise ValueError(f"{path}: {name} activation {sub.hidden_act!r} is not supported")
-        if v.intermediate_size / v.hidden_size != t.intermediate_size / t.hidden_size or v.hidden_act != t.hidden_act:
-            raise ValueError(f"{path}: vision and text towers differ in MLP ratio or activation")
+        if (v.intermediate_size / v.hidden_size != t.intermediate_size / t.hidden_size or v.hidden_act != t.hidden_act
+                or v.layer_norm_eps != t.layer_norm_eps):
+            raise ValueError(f"{path}: vision and text towers differ in MLP ratio, activation or LayerNorm eps")
         # transformers pools at argmax(ids) when eos_token_id is the legacy value 2 (OpenAI's
         # checkpoints); OpenAI's EOT is the largest id, so that is the first EOS = vocab_size - 1.
         eos = t.vocab_size - 1 if t.eos_token_id == 2 else t.eos_token_id
@@ -199,12 +200,17 @@ def clip_loss(image_emb, text_emb, logit_scale):
 # ---- data ----
 
 def build_data(cfg, tokenizer, rank, world_size):
-    """Training set and loader, evaluation sets. With no --train-data, the built-in tiny set."""
-    tiny = None if cfg.train_data else tiny_data()
-    train_file = cfg.train_data or os.path.join(tiny, "train.json")
+    """Training set and loader (None with --eval-only), evaluation sets. With no data flag at
+    all, the built-in tiny set (train, val and zero-shot splits)."""
+    tiny = None if (cfg.train_data or cfg.val_data or cfg.zeroshot_data) else tiny_data()
     val_file = cfg.val_data or (os.path.join(tiny, "val.json") if tiny else "")
     zs_root = cfg.zeroshot_data or (os.path.join(tiny, "zeroshot") if tiny else "")
     root = cfg.image_root or None
+    val = read_annotations(val_file, root) if val_file else None
+    zeroshot = image_folder(zs_root) if zs_root else None
+    if cfg.eval_only:
+        return None, None, val, zeroshot
+    train_file = cfg.train_data or os.path.join(tiny_data(), "train.json")
     train_set = ImageTextDataset(read_annotations(train_file, root, cfg.skip_bad), train_transform(cfg.image_size),
                                  tokenizer, cfg.context_length, skip_bad=cfg.skip_bad)
     if cfg.batch_size * world_size > len(train_set):
@@ -214,8 +220,6 @@ def build_data(cfg, tokenizer, rank, world_size):
     loader = torch.utils.data.DataLoader(train_set, batch_size=cfg.batch_size, sampler=sampler, drop_last=True,
                                          num_workers=cfg.workers, pin_memory=torch.cuda.is_available(),
                                          persistent_workers=cfg.workers > 0)
-    val = read_annotations(val_file, root) if val_file else None
-    zeroshot = image_folder(zs_root) if zs_root else None
     return loader, sampler, val, zeroshot
 
 
@@ -259,11 +263,13 @@ def evaluate(model, cfg, val, zeroshot, tokenizer, device, precision):
         metrics.update(retrieval_metrics(image_emb @ text_emb.T, txt2img))
     if zeroshot is not None:
         paths, labels, classnames, templates = zeroshot
-        start, end = dist.shard_range(len(classnames))
-        with autocast(precision, device):
-            classifier = zeroshot_classifier(model.encode_text, tokenizer, classnames[start:end], templates,
-                                             cfg.context_length, device).float()
-        classifier = dist.gather_varlen(classifier.reshape(-1, cfg.embed_dim))  # (n_classes, E)
+        start, end = dist.shard_range(len(classnames))      # more ranks than classes: empty shards
+        classifier = torch.zeros(0, cfg.embed_dim, device=device)
+        if end > start:
+            with autocast(precision, device):
+                classifier = zeroshot_classifier(model.encode_text, tokenizer, classnames[start:end], templates,
+                                                 cfg.context_length, device).float()
+        classifier = dist.gather_varlen(classifier)                                 # (n_classes, E)
         image_emb = embed_images(model, paths, cfg, device, precision)
         metrics.update(zeroshot_metrics(image_emb @ classifier.T, labels))
     model.train(was_training)
@@ -278,7 +284,7 @@ def load_tokenizer(cfg):
     if cfg.init_from and os.path.isdir(cfg.init_from) and any(
             os.path.isfile(os.path.join(cfg.init_from, f)) for f in ("tokenizer.json", "vocab.json")):
         return Tokenizer(cfg.init_from)
-    if not cfg.train_data:
+    if not (cfg.train_data or cfg.val_data or cfg.zeroshot_data):
         return Tokenizer(os.path.join(tiny_data(), "tokenizer"))
     raise ValueError("no tokenizer: pass --tokenizer (a transformers tokenizer folder or name)")
 
@@ -308,8 +314,8 @@ def build_model(cfg, tokenizer):
         if cfg.init_from:
             model.load_state_dict(saved["model"])
     if cfg.vocab_size < tokenizer.vocab_size or cfg.eos_id != tokenizer.eos_id:
-        raise ValueError(f"tokenizer (vocab {tokenizer.vocab_size}, EOS {tokenizer.eos_id}) does not fit the model "
-                         f"(vocab {cfg.vocab_size}, EOS {cfg.eos_id})")
+        raise ValueError(f"tokenizer {tokenizer.name} (vocab {tokenizer.vocab_size}, EOS {tokenizer.eos_id}) does not "
+                         f"fit the model (vocab {cfg.vocab_size}, EOS {cfg.eos_id})")
     return model, cfg
 
 
@@ -321,12 +327,13 @@ def main(argv=None):
     os.makedirs(cfg.output_dir, exist_ok=True)
     ckpt_path = resume_path(cfg.resume, cfg.output_dir)
     ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False) if ckpt_path else None
-    if ckpt:  # a resumed run keeps the architecture it was started with
-        for k in MODEL_FIELDS:
+    if ckpt:  # a resumed run keeps the architecture and tokenizer it was started with
+        for k in MODEL_FIELDS + ("tokenizer",):
             setattr(cfg, k, ckpt["config"][k])
         cfg.init_from = ""
 
     tokenizer = load_tokenizer(cfg)
+    cfg.tokenizer = tokenizer.name
     model, cfg = build_model(cfg, tokenizer)
     model.to(device)
     if cfg.grad_checkpointing:
@@ -372,7 +379,8 @@ def main(argv=None):
 
     def checkpoint(name):
         state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                 "scaler": scaler.state_dict(), "step": step, "best": best, "config": dataclasses.asdict(cfg),
+                 "scaler": scaler.state_dict(), "step": step, "epoch": step // steps_per_epoch, "best": best,
+                 "config": dataclasses.asdict(cfg),
                  "rng": dist.gather_objects(rng_state())}
         if dist.is_main():
             save_checkpoint(os.path.join(cfg.output_dir, name), state)
@@ -417,11 +425,12 @@ def main(argv=None):
         log.write({"step": step, "epoch": epoch, "split": "val", **metrics})
         if metrics and dist.is_main():
             tqdm.write(f"epoch {epoch} step {step}: " + " ".join(f"{k} {v:.2f}" for k, v in metrics.items()))
-        if metrics.get("r_mean", -1.0) > best:
+        # rank 0 decides, so every rank enters checkpoint()'s collective together
+        if dist.gather_objects(metrics.get("r_mean", -1.0) > best)[0]:
             best = metrics["r_mean"]
             checkpoint("checkpoint_best.pt")
         checkpoint("checkpoint_last.pt")
-        tick = time.time()  # samples/s counts training only
+        tick, tick_step = time.time(), step  # samples/s counts training only
     pbar.close()
     if dist.is_main():
         print(json.dumps(metrics or {"step": step}))

@@ -58,6 +58,7 @@ class Tokenizer:
 
     def __init__(self, name_or_path):
         from transformers import AutoTokenizer
+        self.name = name_or_path
         self.tok = AutoTokenizer.from_pretrained(name_or_path)
         t = self.tok
         self.bos_id = t.bos_token_id if t.bos_token_id is not None else t.cls_token_id
@@ -152,8 +153,11 @@ def read_annotations(path, image_root=None, skip_bad=False):
 
 
 def _read_csv(path):
-    delimiter = "\t" if path.endswith(".tsv") else ","
+    """Comma- or tab-separated (FlagAI's and open_clip's pairs.csv are tab-separated despite the
+    name): the separator is taken from the header line."""
     with open(path, newline="") as f:
+        delimiter = "\t" if "\t" in f.readline() else ","
+        f.seek(0)
         try:
             rows = list(csv.reader(f, delimiter=delimiter))
         except csv.Error as e:
@@ -239,8 +243,8 @@ class ImageTextDataset(torch.utils.data.Dataset):
                 self.skipped += 1
                 log.warning("%s; using the next sample instead (%d skipped in this worker)", e, self.skipped)
         if seed is not None:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed)
+            with torch.random.fork_rng(devices=[]):      # CPU generator only; CUDA's untouched
+                torch.default_generator.manual_seed(seed)
                 image = self.transform(image)
         else:
             image = self.transform(image)

@@ -71,9 +71,14 @@ class _GatherWithGrad(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         grad = grad.contiguous()
-        dist.all_reduce(grad)  # SUM over ranks
-        b = grad.shape[0] // dist.get_world_size()
-        r = dist.get_rank()
+        W, r = dist.get_world_size(), dist.get_rank()
+        b = grad.shape[0] // W
+        if dist.get_backend() == "nccl":  # reduce-scatter: 1/W of an all-reduce's traffic
+            out = torch.empty_like(grad[:b])
+            dist.reduce_scatter_tensor(out, grad)
+            return out
+        grad = grad.clone()               # gloo has no reduce-scatter: all-reduce (SUM), keep our slice
+        dist.all_reduce(grad)
         return grad[r * b:(r + 1) * b]
 
 

@@ -66,6 +66,9 @@ class Attention(nn.Module):
             k, v = self.kv(context).view(B, S, 2, H, D // H).permute(2, 0, 3, 1, 4)
         else:
             q, k, v = self.qkv(x).view(B, L, 3, H, D // H).permute(2, 0, 3, 1, 4)  # 3 x (B, H, L, D/H)
+        if causal and mask is not None:  # padding and causal together: one boolean mask
+            L_q, L_k = q.shape[2], k.shape[2]
+            mask = mask & torch.ones(L_q, L_k, dtype=torch.bool, device=x.device).tril(L_k - L_q)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None,
                                              dropout_p=self.dropout if self.training else 0.0)
         return self.proj(out.transpose(1, 2).reshape(B, L, D))
@@ -156,6 +159,8 @@ class VisionTransformer(nn.Module):
         self.grid = image_size // patch_size
         # CLIP's patch embedding has no bias; timm/DeiT ViTs (BLIP, ALBEF) have one.
         self.conv1 = nn.Conv2d(3, width, patch_size, stride=patch_size, bias=patch_bias)
+        # Linear layers keep PyTorch's default init; OpenAI CLIP's MultiheadAttention uses
+        # xavier-uniform in-projections. Pretrained weights replace both.
         scale = width ** -0.5
         self.class_embedding = nn.Parameter(scale * torch.randn(width))
         self.positional_embedding = nn.Parameter(scale * torch.randn(self.grid ** 2 + 1, width))
@@ -200,11 +205,12 @@ class TextTransformer(nn.Module):
         x = self.token_embedding(ids) + self.positional_embedding[:L]
         x = self.ln_final(self.transformer(x, causal=True))          # (B, L, D)
         is_eos = ids == self.eos_id
+        is_eos[:, 0] = False                                         # BOS may equal EOS (GPT-2 style)
         # Checked outside training only: the check syncs with the GPU, and training ids come
         # from common.data.Tokenizer, which always ends a row with EOS.
         if not self.training and not bool(is_eos.any(1).all()):
             raise ValueError(f"a text has no end-of-text token (id {self.eos_id}); tokenize with common.data.Tokenizer")
-        eos = is_eos.int().argmax(1)                                 # first EOS of each row
+        eos = is_eos.int().argmax(1)                                 # first EOS after BOS
         return x[torch.arange(x.shape[0], device=x.device), eos], x  # (B, D), (B, L, D)
 
 

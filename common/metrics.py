@@ -18,9 +18,10 @@ def retrieval_metrics(sim, txt2img, sim_t2i=None):
 
     i2t: an image's rank is the number of other images' captions scoring >= its best caption.
     t2i: a text's rank is the number of other images scoring >= its own image."""
-    sim = sim.float().cpu()
+    # NaN (a diverged model) becomes -inf: it then ties with everything and counts as a miss.
+    sim = sim.float().cpu().nan_to_num(nan=-float("inf"))
     txt2img = txt2img.cpu()
-    sim_t2i = sim.T if sim_t2i is None else sim_t2i.float().cpu()
+    sim_t2i = sim.T if sim_t2i is None else sim_t2i.float().cpu().nan_to_num(nan=-float("inf"))
     n_img, n_txt = sim.shape
     is_gt = torch.zeros(n_img, n_txt, dtype=torch.bool)
     is_gt[txt2img, torch.arange(n_txt)] = True
@@ -38,7 +39,7 @@ def retrieval_metrics(sim, txt2img, sim_t2i=None):
 @torch.no_grad()
 def zeroshot_metrics(logits, labels):
     """logits: (n_images, n_classes); labels: (n_images,). Top-1 and top-5 accuracy in percent."""
-    logits, labels = logits.float().cpu(), labels.cpu()
+    logits, labels = logits.float().cpu().nan_to_num(nan=-float("inf")), labels.cpu()
     gt = logits.gather(1, labels[:, None])
     others_ahead = (logits >= gt).sum(1) - 1                                     # itself excluded
     top1, top5 = _recall(others_ahead, (1, 5))

@@ -64,7 +64,9 @@ def cosine_schedule(optimizer, warmup_steps, total_steps):
 def resolve_precision(precision, device):
     """'auto' -> bf16 on CUDA GPUs that support it, fp32 otherwise (CPU bf16 matmul is slow)."""
     if precision == "auto":
-        return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+        # native bf16 only (Ampere and newer); V100/T4 would emulate it slowly
+        return ("bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
+                else "fp32")
     if precision not in ("fp32", "bf16", "fp16"):
         raise ValueError(f"--precision must be auto, fp32, bf16 or fp16, not {precision!r}")
     return precision

@@ -58,6 +58,47 @@ def test_embeddings_logits_loss_match_transformers(hf_clip):
     assert ours.cfg.vision_width == 48 and ours.cfg.text_width == 32 and ours.cfg.context_length == 20
 
 
+def test_openai_legacy_eos_and_gelu_checkpoints(tmp_path):
+    """OpenAI's checkpoints carry eos_token_id = 2 (transformers then pools at argmax(ids), the
+    EOT being the largest id); LAION's use exact GELU. Both must match transformers."""
+    from transformers import CLIPConfig, CLIPModel
+    cfg = CLIPConfig(
+        text_config=dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=128, num_hidden_layers=1,
+                         num_attention_heads=4, max_position_embeddings=20, eos_token_id=2, hidden_act="gelu"),
+        vision_config=dict(hidden_size=32, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+                           image_size=32, patch_size=16, hidden_act="gelu"), projection_dim=16)
+    torch.manual_seed(0)
+    hf = CLIPModel(cfg).eval()
+    hf.save_pretrained(tmp_path)
+    ours = CLIP.from_hf(str(tmp_path)).eval()
+    assert ours.cfg.eos_id == VOCAB - 1 and ours.cfg.act == "gelu"
+    ids = torch.full((2, 20), PAD)
+    ids[0, :4] = torch.tensor([BOS, 5, 6, VOCAB - 1])
+    ids[1, :3] = torch.tensor([BOS, 9, VOCAB - 1])
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        ref = hf(input_ids=ids, attention_mask=(ids != PAD).long(), pixel_values=images)
+        img, txt, _ = ours(images, ids)
+    torch.testing.assert_close(txt, ref.text_embeds, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(img, ref.image_embeds, atol=1e-5, rtol=1e-5)
+
+
+def test_causal_attention_with_a_padding_mask_stays_causal():
+    from common.encoders import Attention, padding_mask
+    torch.manual_seed(0)
+    attn = Attention(16, 2).eval()
+    x = torch.randn(2, 5, 16)
+    keep = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]]).bool()
+    with torch.no_grad():
+        both = attn(x, mask=padding_mask(keep), causal=True)
+        causal_only = attn(x, causal=True)
+        x2 = x.clone()
+        x2[:, 4] += 10.0                              # a future token must not change earlier outputs
+        both2 = attn(x2, mask=padding_mask(keep), causal=True)
+    torch.testing.assert_close(both[0], causal_only[0])          # no padding: the same as is_causal
+    torch.testing.assert_close(both[:, :4], both2[:, :4])
+
+
 def test_position_interpolation_matches_transformers(hf_clip):
     """Serving 48 px images with a 32 px checkpoint: the same bicubic grid interpolation."""
     hf, path = hf_clip
@@ -105,6 +146,30 @@ def test_loss_matches_open_clip():
     torch.testing.assert_close(clip_loss(img, txt, scale), ref, atol=1e-6, rtol=1e-6)
     # a matching batch scores a much lower loss than a shuffled one (the labels are the diagonal)
     assert clip_loss(img, img, scale) < 0.5 * clip_loss(img, img[torch.randperm(16, generator=g)], scale)
+
+
+def test_optimizer_groups_schedule_and_logit_scale():
+    import math
+    from common.utils import cosine_schedule, param_groups
+    cfg = clip_train.Config(vocab_size=VOCAB, eos_id=EOS, vision_layers=1, text_layers=1, image_size=32)
+    model = CLIP(cfg)
+    assert abs(model.logit_scale.item() - math.log(1 / 0.07)) < 1e-6
+    decay, no_decay = param_groups(model, 0.2, ("logit_scale",))
+    names = {id(p): n for n, p in model.named_parameters()}
+    no_decay_names = {names[id(p)] for p in no_decay["params"]}
+    assert {"logit_scale", "visual.class_embedding", "visual.positional_embedding", "text.positional_embedding",
+            "text.token_embedding.weight", "visual.ln_pre.weight", "text.transformer.resblocks.0.attn.qkv.bias"} <= no_decay_names
+    assert all(p.ndim >= 2 for p in decay["params"]) and "visual.conv1.weight" not in no_decay_names
+    assert decay["weight_decay"] == 0.2 and no_decay["weight_decay"] == 0.0
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = cosine_schedule(opt, warmup_steps=4, total_steps=14)
+    lrs = []
+    for _ in range(14):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[:4] == [0.25, 0.5, 0.75, 1.0]                      # linear warm-up
+    assert abs(lrs[9] - 0.5) < 1e-9 and lrs[-1] < 0.03            # cosine: half-way at step 9, ~0 at the end
 
 
 def test_gradient_checkpointing_gives_same_gradients():

@@ -1,6 +1,7 @@
 """clip_train.py end to end: learning on the tiny data, torchrun with 2 processes, checkpoints,
 --resume auto, an interrupted run resumed to the same losses, --init-from and --eval-only."""
 import json
+import math
 import os
 import signal
 import subprocess
@@ -150,3 +151,19 @@ def test_init_from_hf_and_eval_only(tmp_path, tiny):
     with open(tmp_path / "out" / "config.json") as f:
         cfg = json.load(f)
     assert (cfg["vision_width"], cfg["patch_size"], cfg["embed_dim"]) == (32, 16, 16)
+    # fine-tune from it on user data, then resume: the run keeps the checkpoint folder's tokenizer
+    data = ["--train-data", os.path.join(tiny, "val.json"), "--batch-size", "16", "--workers", "0",
+            "--output-dir", str(tmp_path / "ft")]
+    clip_train.main(["--init-from", str(tmp_path / "hf"), "--max-steps", "2", *data])
+    clip_train.main(["--resume", "auto", "--max-steps", "3", *data])
+    ckpt = torch.load(tmp_path / "ft" / "checkpoint_last.pt", weights_only=False)
+    assert ckpt["step"] == 3 and ckpt["epoch"] == 0 and ckpt["config"]["tokenizer"] == str(tmp_path / "hf")
+
+
+@pytest.mark.parametrize("flags", [["--precision", "bf16"], ["--precision", "fp16"], ["--grad-checkpointing"]])
+def test_precision_and_checkpointing_flags_run(tmp_path, subset, flags):
+    """bf16 autocast, fp16 with a GradScaler and gradient checkpointing run end to end (on CPU
+    here; the same code paths run on CUDA) and give a finite loss."""
+    clip_train.main([*SMALL, *subset, "--max-steps", "2", "--output-dir", str(tmp_path), *flags])
+    losses = train_losses(str(tmp_path))
+    assert sorted(losses) == [1, 2] and all(math.isfinite(v) for v in losses.values())

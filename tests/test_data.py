@@ -44,6 +44,9 @@ def test_json_and_csv_formats(folder):
     assert recs[0]["captions"] == ["a red, round thing", "more"] and recs[1]["captions"] == ["two"]
     (folder / "oc.csv").write_text("filepath,title\nb.png,open clip style\n")
     assert read_annotations(str(folder / "oc.csv"))[0]["captions"] == ["open clip style"]
+    # FlagAI's / open_clip's pairs.csv: tab-separated despite the extension, caption first
+    (folder / "pairs_tab.csv").write_text("title\tfilepath\na cat, sitting\ta.png\n")
+    assert read_annotations(str(folder / "pairs_tab.csv"))[0]["captions"] == ["a cat, sitting"]
 
 
 def test_missing_image_names_file_and_entry(folder):

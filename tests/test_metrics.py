@@ -35,6 +35,14 @@ def test_ties_count_against_the_model():
     assert m["t2i_r1"] == 100
 
 
+def test_nan_scores_count_as_misses():
+    """A diverged model (NaN similarities) must score 0, not 100, or it would be kept as 'best'."""
+    m = retrieval_metrics(torch.full((20, 40), float("nan")), torch.arange(20).repeat_interleave(2))
+    assert m["r_mean"] == 0
+    z = zeroshot_metrics(torch.full((4, 7), float("nan")), torch.tensor([0, 1, 2, 3]))
+    assert z["zeroshot_top1"] == 0 and z["zeroshot_top5"] == 0
+
+
 def test_recall_at_10_over_many_candidates():
     n = 30
     sim = torch.eye(n)
