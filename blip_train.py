@@ -278,14 +278,8 @@ class BLIP(nn.Module):
         gradient, text ids gathered and re-encoded locally. (BLIP's pretraining samples from the
         local batch only; with one process the two are the same.)"""
         B = ids.shape[0]
-        with torch.no_grad():
-            idx_all = dist.gather_no_grad(idx)                                         # (N,)
-            sim_i2t = image_feat @ dist.gather_no_grad(text_feat).T / self.temp        # (B, N)
-            sim_t2i = text_feat @ dist.gather_no_grad(image_feat).T / self.temp
-            same = idx[:, None] == idx_all[None, :]                # the positive and its duplicates
-            neg_image = sample_negatives(F.softmax(sim_t2i.float(), 1).masked_fill(same, 0))   # (B,) into N
-            neg_text = sample_negatives(F.softmax(sim_i2t.float(), 1).masked_fill(same, 0))
-            ids_all, mask_all = dist.gather_no_grad(ids), dist.gather_no_grad(mask)
+        neg_image, neg_text, idx_all = hard_negatives(image_feat, text_feat, idx, self.temp)    # (B,) into N
+        ids_all, mask_all = dist.gather_no_grad(ids), dist.gather_no_grad(mask)
         image_embeds_all = dist.gather_with_grad(image_embeds)                         # (N, 1 + P, Dv)
         text_ids = torch.cat([ids, ids, ids_all[neg_text]])                           # pos, neg image, neg text
         text_mask = torch.cat([mask, mask, mask_all[neg_text]])
@@ -405,6 +399,20 @@ def build_blip(cfg, tokenizer):
     return BLIP(cfg, cls_id=cls_id, enc_id=enc_id, dec_id=dec_id, sep_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
 
 
+@torch.no_grad()
+def hard_negatives(image_feat, text_feat, idx, temp):
+    """For each local text a negative image and for each local image a negative text, drawn from
+    softmax(similarity / temp) over the global batch (all ranks), never one with the same image
+    id. Returns (neg_image, neg_text, idx_all) with indices into the gathered batch (N = B*W)."""
+    idx_all = dist.gather_no_grad(idx)                                                 # (N,)
+    sim_i2t = image_feat @ dist.gather_no_grad(text_feat).T / temp                     # (B, N)
+    sim_t2i = text_feat @ dist.gather_no_grad(image_feat).T / temp
+    same = idx[:, None] == idx_all[None, :]                       # the positive and its duplicates
+    neg_image = sample_negatives(F.softmax(sim_t2i.float(), 1).masked_fill(same, 0))
+    neg_text = sample_negatives(F.softmax(sim_i2t.float(), 1).masked_fill(same, 0))
+    return neg_image, neg_text, idx_all
+
+
 def sample_negatives(weights):
     """One index per row, drawn with probability proportional to `weights` (B, N). Rows with no
     mass left (a batch of one, every candidate sharing the image id, NaN similarities) draw
@@ -509,17 +517,24 @@ def load_tokenizer(cfg):
     if cfg.init_from and os.path.isdir(cfg.init_from) and any(
             os.path.isfile(os.path.join(cfg.init_from, f)) for f in ("tokenizer.json", "vocab.txt")):
         return Tokenizer(cfg.init_from)
-    if not cfg.train_data:
+    if not (cfg.train_data or cfg.val_data):
         return Tokenizer(os.path.join(tiny_data(), "tokenizer"))
     raise ValueError("no tokenizer: pass --tokenizer (e.g. bert-base-uncased, or a saved folder)")
 
 
 def build_data(cfg, tokenizer, rank, world_size):
-    tiny = None if cfg.train_data else tiny_data()
-    train_file = cfg.train_data or os.path.join(tiny, "train.json")
+    """Training loader (none with --eval-only), image-id index, val records, training records.
+    With neither --train-data nor --val-data, the built-in tiny set."""
+    tiny = None if (cfg.train_data or cfg.val_data) else tiny_data()
     val_file = cfg.val_data or (os.path.join(tiny, "val.json") if tiny else "")
     root = cfg.image_root or None
+    val = read_annotations(val_file, root) if val_file else None
+    if cfg.eval_only:
+        return None, None, None, val, None
+    train_file = cfg.train_data or os.path.join(tiny_data(), "train.json")
     records = read_annotations(train_file, root, cfg.skip_bad)
+    if cfg.task == "capfilt":
+        return None, None, None, val, records
     prefix = cfg.prompt if cfg.task == "caption" else ""
     train_set = ImageTextDataset(records, train_transform(cfg.image_size), tokenizer, cfg.max_length,
                                  skip_bad=cfg.skip_bad, prefix=prefix)
@@ -534,7 +549,6 @@ def build_data(cfg, tokenizer, rank, world_size):
     loader = torch.utils.data.DataLoader(train_set, batch_size=cfg.batch_size, sampler=sampler, drop_last=True,
                                          num_workers=cfg.workers, pin_memory=torch.cuda.is_available(),
                                          persistent_workers=cfg.workers > 0)
-    val = read_annotations(val_file, root) if val_file else None
     return loader, sampler, image_index, val, records
 
 
@@ -758,11 +772,12 @@ def main(argv=None):
     os.makedirs(cfg.output_dir, exist_ok=True)
     ckpt_path = resume_path(cfg.resume, cfg.output_dir)
     ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False) if ckpt_path else None
-    if ckpt:
-        for k in MODEL_FIELDS:
+    if ckpt:  # a resumed run keeps the architecture and tokenizer it was started with
+        for k in MODEL_FIELDS + ("tokenizer",):
             setattr(cfg, k, ckpt["config"][k])
         cfg.init_from = ""
     tokenizer = load_tokenizer(cfg)
+    cfg.tokenizer = tokenizer.name
     model, cfg = build_model(cfg, tokenizer)
     prompt_length = check_config(cfg, tokenizer, world_size)
     model.to(device)
@@ -825,7 +840,8 @@ def main(argv=None):
 
     def checkpoint(name):
         state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                 "scaler": scaler.state_dict(), "step": step, "best": best, "config": dataclasses.asdict(cfg),
+                 "scaler": scaler.state_dict(), "step": step, "epoch": step // steps_per_epoch, "best": best,
+                 "config": dataclasses.asdict(cfg),
                  "rng": dist.gather_objects(rng_state())}
         if dist.is_main():
             save_checkpoint(os.path.join(cfg.output_dir, name), state)
@@ -870,11 +886,11 @@ def main(argv=None):
         log.write({"step": step, "epoch": epoch, "split": "val", **metrics})
         if metrics and dist.is_main():
             tqdm.write(f"epoch {epoch} step {step}: " + " ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
-        if metrics.get(best_key, -1.0) > best:
+        if dist.gather_objects(metrics.get(best_key, -1.0) > best)[0]:   # rank 0 decides for all
             best = metrics[best_key]
             checkpoint("checkpoint_best.pt")
         checkpoint("checkpoint_last.pt")
-        tick = time.time()
+        tick, tick_step = time.time(), step
     pbar.close()
     if dist.is_main():
         print(json.dumps(metrics or {"step": step}))

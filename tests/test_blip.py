@@ -1,0 +1,137 @@
+"""BLIP's method pieces: momentum EMA, queues across ranks, hard-negative sampling, ITM
+re-ranking, and the start-up checks."""
+import json
+import os
+
+import pytest
+import torch
+
+import blip_train
+from tests.dist_fixtures import blip_batch, blip_model
+from tests.test_distributed import ROOT, torchrun
+
+
+def test_momentum_parameters_follow_the_closed_form_ema():
+    """After K training steps, theta_m = m^K theta_m(0) + sum_t (1 - m) m^(K-t) theta(t-1),
+    where theta(t-1) are the online weights when step t's forward ran (BLIP updates the momentum
+    encoders at the start of the ITC loss)."""
+    model, tok, cfg = blip_model(momentum=0.9)
+    images, ids, mask, idx = blip_batch(tok, 4)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    name = "visual_encoder.transformer.resblocks.0.mlp.fc.weight"
+    online = dict(model.named_parameters())[name]
+    momentum = dict(model.named_parameters())[name.replace("visual_encoder", "visual_encoder_m", 1)]
+    expected, history = momentum.detach().clone(), []
+    for _ in range(3):
+        history.append(online.detach().clone())
+        losses = model(images, ids, mask, idx, alpha=0.4, task="pretrain")
+        sum(losses.values()).backward()
+        opt.step()
+        opt.zero_grad()
+    m = 0.9
+    for theta in history:
+        expected = m * expected + (1 - m) * theta
+    torch.testing.assert_close(momentum.detach(), expected, atol=1e-6, rtol=1e-6)
+    assert not torch.equal(history[0], history[-1])              # the online weights did move
+    assert set(losses) == {"loss_itc", "loss_itm", "loss_lm"}
+
+
+def test_queue_negatives_and_rerank_under_torchrun(tmp_path, tiny):
+    val = [dict(r, image=os.path.join(tiny, r["image"])) for r in json.load(open(os.path.join(tiny, "val.json")))[:7]]
+    (tmp_path / "val.json").write_text(json.dumps(val))
+    out = tmp_path / "blip.pt"
+    proc = torchrun([os.path.join(ROOT, "tests", "dist_blip_worker.py"), str(out), str(tmp_path / "val.json")],
+                    timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = torch.load(out)
+    assert got["world"] == 2
+    # queue: both ranks' momentum features, in rank order, equal to one process on the whole batch
+    model, tok, cfg = blip_model()
+    images, ids, mask, idx = blip_batch(tok, 4)
+    model(images, ids, mask, idx, alpha=0.4, task="pretrain")
+    for k in ("image_queue", "text_queue"):
+        torch.testing.assert_close(got["queue"][k][:, :4], getattr(model, k)[:, :4], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(got["queue"][k][:, 4:], getattr(model, k)[:, 4:])   # untouched slots
+    assert got["queue"]["idx_queue"][0, :4].tolist() == [0, 1, 2, 3] and int(got["queue"]["queue_ptr"]) == 4
+    # hard negatives: every draw is the hardest negative, which lives on the other rank
+    expected = torch.tensor([2, 3, 0, 1])[:, None].expand(4, 20)
+    assert torch.equal(got["neg_image"], expected) and torch.equal(got["neg_text"], expected)
+    # retrieval re-ranking with rows split over ranks == one process
+    model.eval()
+    metrics, n_itm = blip_train.evaluate_retrieval(model, cfg, blip_train.read_annotations(str(tmp_path / "val.json")),
+                                                   tok, torch.device("cpu"), "fp32")
+    assert got["metrics"] == pytest.approx(metrics, abs=1e-6) and got["n_itm"] == n_itm == 4 * (7 + 35)
+
+
+def test_hard_negatives_follow_the_softmax():
+    """One text, three candidate images besides its own: the sampler picks each with
+    probability softmax(sim / temp) renormalised over the negatives."""
+    torch.manual_seed(0)
+    sims = torch.tensor([0.9, 0.5, 0.2, 0.1])          # image 0 is the positive (same id)
+    image_feat = torch.eye(4)
+    text_feat = sims[None].repeat(4000, 1)             # 4000 copies of the text, as a batch
+    idx = torch.zeros(4000, dtype=torch.long)
+    # only the text -> image direction matters here; image ids 0..3, the texts share id 0
+    from common import dist  # noqa: F401  (single process: gathers return their input)
+    weights = torch.softmax(text_feat @ image_feat.T / 0.1, 1)
+    weights[:, 0] = 0
+    draws = blip_train.sample_negatives(weights)
+    p = torch.softmax(sims[1:] / 0.1, 0)
+    freq = torch.bincount(draws, minlength=4)[1:].float() / 4000
+    assert (freq - p).abs().max() < 0.03, (freq, p)
+    assert (draws != 0).all()                           # the positive is never drawn
+    del idx
+
+
+def test_itm_with_batch_of_one_or_duplicate_ids_does_not_crash():
+    """'invalid multinomial distribution' in the official code: no valid negative in the batch."""
+    model, tok, cfg = blip_model()
+    images, ids, mask, _ = blip_batch(tok, 4)
+    for sl, idx in ((slice(0, 1), torch.tensor([0])), (slice(0, 4), torch.tensor([5, 5, 5, 5]))):
+        losses = model(images[sl], ids[sl], mask[sl], idx, alpha=0.4, task="retrieval")
+        assert torch.isfinite(losses["loss_itm"]) and torch.isfinite(losses["loss_itc"])
+    weights = torch.tensor([[0.0, 0.0], [float("nan"), 1.0]])
+    assert blip_train.sample_negatives(weights).shape == (2,)
+
+
+class _FakeITM:
+    """itm_logits returns a fixed match logit per (text, image) pair."""
+
+    def __init__(self, table):
+        self.table = table
+
+    def itm_logits(self, ids, mask, images):
+        match = torch.tensor([self.table[(int(t), int(i))] for t, i in zip(ids[:, 0], images[:, 0])])
+        return torch.stack([-match, match], 1)
+
+
+def test_rerank_changes_the_ranking_as_the_itm_head_says():
+    cfg = blip_train.Config(itm_batch=3)
+    sim = torch.tensor([[0.9, 0.8, 0.1, 0.0]])                           # one image, four texts
+    table = {(0, 0): -5.0, (1, 0): 5.0, (2, 0): 9.0, (3, 0): 9.0}           # ITM prefers text 1 over text 0
+    texts, image = torch.arange(4)[:, None], torch.zeros(1, 1)
+    scores = blip_train.rerank(_FakeITM(table), sim, lambda r, c: (texts[c], None, image[r]), 2, cfg, torch.device("cpu"), "fp32")
+    assert scores.tolist() == [[pytest.approx(-4.1), pytest.approx(5.8), -100.0, -100.0]]
+    assert scores.argmax().item() == 1 and sim.argmax().item() == 0     # the re-rank flipped the top-1
+
+
+def test_start_up_checks(tiny, tmp_path):
+    base = ["--workers", "0", "--output-dir", str(tmp_path), "--max-steps", "1"]
+    with pytest.raises(ValueError, match=r"--queue-size 100 is not a multiple of the global batch 8 x 1 = 8"):
+        blip_train.main([*base, "--batch-size", "8", "--queue-size", "100"])
+    with pytest.raises(ValueError, match=r"--prompt .* leaves no room"):
+        blip_train.main([*base, "--task", "caption", "--prompt", "a picture of " * 10])
+    with pytest.raises(ValueError, match="--task must be"):
+        blip_train.main([*base, "--task", "vqa"])
+
+
+def test_missing_image_id_falls_back_to_the_image_path(tiny, tmp_path):
+    """Documented: an entry without image_id uses its image path, so two entries of the same file
+    are positives of each other in retrieval fine-tuning."""
+    recs = json.load(open(os.path.join(tiny, "train.json")))[:3]
+    data = [{"image": os.path.join(tiny, r["image"]), "caption": c} for r in recs for c in r["caption"][:2]]
+    (tmp_path / "noid.json").write_text(json.dumps(data))
+    loader, _, image_index, _, records = blip_train.build_data(
+        blip_train.Config(train_data=str(tmp_path / "noid.json"), batch_size=2, workers=0), blip_model()[1], 0, 1)
+    assert len(records) == 3 and image_index.tolist() == [0, 1, 2]
+    assert records[0]["image_id"] == os.path.join(tiny, recs[0]["image"]) and len(records[0]["captions"]) == 2
