@@ -1,0 +1,75 @@
+"""blip_train.py end to end: every task under torchrun with 2 processes, checkpoints and
+--resume auto, CapFilt writing an annotation file that --train-data accepts, and learning."""
+import json
+import os
+
+import pytest
+import torch
+
+import blip_train
+from tests.dist_fixtures import BLIP_SMALL_ARGS
+from tests.test_clip_train import read_metrics, subset  # noqa: F401  (fixture)
+from tests.test_distributed import torchrun
+
+SMALL = [*BLIP_SMALL_ARGS, "--workers", "0", "--warmup-steps", "2", "--log-every", "1"]
+
+
+def data_args(subset):  # noqa: F811
+    """The CLIP tests' subset (40 train / 20 val images) without the zero-shot flag."""
+    return [a for a in subset[:4]] + ["--tokenizer", subset[-1]]
+
+
+@pytest.mark.parametrize("task", ["pretrain", "retrieval", "caption"])
+def test_torchrun_task_checkpoint_and_resume(task, tmp_path, subset):  # noqa: F811
+    out = str(tmp_path / task)
+    args = ["blip_train.py", *SMALL, *data_args(subset), "--task", task, "--output-dir", out]
+    first = torchrun([*args, "--max-steps", "2"], timeout=300)
+    assert first.returncode == 0, first.stderr[-3000:]
+    final = json.loads(first.stdout.strip().splitlines()[-1])
+    expected = {"pretrain": {"r_mean", "cider", "bleu4"}, "retrieval": {"r_mean", "i2t_r1"},
+                "caption": {"cider", "bleu4", "meteor", "rouge_l"}}[task]
+    assert expected <= set(final)
+    ckpt = torch.load(os.path.join(out, "checkpoint_last.pt"), weights_only=False)
+    assert ckpt["step"] == 2 and len(ckpt["rng"]) == 2
+    if task != "caption":  # two steps of 2 x 4 samples went into the queue
+        assert int(ckpt["model"]["queue_ptr"]) == 16 % 8
+    second = torchrun([*args, "--max-steps", "3", "--resume", "auto"], timeout=300)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "at step 2" in second.stdout
+    train = [r for r in read_metrics(out) if r["split"] == "train"]
+    assert [r["step"] for r in train] == [1, 2, 3]
+    losses = {"pretrain": {"loss_itc", "loss_itm", "loss_lm"}, "retrieval": {"loss_itc", "loss_itm"},
+              "caption": {"loss_lm"}}[task]
+    assert losses <= set(train[-1]) and not ({"loss_itc", "loss_itm", "loss_lm"} - losses) & set(train[-1])
+    if task != "retrieval":
+        with open(os.path.join(out, "captions.json")) as f:
+            assert len(json.load(f)) == 20
+
+
+def test_capfilt_writes_an_annotation_file_train_data_accepts(tmp_path, subset):  # noqa: F811
+    out = str(tmp_path / "cf")
+    train = torchrun(["blip_train.py", *SMALL, *data_args(subset), "--max-steps", "1", "--output-dir", out],
+                     timeout=300)
+    assert train.returncode == 0, train.stderr[-3000:]
+    source = subset[1]
+    before = open(source).read()
+    cf = torchrun(["blip_train.py", *SMALL, "--task", "capfilt", "--train-data", source, "--tokenizer", subset[-1],
+                   "--init-from", os.path.join(out, "checkpoint_last.pt"), "--capfilt-threshold", "0.0",
+                   "--output-dir", out], timeout=300)
+    assert cf.returncode == 0, cf.stderr[-3000:]
+    summary = json.loads(cf.stdout.strip().splitlines()[-1])
+    assert open(source).read() == before                                  # the input is never modified
+    with open(summary["output"]) as f:
+        written = json.load(f)
+    # threshold 0: every web caption (5 per image) and one synthetic caption per image are kept
+    assert summary["images"] == summary["images_kept"] == len(written) == 40
+    assert summary["captions_kept"] == summary["captions_scored"] == 40 * 6
+    assert all(len(r["caption"]) == 6 and r["caption"][5] for r in written)
+    strict = blip_train.main([*SMALL, "--task", "capfilt", "--train-data", source, "--tokenizer", subset[-1],
+                              "--init-from", os.path.join(out, "checkpoint_last.pt"), "--capfilt-threshold", "1.01",
+                              "--capfilt-output", str(tmp_path / "none.json"), "--output-dir", out])
+    assert strict["captions_kept"] == 0 and strict["images_kept"] == 0       # nothing passes p >= 1.01
+    ok = blip_train.main([*SMALL, "--train-data", summary["output"], "--tokenizer", subset[-1], "--max-steps", "1",
+                          "--output-dir", str(tmp_path / "again")])
+    assert ok == {}                                                             # no --val-data: no eval
+    assert torch.load(tmp_path / "again" / "checkpoint_last.pt", weights_only=False)["step"] == 1
