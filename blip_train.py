@@ -641,7 +641,8 @@ def evaluate_captions(model, cfg, val, tokenizer, device, precision, output_dir=
     start, end = dist.shard_range(len(paths))
     loader = torch.utils.data.DataLoader(ImageDataset(paths[start:end], eval_transform(cfg.image_size)),
                                          batch_size=cfg.batch_size, num_workers=cfg.workers)
-    prompt_ids = tokenizer(cfg.prompt, cfg.max_length)[0]
+    # The prompt conditions captioning fine-tuning; the pretraining LM never saw it.
+    prompt_ids = tokenizer(cfg.prompt if cfg.task == "caption" else "", cfg.max_length)[0]
     prompt_ids = prompt_ids[1: int((prompt_ids != tokenizer.pad_id).sum()) - 1]          # drop [CLS], [SEP]
     tokens = []
     for images, _ in loader:

@@ -135,3 +135,54 @@ def test_missing_image_id_falls_back_to_the_image_path(tiny, tmp_path):
         blip_train.Config(train_data=str(tmp_path / "noid.json"), batch_size=2, workers=0), blip_model()[1], 0, 1)
     assert len(records) == 3 and image_index.tolist() == [0, 1, 2]
     assert records[0]["image_id"] == os.path.join(tiny, recs[0]["image"]) and len(records[0]["captions"]) == 2
+
+
+def test_itm_pairs_and_labels(monkeypatch):
+    """ITM sees [positives; (text, hard negative image); (hard negative text, image)] with labels
+    [1]*B + [0]*2B, and the logits of each block are those of exactly those pairs."""
+    model, tok, cfg = blip_model()
+    model.eval()
+    images, ids, mask, idx = blip_batch(tok, 4)
+    seen, drawn = {}, {}
+    real_ce, real_hn = torch.nn.functional.cross_entropy, blip_train.hard_negatives
+
+    def spy_ce(logits, labels, *a, **k):
+        seen["logits"], seen["labels"] = logits.detach(), labels
+        return real_ce(logits, labels, *a, **k)
+
+    def spy_hn(*a, **k):
+        drawn["neg_image"], drawn["neg_text"], idx_all = real_hn(*a, **k)
+        return drawn["neg_image"], drawn["neg_text"], idx_all
+
+    monkeypatch.setattr(blip_train.F, "cross_entropy", spy_ce)
+    monkeypatch.setattr(blip_train, "hard_negatives", spy_hn)
+    with torch.no_grad():
+        embeds = model.image_features(images)
+        model.loss_itm(ids, mask, idx, embeds, model.image_embed(embeds), model.text_embed(ids, mask))
+        pos = model.itm_logits(ids, mask, embeds)
+        neg_img = model.itm_logits(ids, mask, embeds[drawn["neg_image"]])
+        neg_txt = model.itm_logits(ids[drawn["neg_text"]], mask[drawn["neg_text"]], embeds)
+    assert seen["labels"].tolist() == [1] * 4 + [0] * 8
+    assert (drawn["neg_image"] != torch.arange(4)).all() and (drawn["neg_text"] != torch.arange(4)).all()
+    torch.testing.assert_close(seen["logits"], torch.cat([pos, neg_img, neg_txt]), atol=1e-5, rtol=1e-5)
+
+
+def test_lm_loss_is_shifted_and_skips_prompt_and_padding(monkeypatch):
+    """Position t predicts token t + 1; [DEC], the prompt and padding are never targets."""
+    model, tok, cfg = blip_model()
+    images, ids, mask, idx = blip_batch(tok, 4)
+    seen = {}
+    real_ce = torch.nn.functional.cross_entropy
+
+    def spy_ce(logits, targets, *a, **k):
+        seen["targets"], seen["k"] = targets, k
+        return real_ce(logits, targets, *a, **k)
+
+    monkeypatch.setattr(blip_train.F, "cross_entropy", spy_ce)
+    with torch.no_grad():
+        model.loss_lm(ids, mask, model.image_features(images), prompt_length=3)
+    targets = seen["targets"].view(4, -1)                     # (B, L - 1): targets for positions 0..L-2
+    expected = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
+    expected[:, :2] = -100                                     # tokens 1, 2 belong to the prompt ([DEC] = 0)
+    assert torch.equal(targets, expected)
+    assert seen["k"]["label_smoothing"] == 0.1 and seen["k"]["ignore_index"] == -100
