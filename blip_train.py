@@ -29,7 +29,7 @@ from common import dist
 from common.data import (ImageDataset, ImageTextDataset, ShardedSampler, Tokenizer, eval_transform, read_annotations,
                          retrieval_texts, tiny_data, train_transform)
 from common.encoders import (BertEncoder, BertLMHead, VisionTransformer, hf_bert_lm_head_map, hf_bert_map,
-                             hf_blip_vision_map, load_mapped, read_hf_checkpoint)
+                             hf_blip_vision_map, load_mapped, read_hf_checkpoint, resize_pos_embed)
 from common.metrics import caption_metrics, retrieval_metrics
 from common.utils import (MetricLog, autocast, cosine_schedule, param_groups, parse_config, resolve_precision,
                           resume_path, rng_state, save_checkpoint, save_config, set_rng_state)
@@ -56,6 +56,7 @@ class Config:
     text_mlp_dim: int = 512
     max_positions: int = 64         # BERT's 512
     text_eps: float = 1e-12
+    dropout: float = 0.0            # MED hidden/attention dropout (0.1 in med_config.json; 0 for the tiny runs)
     vocab_size: int = 0             # 0: the tokenizer's (with [DEC] and [ENC] added)
     max_length: int = 32            # tokens per caption, [CLS] and [SEP] included (BLIP: 30-35)
     embed_dim: int = 64             # ITC space (256 in the paper)
@@ -107,7 +108,7 @@ class Config:
 
 
 _BERT_BASE = dict(text_width=768, text_layers=12, text_heads=12, text_mlp_dim=3072, max_positions=512,
-                  tokenizer="bert-base-uncased", embed_dim=256, max_length=35, queue_size=57600, workers=8,
+                  tokenizer="bert-base-uncased", embed_dim=256, dropout=0.1, max_length=35, queue_size=57600, workers=8,
                   epochs=20, warmup_steps=3000)
 PRESETS = {
     "tiny": {},
@@ -118,6 +119,24 @@ PRESETS = {
     "vit-l": dict(_BERT_BASE, image_size=224, patch_size=16, vision_width=1024, vision_layers=24, vision_heads=16,
                   batch_size=50, grad_checkpointing=True),
 }
+# Fine-tuning recipes of the paper's presets (configs/retrieval_coco.yaml, caption_coco.yaml):
+# applied to --preset vit-b / vit-l for these tasks unless the command line sets the field.
+FINETUNE = {
+    "retrieval": dict(image_size=384, lr=1e-5, warmup_steps=0, epochs=6, batch_size=32, k_test=256, queue_size=57600,
+                      grad_checkpointing=True),
+    "caption": dict(image_size=384, lr=1e-5, warmup_steps=0, epochs=5, batch_size=32),
+}
+
+
+def apply_task_defaults(cfg):
+    if cfg.preset != "tiny":
+        for k, v in FINETUNE.get(cfg.task, {}).items():
+            if k not in cfg.cli_keys:
+                setattr(cfg, k, v)
+                if k in RUN_FIELDS:
+                    cfg.cli_keys.add(k)   # the recipe's value wins over the checkpoint's
+
+
 MODEL_FIELDS = ("image_size", "patch_size", "vision_width", "vision_layers", "vision_heads", "vision_eps", "vision_mlp_ratio",
                 "text_width", "text_layers", "text_heads", "text_mlp_dim", "max_positions", "text_eps", "vocab_size",
                 "embed_dim", "queue_size")
@@ -141,12 +160,14 @@ class BLIP(nn.Module):
             patch_bias=True)
         bert = dict(vocab_size=cfg.vocab_size, width=cfg.text_width, layers=cfg.text_layers, heads=cfg.text_heads,
                     mlp_dim=cfg.text_mlp_dim, max_positions=cfg.max_positions, cross_dim=cfg.vision_width,
-                    cross_layers=range(cfg.text_layers), eps=cfg.text_eps)
+                    cross_layers=range(cfg.text_layers), eps=cfg.text_eps, dropout=cfg.dropout)
         self.text_encoder = BertEncoder(**bert)
         self.text_decoder = BertEncoder(**bert)
         tie_decoder_to_encoder(self.text_decoder, self.text_encoder)
         self.lm_head = BertLMHead(cfg.text_width, cfg.vocab_size, eps=cfg.text_eps)
-        self.lm_head.decoder.weight = self.text_decoder.word_embeddings.weight   # tied, as BertLMHeadModel
+        # Tied to the (shared) word embeddings, as LAVIS and transformers' BlipForConditionalGeneration;
+        # salesforce/BLIP's tie_encoder_decoder_weights leaves its LM-head matrix a separate parameter.
+        self.lm_head.decoder.weight = self.text_decoder.word_embeddings.weight
         self.vision_proj = nn.Linear(cfg.vision_width, cfg.embed_dim)
         self.text_proj = nn.Linear(cfg.text_width, cfg.embed_dim)
         self.itm_head = nn.Linear(cfg.text_width, 2)
@@ -164,6 +185,8 @@ class BLIP(nn.Module):
         self.register_buffer("text_queue", F.normalize(torch.randn(cfg.embed_dim, cfg.queue_size), dim=0))
         self.register_buffer("idx_queue", torch.full((1, cfg.queue_size), -100, dtype=torch.long))
         self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
+        self._ptr = None
+        self.register_load_state_dict_post_hook(lambda module, keys: setattr(module, "_ptr", None))
 
     def model_pairs(self):
         return [(self.visual_encoder, self.visual_encoder_m), (self.text_encoder, self.text_encoder_m),
@@ -187,11 +210,17 @@ class BLIP(nn.Module):
     def dequeue_and_enqueue(self, image_feat, text_feat, idx):
         """Replace the oldest entries with this step's momentum features from every rank, in rank order."""
         image_feat, text_feat, idx = dist.gather_no_grad(image_feat), dist.gather_no_grad(text_feat), dist.gather_no_grad(idx)
-        n, ptr = image_feat.shape[0], int(self.queue_ptr)
+        if self._ptr is None:           # a host copy of queue_ptr: no GPU sync per step
+            self._ptr = int(self.queue_ptr)
+        n, ptr = image_feat.shape[0], self._ptr
+        if ptr + n > self.cfg.queue_size:
+            raise ValueError(f"queue pointer {ptr} + global batch {n} overruns the queue of {self.cfg.queue_size}: "
+                             f"the queue length must stay a multiple of the global batch (changed since a resume?)")
         self.image_queue[:, ptr:ptr + n] = image_feat.T
         self.text_queue[:, ptr:ptr + n] = text_feat.T
         self.idx_queue[:, ptr:ptr + n] = idx[None]
-        self.queue_ptr[0] = (ptr + n) % self.cfg.queue_size
+        self._ptr = (ptr + n) % self.cfg.queue_size
+        self.queue_ptr.fill_(self._ptr)
 
     def set_grad_checkpointing(self, enabled=True):
         self.visual_encoder.transformer.grad_checkpointing = enabled
@@ -263,14 +292,20 @@ class BLIP(nn.Module):
             else:                    # pretraining: the diagonal of the current batch (blip_pretrain.py)
                 targets = torch.zeros(ids.shape[0], image_keys.shape[1], device=ids.device)
                 targets[:, : ids.shape[0]].fill_diagonal_(1)
-            sim_i2t_m = image_feat_m @ text_keys / self.temp
-            sim_t2i_m = text_feat_m @ image_keys / self.temp
-            i2t_targets = alpha * F.softmax(sim_i2t_m, 1) + (1 - alpha) * targets
-            t2i_targets = alpha * F.softmax(sim_t2i_m, 1) + (1 - alpha) * targets
-        sim_i2t = image_feat @ text_keys / self.temp                                   # (B, B + K)
-        sim_t2i = text_feat @ image_keys / self.temp
-        loss_i2t = -(F.log_softmax(sim_i2t, 1) * i2t_targets).sum(1).mean()
-        loss_t2i = -(F.log_softmax(sim_t2i, 1) * t2i_targets).sum(1).mean()
+        # Similarities in fp32 even under autocast: at temperature 0.07 (down to 0.001) bf16's
+        # spacing near the largest logits would be coarser than the differences that matter.
+        with torch.autocast(ids.device.type, enabled=False):
+            image_feat_m, text_feat_m = image_feat_m.float(), text_feat_m.float()
+            image_keys, text_keys = image_keys.float(), text_keys.float()
+            with torch.no_grad():
+                sim_i2t_m = image_feat_m @ text_keys / self.temp
+                sim_t2i_m = text_feat_m @ image_keys / self.temp
+                i2t_targets = alpha * F.softmax(sim_i2t_m, 1) + (1 - alpha) * targets
+                t2i_targets = alpha * F.softmax(sim_t2i_m, 1) + (1 - alpha) * targets
+            sim_i2t = image_feat.float() @ text_keys / self.temp                          # (B, B + K)
+            sim_t2i = text_feat.float() @ image_keys / self.temp
+            loss_i2t = -(F.log_softmax(sim_i2t, 1) * i2t_targets).sum(1).mean()
+            loss_t2i = -(F.log_softmax(sim_t2i, 1) * t2i_targets).sum(1).mean()
         self.dequeue_and_enqueue(image_feat_m, text_feat_m, idx)
         return (loss_i2t + loss_t2i) / 2
 
@@ -422,8 +457,7 @@ def sample_negatives(weights):
     uniformly instead of crashing torch.multinomial ('invalid multinomial distribution', the
     error users of the official code hit)."""
     weights = torch.nan_to_num(weights.float(), nan=0.0, posinf=0.0, neginf=0.0).clamp_(min=0)
-    empty = weights.sum(1) <= 0
-    weights[empty] = 1.0
+    weights = torch.where(weights.sum(1, keepdim=True) > 0, weights, 1.0)      # no boolean indexing: no sync
     return torch.multinomial(weights, 1).squeeze(1)
 
 
@@ -445,7 +479,10 @@ def decode_greedy_or_sample(next_logits, prompt, context, *, sample, max_length,
     while seqs.shape[1] < max_length and not done.all():
         scores = _process_logits(next_logits(seqs, context), seqs, seqs.shape[1], min_length, eos_id,
                                  repetition_penalty)
-        if sample:  # nucleus sampling (Holtzman et al. 2020): the smallest set with mass >= top_p
+        if sample:  # nucleus sampling (Holtzman et al. 2020): the smallest set with mass >= top_p,
+            # after transformers' default top-k of 50, which BLIP's sampling inherits
+            scores = scores.masked_fill(scores < scores.topk(min(50, scores.shape[-1]), -1).values[:, -1:],
+                                        -float("inf"))
             probs = F.softmax(scores, -1)
             sorted_probs, order = probs.sort(-1, descending=True)
             drop = sorted_probs.cumsum(-1) - sorted_probs > top_p
@@ -464,7 +501,9 @@ def beam_search(next_logits, prompt, context, *, num_beams, max_length, min_leng
     """Beam search as transformers' generate (early_stopping=False): keep the 2K best
     continuations, finish those hitting [SEP] or max_length if among the top K, score finished
     beams by sum(log p) / generated_length^length_penalty, stop when no running beam can beat
-    the worst finished one. Returns the best finished sequence per example."""
+    the worst finished one. Returns the best finished sequence per example. (The transformers
+    4.15 that BLIP used divided by the whole length, [DEC] and prompt included; current
+    transformers, and this function, count generated tokens only.)"""
     B, Lp = prompt.shape
     K, dev = num_beams, prompt.device
     context = context.repeat_interleave(K, 0)
@@ -539,6 +578,8 @@ def build_data(cfg, tokenizer, rank, world_size):
     if cfg.task == "capfilt":
         return None, None, None, val, records
     prefix = cfg.prompt if cfg.task == "caption" else ""
+    # open_clip's light crop, no flip (captions say left and right); BLIP trains with
+    # RandomResizedCrop(0.5-1), flips and RandAugment on COCO.
     train_set = ImageTextDataset(records, train_transform(cfg.image_size), tokenizer, cfg.max_length,
                                  skip_bad=cfg.skip_bad, prefix=prefix)
     if cfg.batch_size * world_size > len(train_set):
@@ -551,7 +592,10 @@ def build_data(cfg, tokenizer, rank, world_size):
     sampler = ShardedSampler(len(train_set), rank=rank, world_size=world_size, seed=cfg.seed)
     loader = torch.utils.data.DataLoader(train_set, batch_size=cfg.batch_size, sampler=sampler, drop_last=True,
                                          num_workers=cfg.workers, pin_memory=torch.cuda.is_available(),
-                                         persistent_workers=cfg.workers > 0)
+                                         persistent_workers=cfg.workers > 0,
+                                         # its own generator: starting an epoch (or a resume) must not
+                                         # consume the global RNG that dropout / negative sampling use
+                                         generator=torch.Generator().manual_seed(cfg.seed))
     return loader, sampler, image_index, val, records
 
 
@@ -575,7 +619,7 @@ def check_config(cfg, tokenizer, world_size):
 
 def image_tokens(model, paths, cfg, device, precision):
     """ViT tokens (n, 1 + P, Dv) of every image; each rank holds all of them, as BLIP's evaluation."""
-    loader = torch.utils.data.DataLoader(ImageDataset(paths, eval_transform(cfg.image_size)),
+    loader = torch.utils.data.DataLoader(ImageDataset(paths, eval_transform(cfg.image_size, crop=False)),
                                          batch_size=cfg.batch_size, num_workers=cfg.workers)
     out = []
     for images, _ in loader:
@@ -639,7 +683,7 @@ def evaluate_captions(model, cfg, val, tokenizer, device, precision, output_dir=
     gathered set (every rank computes the same). Writes captions.json."""
     paths = [r["image"] for r in val]
     start, end = dist.shard_range(len(paths))
-    loader = torch.utils.data.DataLoader(ImageDataset(paths[start:end], eval_transform(cfg.image_size)),
+    loader = torch.utils.data.DataLoader(ImageDataset(paths[start:end], eval_transform(cfg.image_size, crop=False)),
                                          batch_size=cfg.batch_size, num_workers=cfg.workers)
     # The prompt conditions captioning fine-tuning; the pretraining LM never saw it.
     prompt_ids = tokenizer(cfg.prompt if cfg.task == "caption" else "", cfg.max_length)[0]
@@ -689,7 +733,7 @@ def capfilt(model, cfg, records, tokenizer, device, precision):
     model.eval()
     start, end = dist.shard_range(len(records))
     mine = records[start:end]
-    loader = torch.utils.data.DataLoader(ImageDataset([r["image"] for r in mine], eval_transform(cfg.image_size)),
+    loader = torch.utils.data.DataLoader(ImageDataset([r["image"] for r in mine], eval_transform(cfg.image_size, crop=False)),
                                          batch_size=cfg.batch_size, num_workers=cfg.workers)
     prompt_ids = tokenizer(cfg.prompt, cfg.max_length)[0]
     prompt_ids = prompt_ids[1: int((prompt_ids != tokenizer.pad_id).sum()) - 1]
@@ -725,24 +769,40 @@ def capfilt(model, cfg, records, tokenizer, device, precision):
 
 # ---- training ----
 
+# Set by the run, not by the weights: an --init-from keeps the command line's values for these
+# (fine-tuning at 384 px from 224 px pretraining interpolates the position embeddings).
+RUN_FIELDS = ("image_size", "queue_size")
+
+
 def build_model(cfg, tokenizer):
-    """Fresh model, or --init-from a Hugging Face BLIP folder / one of our checkpoints."""
+    """Fresh model, or --init-from a Hugging Face BLIP folder / one of our checkpoints. The
+    architecture comes from the weights; image size and queue length from this run, and the
+    queues start empty (a previous run's queued features and image ids would be stale)."""
+    wanted = {k: getattr(cfg, k) for k in RUN_FIELDS if k in cfg.cli_keys}
     if cfg.init_from and os.path.isdir(cfg.init_from):
         model = BLIP.from_hf(cfg.init_from, tokenizer, cfg)
+        state = model.state_dict()
         for k in MODEL_FIELDS:
             setattr(cfg, k, getattr(model.cfg, k))
-        model.cfg = cfg
-        return model, cfg
-    saved = None
-    if cfg.init_from:
-        saved = torch.load(cfg.init_from, map_location="cpu", weights_only=False)
-        for k in MODEL_FIELDS:
-            setattr(cfg, k, saved["config"][k])
-    cfg.vocab_size = cfg.vocab_size or tokenizer.vocab_size + sum(
-        t not in tokenizer.tok.get_vocab() for t in ("[DEC]", "[ENC]"))
+    else:
+        saved = torch.load(cfg.init_from, map_location="cpu", weights_only=False) if cfg.init_from else None
+        if saved:
+            for k in MODEL_FIELDS:
+                setattr(cfg, k, saved["config"][k])
+        cfg.vocab_size = cfg.vocab_size or tokenizer.vocab_size + sum(
+            t not in tokenizer.tok.get_vocab() for t in ("[DEC]", "[ENC]"))
+        if not saved:
+            return build_blip(cfg, tokenizer), cfg
+        state = saved["model"]
+    for k, v in wanted.items():
+        setattr(cfg, k, v)
+    grid = cfg.image_size // cfg.patch_size
+    for key in ("visual_encoder.positional_embedding", "visual_encoder_m.positional_embedding"):
+        state[key] = resize_pos_embed(state[key], grid)
+    state = {k: v for k, v in state.items() if not k.endswith("_queue") and k != "queue_ptr"}
     model = build_blip(cfg, tokenizer)
-    if saved:
-        model.load_state_dict(saved["model"])
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    assert not unexpected and sorted(missing) == ["idx_queue", "image_queue", "queue_ptr", "text_queue"], missing
     return model, cfg
 
 
@@ -781,6 +841,9 @@ def main(argv=None):
         for k in MODEL_FIELDS + ("tokenizer",):
             setattr(cfg, k, ckpt["config"][k])
         cfg.init_from = ""
+    elif cfg.init_from and os.path.isfile(cfg.init_from) and not cfg.tokenizer:   # one of our checkpoints
+        cfg.tokenizer = torch.load(cfg.init_from, map_location="cpu", weights_only=False)["config"]["tokenizer"]
+    apply_task_defaults(cfg)
     tokenizer = load_tokenizer(cfg)
     cfg.tokenizer = tokenizer.name
     model, cfg = build_model(cfg, tokenizer)
@@ -797,6 +860,8 @@ def main(argv=None):
     if cfg.task == "capfilt":
         out, counts = capfilt(model, cfg, records, tokenizer, device, precision)
         path = cfg.capfilt_output or os.path.join(cfg.output_dir, "capfilt.json")
+        if os.path.exists(path) and os.path.samefile(path, cfg.train_data):
+            raise ValueError(f"--capfilt-output {path} is the input annotation file; CapFilt never overwrites it")
         if dist.is_main():
             with open(path + ".tmp", "w") as f:
                 json.dump(out, f, indent=1)

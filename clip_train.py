@@ -219,7 +219,10 @@ def build_data(cfg, tokenizer, rank, world_size):
     sampler = ShardedSampler(len(train_set), rank=rank, world_size=world_size, seed=cfg.seed)
     loader = torch.utils.data.DataLoader(train_set, batch_size=cfg.batch_size, sampler=sampler, drop_last=True,
                                          num_workers=cfg.workers, pin_memory=torch.cuda.is_available(),
-                                         persistent_workers=cfg.workers > 0)
+                                         persistent_workers=cfg.workers > 0,
+                                         # its own generator: starting an epoch (or a resume) must not
+                                         # consume the global RNG that dropout / negative sampling use
+                                         generator=torch.Generator().manual_seed(cfg.seed))
     return loader, sampler, val, zeroshot
 
 

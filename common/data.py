@@ -206,10 +206,12 @@ def train_transform(size):
                        v2.ToDtype(torch.float32, scale=True), v2.Normalize(CLIP_MEAN, CLIP_STD)])
 
 
-def eval_transform(size):
-    """CLIP's preprocessing: bicubic resize of the short side, centre crop, normalise."""
-    return v2.Compose([v2.ToImage(), v2.Resize(size, interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
-                       v2.CenterCrop(size), v2.ToDtype(torch.float32, scale=True), v2.Normalize(CLIP_MEAN, CLIP_STD)])
+def eval_transform(size, crop=True):
+    """CLIP's preprocessing: bicubic resize of the short side, centre crop, normalise. With
+    crop=False, BLIP's: resize to size x size (aspect ratio not kept, nothing cut off)."""
+    resize = [v2.Resize(size, interpolation=v2.InterpolationMode.BICUBIC, antialias=True), v2.CenterCrop(size)] \
+        if crop else [v2.Resize((size, size), interpolation=v2.InterpolationMode.BICUBIC, antialias=True)]
+    return v2.Compose([v2.ToImage(), *resize, v2.ToDtype(torch.float32, scale=True), v2.Normalize(CLIP_MEAN, CLIP_STD)])
 
 
 # ---- datasets ----

@@ -95,3 +95,19 @@ def test_caption_finetuning_learns(tmp_path):
     assert m["cider"] > 0.7 and m["bleu4"] > 0.15, m
     with open(tmp_path / "captions.json") as f:
         assert len(json.load(f)) == 200
+
+
+def test_init_from_our_checkpoint_starts_fresh_queues_at_a_new_image_size(tmp_path, subset):  # noqa: F811
+    """Fine-tuning from a pretraining checkpoint: the architecture and tokenizer come from it, the
+    image size from the command line (positions interpolated), and the queues start empty."""
+    pre = str(tmp_path / "pre")
+    blip_train.main([*SMALL, *data_args(subset), "--max-steps", "3", "--output-dir", pre])
+    assert int(torch.load(os.path.join(pre, "checkpoint_last.pt"), weights_only=False)["model"]["queue_ptr"]) == 4
+    ft = str(tmp_path / "ft")
+    blip_train.main([*SMALL, "--train-data", subset[1], "--task", "retrieval", "--max-steps", "1", "--image-size", "48",
+                     "--init-from", os.path.join(pre, "checkpoint_last.pt"), "--output-dir", ft])
+    ckpt = torch.load(os.path.join(ft, "checkpoint_last.pt"), weights_only=False)
+    assert ckpt["config"]["image_size"] == 48 and ckpt["config"]["tokenizer"] == subset[-1]
+    assert ckpt["model"]["visual_encoder.positional_embedding"].shape[0] == 1 + 3 * 3
+    assert int(ckpt["model"]["queue_ptr"]) == 4                       # one step of 4 since the reset
+    assert (ckpt["model"]["idx_queue"][0, 4:] == -100).all()          # no stale ids from pretraining
