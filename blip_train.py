@@ -79,6 +79,8 @@ class Config:
     capfilt_samples: int = 1        # synthetic captions per image (nucleus sampling)
     capfilt_threshold: float = 0.5  # keep a caption when ITM p(match) >= this
     capfilt_output: str = ""        # default: output_dir/capfilt.json
+    capfilt_filter: str = ""        # the filter's weights (ours or HF retrieval); default: the --init-from model.
+                                    # The paper fine-tunes captioner (LM) and filter (ITC+ITM) separately.
     # data
     train_data: str = ""
     val_data: str = ""
@@ -414,6 +416,9 @@ class BLIP(nn.Module):
             ignore = ("position_ids",)
         load_mapped(model, state, mapping, source=path, ignore=ignore, keep_init=keep)
         model.copy_to_momentum()
+        if dist.is_main():
+            print(f"{path}: loaded every checkpoint weight; left at initialisation: "
+                  + ", ".join(k.rstrip(".") for k in keep[:-8]) + " (not in this checkpoint)")
         return model
 
 
@@ -726,11 +731,12 @@ def evaluate(model, cfg, val, tokenizer, device, precision, output_dir=None):
 # ---- CapFilt (Sec. 3.3) ----
 
 @torch.no_grad()
-def capfilt(model, cfg, records, tokenizer, device, precision):
+def capfilt(model, cfg, records, tokenizer, device, precision, filter_model=None):
     """Captioner: nucleus-sample synthetic captions for every image. Filter: keep a web or
     synthetic caption when the ITM head's p(match) >= threshold. Images are split across
     ranks; rank 0 writes the new annotation file atomically (the input is never modified)."""
     model.eval()
+    filter_model = (filter_model or model).eval()
     start, end = dist.shard_range(len(records))
     mine = records[start:end]
     loader = torch.utils.data.DataLoader(ImageDataset([r["image"] for r in mine], eval_transform(cfg.image_size, crop=False)),
@@ -741,7 +747,7 @@ def capfilt(model, cfg, records, tokenizer, device, precision):
     for images, index in loader:
         images = images.to(device)
         with autocast(precision, device):
-            embeds = model.image_features(images)
+            embeds = filter_model.image_features(images)
             synthetic = [[] for _ in index]
             for _ in range(cfg.capfilt_samples):
                 seqs = model.generate(images, prompt_ids, sample=True, max_length=cfg.max_gen_length,
@@ -753,8 +759,8 @@ def capfilt(model, cfg, records, tokenizer, device, precision):
             for j, i in enumerate(index.tolist()):
                 candidates = [c for c in mine[i]["captions"] + synthetic[j] if c]
                 ids = tokenizer(candidates, cfg.max_length).to(device)
-                logits = model.itm_logits(ids, (ids != tokenizer.pad_id).long(),
-                                          embeds[j:j + 1].expand(len(candidates), -1, -1))
+                logits = filter_model.itm_logits(ids, (ids != tokenizer.pad_id).long(),
+                                                 embeds[j:j + 1].expand(len(candidates), -1, -1))
                 p_match = F.softmax(logits.float(), 1)[:, 1]
                 keep = [c for c, p in zip(candidates, p_match.tolist()) if p >= cfg.capfilt_threshold]
                 total += len(candidates)
@@ -778,7 +784,7 @@ def build_model(cfg, tokenizer):
     """Fresh model, or --init-from a Hugging Face BLIP folder / one of our checkpoints. The
     architecture comes from the weights; image size and queue length from this run, and the
     queues start empty (a previous run's queued features and image ids would be stale)."""
-    wanted = {k: getattr(cfg, k) for k in RUN_FIELDS if k in cfg.cli_keys}
+    wanted = {k: getattr(cfg, k) for k in RUN_FIELDS if k in getattr(cfg, "cli_keys", ())}
     if cfg.init_from and os.path.isdir(cfg.init_from):
         model = BLIP.from_hf(cfg.init_from, tokenizer, cfg)
         state = model.state_dict()
@@ -858,10 +864,14 @@ def main(argv=None):
         model.load_state_dict(ckpt["model"])
 
     if cfg.task == "capfilt":
-        out, counts = capfilt(model, cfg, records, tokenizer, device, precision)
         path = cfg.capfilt_output or os.path.join(cfg.output_dir, "capfilt.json")
         if os.path.exists(path) and os.path.samefile(path, cfg.train_data):
             raise ValueError(f"--capfilt-output {path} is the input annotation file; CapFilt never overwrites it")
+        filter_model = None
+        if cfg.capfilt_filter:
+            filter_model, _ = build_model(dataclasses.replace(cfg, init_from=cfg.capfilt_filter), tokenizer)
+            filter_model.to(device)
+        out, counts = capfilt(model, cfg, records, tokenizer, device, precision, filter_model)
         if dist.is_main():
             with open(path + ".tmp", "w") as f:
                 json.dump(out, f, indent=1)

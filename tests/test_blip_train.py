@@ -71,6 +71,7 @@ def test_capfilt_writes_an_annotation_file_train_data_accepts(tmp_path, subset):
     assert 20 <= n_synthetic <= 40 and all(len(r["caption"]) <= 6 and all(r["caption"]) for r in written)
     strict = blip_train.main([*SMALL, "--task", "capfilt", "--train-data", source, "--tokenizer", subset[-1],
                               "--init-from", os.path.join(out, "checkpoint_last.pt"), "--capfilt-threshold", "1.01",
+                              "--capfilt-filter", os.path.join(out, "checkpoint_last.pt"),   # a separate filter model
                               "--capfilt-output", str(tmp_path / "none.json"), "--output-dir", out])
     assert strict["captions_kept"] == 0 and strict["images_kept"] == 0       # nothing passes p >= 1.01
     ok = blip_train.main([*SMALL, "--train-data", summary["output"], "--tokenizer", subset[-1], "--max-steps", "1",
