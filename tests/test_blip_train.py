@@ -112,3 +112,40 @@ def test_init_from_our_checkpoint_starts_fresh_queues_at_a_new_image_size(tmp_pa
     assert ckpt["model"]["visual_encoder.positional_embedding"].shape[0] == 1 + 3 * 3
     assert int(ckpt["model"]["queue_ptr"]) == 4                       # one step of 4 since the reset
     assert (ckpt["model"]["idx_queue"][0, 4:] == -100).all()          # no stale ids from pretraining
+
+
+def test_killed_pretraining_resumes_to_the_same_losses(tmp_path, subset):  # noqa: F811
+    """SIGKILL a 2-process pretraining run after a mid-epoch checkpoint and resume it: every step's
+    ITC, ITM and LM loss equals an uninterrupted run's. This needs the momentum encoders, the
+    queues and each rank's RNG (hard-negative sampling) restored exactly."""
+    import subprocess
+    import sys
+    import time
+    from tests.test_clip_train import kill_tree, train_losses
+    from tests.test_distributed import ROOT
+    args = [*SMALL, *data_args(subset), "--max-steps", "30", "--save-every", "4"]
+    ref = str(tmp_path / "ref")
+    proc = torchrun(["blip_train.py", *args, "--output-dir", ref], timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = str(tmp_path / "killed")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
+    victim = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                               "blip_train.py", *args, "--output-dir", out], cwd=ROOT, env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and victim.poll() is None:
+        if os.path.isfile(os.path.join(out, "metrics.jsonl")) and max(train_losses(out), default=0) >= 9:
+            break
+        time.sleep(0.02)
+    kill_tree(victim.pid)
+    victim.wait()
+    killed_at = max(train_losses(out))
+    assert 9 <= killed_at < 30, f"the run was not killed mid-way (last step {killed_at})"
+    proc = torchrun(["blip_train.py", *args, "--output-dir", out, "--resume", "auto"], timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    want = {r["step"]: r for r in read_metrics(ref) if r["split"] == "train"}
+    got = {r["step"]: r for r in read_metrics(out) if r["split"] == "train"}
+    assert sorted(got) == list(range(1, 31))
+    for step in range(1, 31):
+        for k in ("loss_itc", "loss_itm", "loss_lm"):
+            assert abs(got[step][k] - want[step][k]) < 1e-5, (step, k, got[step][k], want[step][k])
