@@ -14,7 +14,6 @@ decoder to caption web images and the ITM head to filter noisy captions.
 import copy
 import dataclasses
 import json
-import math
 import os
 import time
 from dataclasses import dataclass
@@ -26,8 +25,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from common import dist
-from common.data import (ImageDataset, ImageTextDataset, ShardedSampler, Tokenizer, eval_transform, read_annotations,
-                         retrieval_texts, tiny_data, train_transform)
+from common.data import (ImageDataset, ImageTextDataset, ShardedSampler, eval_transform, load_tokenizer,
+                         read_annotations, retrieval_texts, tiny_data, train_transform)
 from common.encoders import (BertEncoder, BertLMHead, VisionTransformer, hf_bert_lm_head_map, hf_bert_map,
                              hf_blip_vision_map, load_mapped, read_hf_checkpoint, resize_pos_embed)
 from common.metrics import caption_metrics, retrieval_metrics
@@ -344,12 +343,14 @@ class BLIP(nn.Module):
 
     @torch.no_grad()
     def generate(self, images, prompt_ids, *, sample=False, num_beams=3, max_length=20, min_length=5, top_p=0.9,
-                 repetition_penalty=1.0):
+                 repetition_penalty=1.0, image_embeds=None):
         """Captions for a batch: the ViT runs once per batch; the decoder is conditioned on
         [DEC] + prompt (prompt_ids: (Lp,) without [CLS]/[SEP]). Beam search (deterministic) or
         nucleus sampling. Lengths count [DEC] and the prompt, as BLIP's call of HF generate.
-        Returns (B, T) token ids including the prompt, padded with [PAD] after [SEP]."""
-        image_embeds = self.image_features(images)
+        Returns (B, T) token ids including the prompt, padded with [PAD] after [SEP]. Pass
+        `image_embeds` when the caller already has the ViT tokens of `images`."""
+        if image_embeds is None:
+            image_embeds = self.image_features(images)
         B = images.shape[0]
         start = torch.cat([torch.tensor([self.dec_id]), prompt_ids.cpu()]).to(images.device)
         prompt = start[None].expand(B, -1)
@@ -558,17 +559,6 @@ def beam_search(next_logits, prompt, context, *, num_beams, max_length, min_leng
 
 # ---- data ----
 
-def load_tokenizer(cfg):
-    if cfg.tokenizer:
-        return Tokenizer(cfg.tokenizer)
-    if cfg.init_from and os.path.isdir(cfg.init_from) and any(
-            os.path.isfile(os.path.join(cfg.init_from, f)) for f in ("tokenizer.json", "vocab.txt")):
-        return Tokenizer(cfg.init_from)
-    if not (cfg.train_data or cfg.val_data):
-        return Tokenizer(os.path.join(tiny_data(), "tokenizer"))
-    raise ValueError("no tokenizer: pass --tokenizer (e.g. bert-base-uncased, or a saved folder)")
-
-
 def build_data(cfg, tokenizer, rank, world_size):
     """Training loader (none with --eval-only), image-id index, val records, training records.
     With neither --train-data nor --val-data, the built-in tiny set."""
@@ -604,6 +594,12 @@ def build_data(cfg, tokenizer, rank, world_size):
     return loader, sampler, image_index, val, records
 
 
+def prompt_token_ids(tokenizer, prompt, max_length):
+    """The prompt's tokens without [CLS] and [SEP] (what follows [DEC] when generating)."""
+    ids = tokenizer(prompt, max_length)[0]
+    return ids[1: int((ids != tokenizer.pad_id).sum()) - 1]
+
+
 def check_config(cfg, tokenizer, world_size):
     """Start-up checks with clear messages (instead of an assert deep in the first step)."""
     if cfg.task not in ("pretrain", "retrieval", "caption", "capfilt"):
@@ -611,7 +607,7 @@ def check_config(cfg, tokenizer, world_size):
     if cfg.task in ("pretrain", "retrieval") and cfg.queue_size % (cfg.batch_size * world_size):
         raise ValueError(f"--queue-size {cfg.queue_size} is not a multiple of the global batch "
                          f"{cfg.batch_size} x {world_size} = {cfg.batch_size * world_size}")
-    prompt_length = int((tokenizer(cfg.prompt, cfg.max_positions)[0] != tokenizer.pad_id).sum()) - 1  # [CLS] + prompt
+    prompt_length = 1 + len(prompt_token_ids(tokenizer, cfg.prompt, cfg.max_positions))   # [CLS]/[DEC] + prompt
     if cfg.task == "caption" and prompt_length >= min(cfg.max_length, cfg.max_gen_length) - 1:
         raise ValueError(f"--prompt {cfg.prompt!r} takes {prompt_length} tokens with [DEC]; it leaves no room for "
                          f"a caption within --max-length {cfg.max_length} / --max-gen-length {cfg.max_gen_length}")
@@ -691,8 +687,7 @@ def evaluate_captions(model, cfg, val, tokenizer, device, precision, output_dir=
     loader = torch.utils.data.DataLoader(ImageDataset(paths[start:end], eval_transform(cfg.image_size, crop=False)),
                                          batch_size=cfg.batch_size, num_workers=cfg.workers)
     # The prompt conditions captioning fine-tuning; the pretraining LM never saw it.
-    prompt_ids = tokenizer(cfg.prompt if cfg.task == "caption" else "", cfg.max_length)[0]
-    prompt_ids = prompt_ids[1: int((prompt_ids != tokenizer.pad_id).sum()) - 1]          # drop [CLS], [SEP]
+    prompt_ids = prompt_token_ids(tokenizer, cfg.prompt if cfg.task == "caption" else "", cfg.max_length)
     tokens = []
     for images, _ in loader:
         with autocast(precision, device):
@@ -741,21 +736,21 @@ def capfilt(model, cfg, records, tokenizer, device, precision, filter_model=None
     mine = records[start:end]
     loader = torch.utils.data.DataLoader(ImageDataset([r["image"] for r in mine], eval_transform(cfg.image_size, crop=False)),
                                          batch_size=cfg.batch_size, num_workers=cfg.workers)
-    prompt_ids = tokenizer(cfg.prompt, cfg.max_length)[0]
-    prompt_ids = prompt_ids[1: int((prompt_ids != tokenizer.pad_id).sum()) - 1]
+    prompt_ids = prompt_token_ids(tokenizer, cfg.prompt, cfg.max_length)
     out, kept, total = [], 0, 0
     for images, index in loader:
         images = images.to(device)
         with autocast(precision, device):
-            embeds = filter_model.image_features(images)
+            cap_embeds = model.image_features(images)                    # the ViT once per batch
+            embeds = cap_embeds if filter_model is model else filter_model.image_features(images)
             synthetic = [[] for _ in index]
             for _ in range(cfg.capfilt_samples):
                 seqs = model.generate(images, prompt_ids, sample=True, max_length=cfg.max_gen_length,
-                                      min_length=cfg.min_gen_length, top_p=cfg.top_p, repetition_penalty=1.1)
-                for j, s in enumerate(seqs):
-                    text = tokenizer.decode([t for t in s[1:].tolist() if t != tokenizer.pad_id]).strip()
-                    synthetic[j].append(text[len(cfg.prompt.strip()):].strip() if text.startswith(cfg.prompt.strip())
-                                        else text)
+                                      min_length=cfg.min_gen_length, top_p=cfg.top_p, repetition_penalty=1.1,
+                                      image_embeds=cap_embeds)
+                for j, s in enumerate(seqs):                             # the caption after [DEC] + prompt
+                    caption = [t for t in s[1 + len(prompt_ids):].tolist() if t != tokenizer.pad_id]
+                    synthetic[j].append(tokenizer.decode(caption).strip())
             for j, i in enumerate(index.tolist()):
                 candidates = [c for c in mine[i]["captions"] + synthetic[j] if c]
                 ids = tokenizer(candidates, cfg.max_length).to(device)
@@ -850,7 +845,7 @@ def main(argv=None):
     elif cfg.init_from and os.path.isfile(cfg.init_from) and not cfg.tokenizer:   # one of our checkpoints
         cfg.tokenizer = torch.load(cfg.init_from, map_location="cpu", weights_only=False)["config"]["tokenizer"]
     apply_task_defaults(cfg)
-    tokenizer = load_tokenizer(cfg)
+    tokenizer = load_tokenizer(cfg.tokenizer, cfg.init_from, use_tiny=not (cfg.train_data or cfg.val_data))
     cfg.tokenizer = tokenizer.name
     model, cfg = build_model(cfg, tokenizer)
     prompt_length = check_config(cfg, tokenizer, world_size)

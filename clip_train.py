@@ -22,8 +22,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from common import dist
-from common.data import (ImageDataset, ImageTextDataset, ShardedSampler, Tokenizer, eval_transform,
-                         image_folder, read_annotations, retrieval_texts, tiny_data, train_transform)
+from common.data import (ImageDataset, ImageTextDataset, ShardedSampler, eval_transform, image_folder,
+                         load_tokenizer, read_annotations, retrieval_texts, tiny_data, train_transform)
 from common.encoders import (TextTransformer, VisionTransformer, hf_clip_text_map, hf_clip_vision_map,
                              load_mapped, read_hf_checkpoint, resize_pos_embed)
 from common.metrics import retrieval_metrics, zeroshot_classifier, zeroshot_metrics
@@ -281,17 +281,6 @@ def evaluate(model, cfg, val, zeroshot, tokenizer, device, precision):
 
 # ---- training ----
 
-def load_tokenizer(cfg):
-    if cfg.tokenizer:
-        return Tokenizer(cfg.tokenizer)
-    if cfg.init_from and os.path.isdir(cfg.init_from) and any(
-            os.path.isfile(os.path.join(cfg.init_from, f)) for f in ("tokenizer.json", "vocab.json")):
-        return Tokenizer(cfg.init_from)
-    if not (cfg.train_data or cfg.val_data or cfg.zeroshot_data):
-        return Tokenizer(os.path.join(tiny_data(), "tokenizer"))
-    raise ValueError("no tokenizer: pass --tokenizer (a transformers tokenizer folder or name)")
-
-
 MODEL_FIELDS = ("image_size", "patch_size", "vision_width", "vision_layers", "vision_heads", "text_width",
                 "text_layers", "text_heads", "context_length", "vocab_size", "eos_id", "embed_dim", "mlp_ratio",
                 "act", "layer_norm_eps")
@@ -335,7 +324,8 @@ def main(argv=None):
             setattr(cfg, k, ckpt["config"][k])
         cfg.init_from = ""
 
-    tokenizer = load_tokenizer(cfg)
+    tokenizer = load_tokenizer(cfg.tokenizer, cfg.init_from,
+                               use_tiny=not (cfg.train_data or cfg.val_data or cfg.zeroshot_data))
     cfg.tokenizer = tokenizer.name
     model, cfg = build_model(cfg, tokenizer)
     model.to(device)

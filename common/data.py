@@ -90,6 +90,22 @@ class Tokenizer:
         return [self.tok.convert_tokens_to_ids(t) for t in tokens]
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "vocab.txt")
+
+
+def load_tokenizer(name, init_from="", use_tiny=False):
+    """The run's tokenizer: `name` if given; else the --init-from folder's own tokenizer; else,
+    for the built-in data, the tiny set's. Anything else is an error asking for --tokenizer."""
+    if name:
+        return Tokenizer(name)
+    if init_from and os.path.isdir(init_from) and any(os.path.isfile(os.path.join(init_from, f))
+                                                      for f in TOKENIZER_FILES):
+        return Tokenizer(init_from)
+    if use_tiny:
+        return Tokenizer(os.path.join(tiny_data(), "tokenizer"))
+    raise ValueError("no tokenizer: pass --tokenizer (a transformers tokenizer folder or hub name)")
+
+
 # ---- annotations ----
 
 def _check_caption(cap, where, skip_bad, counter):

@@ -26,7 +26,6 @@ def rss_mb():
 
 
 def build(impl, cfg, device):
-    import torch
     if impl == "ours":
         import clip_train
         model = clip_train.CLIP(cfg).to(device)

@@ -4,7 +4,6 @@ import logging
 import os
 
 import pytest
-import torch
 from PIL import Image
 
 import clip_train
