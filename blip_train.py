@@ -30,31 +30,33 @@ from common.data import (ImageDataset, ImageTextDataset, ShardedSampler, eval_tr
 from common.encoders import (BertEncoder, BertLMHead, VisionTransformer, hf_bert_lm_head_map, hf_bert_map,
                              hf_blip_vision_map, load_mapped, read_hf_checkpoint, resize_pos_embed)
 from common.metrics import caption_metrics, retrieval_metrics
-from common.utils import (MetricLog, autocast, cosine_schedule, param_groups, parse_config, resolve_precision,
-                          resume_path, rng_state, save_checkpoint, save_config, set_rng_state)
+from common.utils import (MetricLog, NonFiniteGuard, Preemption, UserError, adamw, autocast, check_finite,
+                          check_resume_position, cli, cosine_schedule, first_nonfinite_module, grad_norm_,
+                          load_checkpoint, param_groups, resolve_config, resolve_precision, rng_state,
+                          save_checkpoint, save_config, seed_everything, set_rng_state)
 
 
 # ---- config ----
 
 @dataclass
 class Config:
-    preset: str = "tiny"
+    preset: str = "tiny"            # tiny (the built-in data, CPU) or a paper configuration; see the list below
     task: str = "pretrain"          # pretrain (ITC+ITM+LM) | retrieval (ITC+ITM) | caption (LM) | capfilt
     # vision (ViT-B/16 from DeiT in the paper: timm blocks, no pre-norm, LayerNorm eps 1e-6)
-    image_size: int = 64
-    patch_size: int = 8
-    vision_width: int = 128
-    vision_layers: int = 4
-    vision_heads: int = 2
-    vision_eps: float = 1e-6
-    vision_mlp_ratio: float = 4.0
+    image_size: int = 64            # pixels (224 pretraining, 384 fine-tuning in the paper)
+    patch_size: int = 8             # pixels per patch side
+    vision_width: int = 128         # ViT width
+    vision_layers: int = 4          # ViT blocks
+    vision_heads: int = 2           # ViT attention heads
+    vision_eps: float = 1e-6        # ViT LayerNorm epsilon
+    vision_mlp_ratio: float = 4.0   # ViT MLP hidden width / width
     # text: the MED, a bert-base with cross-attention in every layer
-    text_width: int = 128
-    text_layers: int = 4
-    text_heads: int = 2
-    text_mlp_dim: int = 512
+    text_width: int = 128           # text transformer width
+    text_layers: int = 4            # text transformer blocks
+    text_heads: int = 2             # text attention heads
+    text_mlp_dim: int = 512         # BERT feed-forward width
     max_positions: int = 64         # BERT's 512
-    text_eps: float = 1e-12
+    text_eps: float = 1e-12         # BERT LayerNorm epsilon
     dropout: float = 0.0            # MED hidden/attention dropout (0.1 in med_config.json; 0 for the tiny runs)
     vocab_size: int = 0             # 0: the tokenizer's (with [DEC] and [ENC] added)
     max_length: int = 32            # tokens per caption, [CLS] and [SEP] included (BLIP: 30-35)
@@ -64,48 +66,53 @@ class Config:
     # nearly the same; a long queue of such stale keys dilutes the ITC gradient ~queue/batch-fold
     # (measured: recall after 200 steps 7 with 1,024 vs 26 with 64). BLIP starts from DeiT + BERT.
     queue_size: int = 64            # a multiple of the global batch
-    momentum: float = 0.995
+    momentum: float = 0.995         # EMA of the momentum encoders, applied after every finite step
     alpha: float = 0.4              # momentum-distillation weight, ramped up at the start
     temp: float = 0.07              # learnable, clamped to [0.001, 0.5]
     label_smoothing: float = 0.1    # LM loss (med.py)
     prompt: str = "a picture of "   # caption task: prefix the decoder is conditioned on, not trained on
+    itm_negatives: str = "auto"     # where ITM hard negatives come from: local (this rank's batch, BLIP's
+                                    # pretraining) | global (every rank's, BLIP's retrieval negative_all_rank) |
+                                    # auto (local for pretrain, global for retrieval)
     k_test: int = 16                # ITM re-ranking candidates (256 COCO, 128 Flickr)
     itm_batch: int = 256            # (image, text) pairs per ITM forward when re-ranking
-    num_beams: int = 3
+    num_beams: int = 3              # beam search width for captioning evaluation
     max_gen_length: int = 20        # tokens including [DEC] and the prompt, as BLIP passes to generate
-    min_gen_length: int = 5
-    top_p: float = 0.9
+    min_gen_length: int = 5         # minimum generated length (tokens, [DEC] and prompt included)
+    top_p: float = 0.9              # nucleus sampling mass (CapFilt captioner)
     capfilt_samples: int = 1        # synthetic captions per image (nucleus sampling)
     capfilt_threshold: float = 0.5  # keep a caption when ITM p(match) >= this
     capfilt_output: str = ""        # default: output_dir/capfilt.json
     capfilt_filter: str = ""        # the filter's weights (ours or HF retrieval); default: the --init-from model.
                                     # The paper fine-tunes captioner (LM) and filter (ITC+ITM) separately.
     # data
-    train_data: str = ""
-    val_data: str = ""
-    image_root: str = ""
+    train_data: str = ""            # annotation file (JSON or CSV); empty: the built-in tiny set
+    val_data: str = ""              # evaluation split (retrieval and/or captions); empty with tiny: its val split
+    image_root: str = ""            # folder relative image paths start from (default: the annotation file's)
     tokenizer: str = ""             # transformers folder or name (bert-base-uncased); empty: tiny's
-    skip_bad: bool = False
-    workers: int = 2
+    skip_bad: bool = False          # skip (and count) unreadable images and empty captions in training data
+    workers: int = 2                # data-loading processes per rank
     # optimisation
-    epochs: int = 1
-    max_steps: int = 0
-    batch_size: int = 32
+    epochs: int = 1                 # passes over the training data
+    max_steps: int = 0              # >0: train exactly this many steps (overrides epochs)
+    batch_size: int = 32            # per process; ITC negatives and the queue see batch_size * world_size
     lr: float = 3e-4                # pretraining; 1e-5 for fine-tuning
-    weight_decay: float = 0.05
-    warmup_steps: int = 50
-    grad_clip_norm: float = 0.0
-    seed: int = 0
-    precision: str = "auto"
-    grad_checkpointing: bool = False
-    compile: bool = False
+    weight_decay: float = 0.05      # AdamW decoupled weight decay
+    warmup_steps: int = 50          # linear warm-up steps, then cosine to 0
+    grad_clip_norm: float = 0.0     # clip the global gradient norm to this (0: off)
+    seed: int = 0                   # weights start from `seed` on every rank; rank r trains with seed + r
+    precision: str = "auto"         # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16 (GradScaler)
+    max_bad_steps: int = 10         # abort after this many non-finite steps in a row (each one is skipped)
+    grad_checkpointing: bool = False  # recompute activations in backward (less memory, ~1/3 more compute)
+    compile: bool = False           # torch.compile the model
     # run
-    output_dir: str = "runs/blip"
-    resume: str = ""
+    output_dir: str = "runs/blip"   # metrics.jsonl, config.json, checkpoints (and captions.json) go here
+    resume: str = ""                # checkpoint path, or "auto": output_dir/checkpoint_last.pt if present.
+                                    # A resumed run keeps its checkpoint's config (see resolve_config)
     init_from: str = ""             # HF BlipForImageTextRetrieval / BlipForConditionalGeneration folder, or ours
-    eval_only: bool = False
-    save_every: int = 1000
-    log_every: int = 10
+    eval_only: bool = False         # evaluate the --init-from / --resume weights and exit
+    save_every: int = 1000          # steps between checkpoint_last.pt saves (and at every epoch end)
+    log_every: int = 10             # steps between train records in metrics.jsonl
 
 
 _BERT_BASE = dict(text_width=768, text_layers=12, text_heads=12, text_mlp_dim=3072, max_positions=512,
@@ -129,13 +136,18 @@ FINETUNE = {
 }
 
 
-def apply_task_defaults(cfg):
-    if cfg.preset != "tiny":
-        for k, v in FINETUNE.get(cfg.task, {}).items():
-            if k not in cfg.cli_keys:
-                setattr(cfg, k, v)
-                if k in RUN_FIELDS:
-                    cfg.cli_keys.add(k)   # the recipe's value wins over the checkpoint's
+TASKS = ("pretrain", "retrieval", "caption", "capfilt")
+
+
+def task_recipe(cfg):
+    """The fine-tuning recipe of a paper preset for --task retrieval / caption (step 3 of
+    resolve_config: under the command line, over the preset). The tiny preset has none."""
+    return FINETUNE.get(cfg.task, {}) if cfg.preset != "tiny" else {}
+
+
+RECIPES_DOC = ("task recipes (--task retrieval / caption with a paper preset; the command line overrides them):\n"
+               + "\n".join(f"  {task}: " + ", ".join(f"{k}={v}" for k, v in values.items())
+                           for task, values in FINETUNE.items()))
 
 
 MODEL_FIELDS = ("image_size", "patch_size", "vision_width", "vision_layers", "vision_heads", "vision_eps", "vision_mlp_ratio",
@@ -186,7 +198,7 @@ class BLIP(nn.Module):
         self.register_buffer("text_queue", F.normalize(torch.randn(cfg.embed_dim, cfg.queue_size), dim=0))
         self.register_buffer("idx_queue", torch.full((1, cfg.queue_size), -100, dtype=torch.long))
         self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
-        self._ptr = None
+        self._ptr, self.pending_keys = None, None
         self.register_load_state_dict_post_hook(lambda module, keys: setattr(module, "_ptr", None))
 
     def model_pairs(self):
@@ -201,25 +213,39 @@ class BLIP(nn.Module):
             m.load_state_dict(online.state_dict())
 
     @torch.no_grad()
-    def momentum_update(self):
-        """theta_m <- m * theta_m + (1 - m) * theta, every step before the momentum forward."""
-        for online, m in self.model_pairs():
-            for p, p_m in zip(online.parameters(), m.parameters()):
-                p_m.mul_(self.cfg.momentum).add_(p.detach(), alpha=1 - self.cfg.momentum)
+    def finish_step(self, ok=None):
+        """After the optimizer step: the momentum EMA and the enqueue of this step's momentum keys,
+        both only if the step was finite (`ok`, a 0-d bool tensor; None = finite). BLIP updates the
+        momentum encoders at the start of the next forward; doing it here, right after the update,
+        is the same sequence, and lets a skipped step leave them untouched."""
+        self.momentum_update(ok)
+        if self.pending_keys is not None:
+            self.dequeue_and_enqueue(*self.pending_keys, ok=ok)
+            self.pending_keys = None
 
     @torch.no_grad()
-    def dequeue_and_enqueue(self, image_feat, text_feat, idx):
-        """Replace the oldest entries with this step's momentum features from every rank, in rank order."""
+    def momentum_update(self, ok=None):
+        """theta_m <- m * theta_m + (1 - m) * theta (a lerp by 1 - m; by 0 when the step was not finite)."""
+        weight = 1 - self.cfg.momentum
+        if ok is not None:
+            weight = ok.float() * weight
+        online = [p for pair in self.model_pairs() for p in pair[0].parameters()]
+        torch._foreach_lerp_(self.momentum_params(), online, weight)
+
+    @torch.no_grad()
+    def dequeue_and_enqueue(self, image_feat, text_feat, idx, ok=None):
+        """Replace the oldest entries with this step's momentum features from every rank, in rank
+        order. A non-finite step (`ok` False) writes the old entries back: the contents stay, the
+        pointer moves on, so it stays aligned with the global batch."""
         image_feat, text_feat, idx = dist.gather_no_grad(image_feat), dist.gather_no_grad(text_feat), dist.gather_no_grad(idx)
         if self._ptr is None:           # a host copy of queue_ptr: no GPU sync per step
             self._ptr = int(self.queue_ptr)
         n, ptr = image_feat.shape[0], self._ptr
         if ptr + n > self.cfg.queue_size:
-            raise ValueError(f"queue pointer {ptr} + global batch {n} overruns the queue of {self.cfg.queue_size}: "
-                             f"the queue length must stay a multiple of the global batch (changed since a resume?)")
-        self.image_queue[:, ptr:ptr + n] = image_feat.T
-        self.text_queue[:, ptr:ptr + n] = text_feat.T
-        self.idx_queue[:, ptr:ptr + n] = idx[None]
+            raise UserError(f"queue pointer {ptr} + global batch {n} overruns the queue of {self.cfg.queue_size}: "
+                             f"the queue length must stay a multiple of the global batch")
+        for queue, new in ((self.image_queue, image_feat.T), (self.text_queue, text_feat.T), (self.idx_queue, idx[None])):
+            queue[:, ptr:ptr + n] = new if ok is None else torch.where(ok, new.to(queue.dtype), queue[:, ptr:ptr + n])
         self._ptr = (ptr + n) % self.cfg.queue_size
         self.queue_ptr.fill_(self._ptr)
 
@@ -270,8 +296,9 @@ class BLIP(nn.Module):
         text_feat = self.text_embed(ids, mask)
         # --- ITC with momentum distillation (Sec. 3.2; ALBEF Sec. 3.3) ---
         losses["loss_itc"] = self.loss_itc(images, ids, mask, idx, image_feat, text_feat, alpha, task)
-        # --- ITM with hard negatives from every rank (Sec. 3.2) ---
-        losses["loss_itm"] = self.loss_itm(ids, mask, idx, image_embeds, image_feat, text_feat)
+        # --- ITM with hard negatives (Sec. 3.2) ---
+        all_ranks = self.cfg.itm_negatives == "global" or (self.cfg.itm_negatives == "auto" and task == "retrieval")
+        losses["loss_itm"] = self.loss_itm(ids, mask, idx, image_embeds, image_feat, text_feat, all_ranks)
         # --- LM: image-grounded decoder, the caption after [DEC] (Sec. 3.2) ---
         if task == "pretrain":
             losses["loss_lm"] = self.loss_lm(ids, mask, image_embeds, 0)
@@ -280,8 +307,9 @@ class BLIP(nn.Module):
     # ---- losses ----
 
     def loss_itc(self, images, ids, mask, idx, image_feat, text_feat, alpha, task):
+        """alpha: a 0-d tensor (a Python float would recompile a compiled step at every new value).
+        The momentum keys of this batch wait in `pending_keys` for finish_step() to enqueue them."""
         with torch.no_grad():
-            self.momentum_update()
             image_feat_m = F.normalize(self.vision_proj_m(self.visual_encoder_m(images)[:, 0]), dim=-1)
             text_feat_m = F.normalize(self.text_proj_m(self.text_encoder_m(ids, mask)[:, 0]), dim=-1)
             image_keys = torch.cat([image_feat_m.T, self.image_queue.clone()], 1)      # (E, B + K)
@@ -307,19 +335,24 @@ class BLIP(nn.Module):
             sim_t2i = text_feat.float() @ image_keys / self.temp
             loss_i2t = -(F.log_softmax(sim_i2t, 1) * i2t_targets).sum(1).mean()
             loss_t2i = -(F.log_softmax(sim_t2i, 1) * t2i_targets).sum(1).mean()
-        self.dequeue_and_enqueue(image_feat_m, text_feat_m, idx)
+        self.pending_keys = (image_feat_m, text_feat_m, idx)
         return (loss_i2t + loss_t2i) / 2
 
-    def loss_itm(self, ids, mask, idx, image_embeds, image_feat, text_feat):
+    def loss_itm(self, ids, mask, idx, image_embeds, image_feat, text_feat, all_ranks):
         """Positive pairs plus, per text, a hard negative image and, per image, a hard negative
-        text, sampled from the softmax of the contrastive similarities over the global batch.
-        As BLIP's retrieval fine-tuning (negative_all_rank): image embeddings gathered with
-        gradient, text ids gathered and re-encoded locally. (BLIP's pretraining samples from the
-        local batch only; with one process the two are the same.)"""
+        text, sampled from the softmax of the contrastive similarities over this rank's batch
+        (BLIP's pretraining) or every rank's (`all_ranks`: BLIP's retrieval negative_all_rank, where
+        the image tokens are gathered with gradient and the text ids re-encoded locally)."""
         B = ids.shape[0]
-        neg_image, neg_text, idx_all = hard_negatives(image_feat, text_feat, idx, self.temp)    # (B,) into N
-        ids_all, mask_all = dist.gather_no_grad(ids), dist.gather_no_grad(mask)
-        image_embeds_all = dist.gather_with_grad(image_embeds)                         # (N, 1 + P, Dv)
+        neg_image, neg_text, idx_all = hard_negatives(image_feat, text_feat, idx, self.temp, all_ranks)  # (B,) into N
+        ids_all, mask_all, image_embeds_all = ids, mask, image_embeds
+        if all_ranks:
+            ids_all, mask_all = dist.gather_no_grad(ids), dist.gather_no_grad(mask)
+            # Gathered in the autocast dtype: the cross-attention's key/value projection casts to it
+            # anyway, so the forward is unchanged and the (N, 1 + P, Dv) copy takes half the memory.
+            dev = image_embeds.device.type
+            half = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else image_embeds.dtype
+            image_embeds_all = dist.gather_with_grad(image_embeds.to(half))                # (N, 1 + P, Dv)
         text_ids = torch.cat([ids, ids, ids_all[neg_text]])                           # pos, neg image, neg text
         text_mask = torch.cat([mask, mask, mask_all[neg_text]])
         images = torch.cat([image_embeds, image_embeds_all[neg_image], image_embeds])
@@ -439,18 +472,19 @@ def build_blip(cfg, tokenizer):
     dec_id, enc_id = tokenizer.add_special_tokens(["[DEC]", "[ENC]"])
     tokenizer.bos_id = cls_id   # text rows start with [CLS]; [ENC] / [DEC] replace it per task
     if cfg.vocab_size < tokenizer.vocab_size:
-        raise ValueError(f"model vocabulary {cfg.vocab_size} is smaller than the tokenizer's {tokenizer.vocab_size}")
+        raise UserError(f"model vocabulary {cfg.vocab_size} is smaller than the tokenizer's {tokenizer.vocab_size}")
     return BLIP(cfg, cls_id=cls_id, enc_id=enc_id, dec_id=dec_id, sep_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
 
 
 @torch.no_grad()
-def hard_negatives(image_feat, text_feat, idx, temp):
+def hard_negatives(image_feat, text_feat, idx, temp, all_ranks=True):
     """For each local text a negative image and for each local image a negative text, drawn from
-    softmax(similarity / temp) over the global batch (all ranks), never one with the same image
-    id. Returns (neg_image, neg_text, idx_all) with indices into the gathered batch (N = B*W)."""
-    idx_all = dist.gather_no_grad(idx)                                                 # (N,)
-    sim_i2t = image_feat @ dist.gather_no_grad(text_feat).T / temp                     # (B, N)
-    sim_t2i = text_feat @ dist.gather_no_grad(image_feat).T / temp
+    softmax(similarity / temp) over the global batch (all ranks) or the local one, never one with
+    the same image id. Returns (neg_image, neg_text, idx_all) with indices into that batch."""
+    gather = dist.gather_no_grad if all_ranks else (lambda x: x)
+    idx_all = gather(idx)                                                              # (N,)
+    sim_i2t = image_feat @ gather(text_feat).T / temp                                  # (B, N)
+    sim_t2i = text_feat @ gather(image_feat).T / temp
     same = idx[:, None] == idx_all[None, :]                       # the positive and its duplicates
     neg_image = sample_negatives(F.softmax(sim_t2i.float(), 1).masked_fill(same, 0))
     neg_text = sample_negatives(F.softmax(sim_i2t.float(), 1).masked_fill(same, 0))
@@ -458,13 +492,16 @@ def hard_negatives(image_feat, text_feat, idx, temp):
 
 
 def sample_negatives(weights):
-    """One index per row, drawn with probability proportional to `weights` (B, N). Rows with no
-    mass left (a batch of one, every candidate sharing the image id, NaN similarities) draw
-    uniformly instead of crashing torch.multinomial ('invalid multinomial distribution', the
-    error users of the official code hit)."""
+    """One index per row, drawn with probability proportional to `weights` (B, N), by the
+    exponential trick: argmax_j w_j / E_j with E_j ~ Exp(1) picks j with probability
+    w_j / sum(w) (the smallest of independent Exp(w_j) variables), the distribution
+    torch.multinomial draws from, without its host syncs. Rows with no mass left (a batch of
+    one, every candidate sharing the image id, NaN similarities) draw uniformly instead of
+    failing ('invalid multinomial distribution', the error users of the official code hit)."""
     weights = torch.nan_to_num(weights.float(), nan=0.0, posinf=0.0, neginf=0.0).clamp_(min=0)
     weights = torch.where(weights.sum(1, keepdim=True) > 0, weights, 1.0)      # no boolean indexing: no sync
-    return torch.multinomial(weights, 1).squeeze(1)
+    noise = torch.empty_like(weights).exponential_().clamp_(min=1e-30)      # E = 0 would make 0/0 a NaN
+    return (weights / noise).argmax(1)
 
 
 # ---- decoding ----
@@ -578,7 +615,7 @@ def build_data(cfg, tokenizer, rank, world_size):
     train_set = ImageTextDataset(records, train_transform(cfg.image_size), tokenizer, cfg.max_length,
                                  skip_bad=cfg.skip_bad, prefix=prefix)
     if cfg.batch_size * world_size > len(train_set):
-        raise ValueError(f"--batch-size {cfg.batch_size} x {world_size} process(es) is larger than the "
+        raise UserError(f"--batch-size {cfg.batch_size} x {world_size} process(es) is larger than the "
                          f"{len(train_set)} image-caption pairs of {train_file}; use a smaller --batch-size")
     # Image ids -> integers: positives in retrieval fine-tuning, exclusions for ITM negatives. An
     # entry without "image_id" uses its image path (read_annotations), so its captions share one id.
@@ -603,60 +640,80 @@ def prompt_token_ids(tokenizer, prompt, max_length):
 def check_config(cfg, tokenizer, world_size):
     """Start-up checks with clear messages (instead of an assert deep in the first step)."""
     if cfg.task not in ("pretrain", "retrieval", "caption", "capfilt"):
-        raise ValueError(f"--task must be pretrain, retrieval, caption or capfilt, not {cfg.task!r}")
+        raise UserError(f"--task must be pretrain, retrieval, caption or capfilt, not {cfg.task!r}")
     if cfg.task in ("pretrain", "retrieval") and cfg.queue_size % (cfg.batch_size * world_size):
-        raise ValueError(f"--queue-size {cfg.queue_size} is not a multiple of the global batch "
+        raise UserError(f"--queue-size {cfg.queue_size} is not a multiple of the global batch "
                          f"{cfg.batch_size} x {world_size} = {cfg.batch_size * world_size}")
     prompt_length = 1 + len(prompt_token_ids(tokenizer, cfg.prompt, cfg.max_positions))   # [CLS]/[DEC] + prompt
     if cfg.task == "caption" and prompt_length >= min(cfg.max_length, cfg.max_gen_length) - 1:
-        raise ValueError(f"--prompt {cfg.prompt!r} takes {prompt_length} tokens with [DEC]; it leaves no room for "
+        raise UserError(f"--prompt {cfg.prompt!r} takes {prompt_length} tokens with [DEC]; it leaves no room for "
                          f"a caption within --max-length {cfg.max_length} / --max-gen-length {cfg.max_gen_length}")
     if cfg.max_length > cfg.max_positions:
-        raise ValueError(f"--max-length {cfg.max_length} exceeds the {cfg.max_positions} position embeddings")
+        raise UserError(f"--max-length {cfg.max_length} exceeds the {cfg.max_positions} position embeddings")
     return prompt_length
 
 
 # ---- evaluation ----
 
 def image_tokens(model, paths, cfg, device, precision):
-    """ViT tokens (n, 1 + P, Dv) of every image; each rank holds all of them, as BLIP's evaluation."""
+    """ViT tokens (n, 1 + P, Dv) of the given images (a rank's shard)."""
     loader = torch.utils.data.DataLoader(ImageDataset(paths, eval_transform(cfg.image_size, crop=False)),
                                          batch_size=cfg.batch_size, num_workers=cfg.workers)
     out = []
     for images, _ in loader:
         with autocast(precision, device):
-            out.append(model.image_features(images.to(device)))
-    return torch.cat(out)
+            # kept in the autocast dtype: they are only read through linear layers that cast to it
+            out.append(model.image_features(images.to(device)).to(torch.get_autocast_dtype(device.type)
+                                                                  if precision != "fp32" else torch.float32))
+    return torch.cat(out) if out else torch.zeros(0, model.visual_encoder.grid ** 2 + 1, cfg.vision_width,
+                                                  device=device)
 
 
 @torch.no_grad()
 def evaluate_retrieval(model, cfg, val, tokenizer, device, precision):
     """Sec. 5.1 / train_retrieval.py: ITC similarity for all pairs, then the ITM head re-ranks each
     row's top-k candidates; score = ITM match logit + ITC similarity (-100 outside the top k).
-    Rows (images for i2t, texts for t2i) are split across ranks and gathered. Returns the
-    metrics and the number of ITM forward passes, k x (n_images + n_texts)."""
+
+    Every rank embeds only its shard of the images and texts and keeps only its images' ViT
+    tokens (COCO's 5k test images at 384 px would be ~9 GB fp32 on every GPU); the ITC features
+    are gathered. Image->text rows are this rank's images; each text->image pair (a text, one of
+    its top-k images) is scored by the rank that holds the image, and the scores are gathered.
+    Returns the metrics and the number of ITM forward passes, k x (n_images + n_texts)."""
     texts, txt2img = retrieval_texts(val)
     ids = tokenizer(texts, cfg.max_length).to(device)
     mask = (ids != tokenizer.pad_id).long()
-    text_feat = []
-    for i in range(0, len(texts), cfg.batch_size):
-        with autocast(precision, device):
-            text_feat.append(model.text_embed(ids[i:i + cfg.batch_size], mask[i:i + cfg.batch_size]).float())
-    text_feat = torch.cat(text_feat)                                                    # (n_txt, E)
-    tokens = image_tokens(model, [r["image"] for r in val], cfg, device, precision)   # (n_img, 1 + P, Dv)
-    with autocast(precision, device):
-        image_feat = torch.cat([model.image_embed(tokens[i:i + cfg.batch_size]).float()
-                                for i in range(0, len(tokens), cfg.batch_size)])
-    sim = image_feat @ text_feat.T                                                      # (n_img, n_txt)
-    k = min(cfg.k_test, len(texts), len(tokens))
-    i0, i1 = dist.shard_range(len(tokens))
     t0, t1 = dist.shard_range(len(texts))
-    rows_i2t = rerank(model, sim[i0:i1], lambda r, c: (ids[c], mask[c], tokens[i0 + r]), k, cfg, device, precision)
-    rows_t2i = rerank(model, sim.T[t0:t1], lambda r, c: (ids[t0 + r], mask[t0 + r], tokens[c]), k, cfg, device,
-                      precision)
-    metrics = retrieval_metrics(dist.gather_varlen(rows_i2t), txt2img, dist.gather_varlen(rows_t2i))
+    text_feat = [torch.zeros(0, cfg.embed_dim, device=device)]
+    for i in range(t0, t1, cfg.batch_size):
+        j = min(i + cfg.batch_size, t1)
+        with autocast(precision, device):
+            text_feat.append(model.text_embed(ids[i:j], mask[i:j]).float())
+    text_feat = dist.gather_varlen(torch.cat(text_feat))                              # (n_txt, E)
+    i0, i1 = dist.shard_range(len(val))
+    tokens = image_tokens(model, [r["image"] for r in val[i0:i1]], cfg, device, precision)  # (mine, 1 + P, Dv)
+    image_feat = [torch.zeros(0, cfg.embed_dim, device=device)]
+    for i in range(0, len(tokens), cfg.batch_size):
+        with autocast(precision, device):
+            image_feat.append(model.image_embed(tokens[i:i + cfg.batch_size]).float())
+    image_feat = dist.gather_varlen(torch.cat(image_feat))                            # (n_img, E)
+    sim = image_feat @ text_feat.T                                                      # (n_img, n_txt)
+    k = min(cfg.k_test, len(texts), len(val))
+    rows_i2t = rerank(model, sim[i0:i1], lambda r, c: (ids[c], mask[c], tokens[r]), k, cfg, device, precision)
+    # text -> image: the pairs whose image this rank holds
+    top_sim, top_img = sim.T.topk(k, 1)                                                # (n_txt, k)
+    t, j = ((top_img >= i0) & (top_img < i1)).nonzero(as_tuple=True)
+    pair_scores = [torch.zeros(0, device=device)]
+    for b in range(0, len(t), cfg.itm_batch):
+        tb, ib = t[b:b + cfg.itm_batch], top_img[t[b:b + cfg.itm_batch], j[b:b + cfg.itm_batch]] - i0
+        with autocast(precision, device):
+            pair_scores.append(model.itm_logits(ids[tb], mask[tb], tokens[ib])[:, 1].float())
+    pairs = torch.stack([t.float(), top_img[t, j].float(), torch.cat(pair_scores) + top_sim[t, j]], 1)
+    pairs = dist.gather_varlen(pairs)                                                   # (k * n_txt, 3)
+    rows_t2i = torch.full_like(sim.T, -100.0)
+    rows_t2i[pairs[:, 0].long(), pairs[:, 1].long()] = pairs[:, 2]
+    metrics = retrieval_metrics(dist.gather_varlen(rows_i2t), txt2img, rows_t2i)
     metrics["itc_r_mean"] = retrieval_metrics(sim, txt2img)["r_mean"]             # before re-ranking
-    return metrics, k * (len(texts) + len(tokens))
+    return metrics, k * (len(texts) + len(val))
 
 
 def rerank(model, sim_rows, pairs, k, cfg, device, precision):
@@ -786,7 +843,7 @@ def build_model(cfg, tokenizer):
         for k in MODEL_FIELDS:
             setattr(cfg, k, getattr(model.cfg, k))
     else:
-        saved = torch.load(cfg.init_from, map_location="cpu", weights_only=False) if cfg.init_from else None
+        saved = load_checkpoint(cfg.init_from) if cfg.init_from else None
         if saved:
             for k in MODEL_FIELDS:
                 setattr(cfg, k, saved["config"][k])
@@ -823,28 +880,26 @@ def freeze_unused(model, task):
         m.requires_grad_(False)
 
 
-def alpha_at(cfg, step, steps_per_epoch):
+def alpha_at(cfg, step, steps_per_epoch, device):
     """Distillation weight ramp: over two epochs in pretraining (BLIP pretrain.py), over the first
-    epoch in retrieval fine-tuning (train_retrieval.py)."""
+    epoch in retrieval fine-tuning (train_retrieval.py). A 0-d tensor, so that a compiled step
+    does not recompile for every new value."""
     ramp = (2 if cfg.task == "pretrain" else 1) * steps_per_epoch
-    return cfg.alpha * min(1.0, step / ramp)
+    return torch.tensor(cfg.alpha * min(1.0, step / ramp), device=device)
 
 
 def main(argv=None):
-    cfg = parse_config(Config, PRESETS, argv, __doc__)
     rank, local_rank, world_size, device = dist.setup()
+    cfg, ckpt = resolve_config(Config, PRESETS, argv, description=__doc__, recipe=task_recipe,
+                               recipes_doc=RECIPES_DOC, choices={"task": TASKS, "itm_negatives": ("auto", "local", "global")},
+                               resume_mutable=("k_test", "itm_batch", "num_beams", "max_gen_length", "min_gen_length",
+                                               "top_p", "capfilt_samples", "capfilt_threshold", "capfilt_output",
+                                               "capfilt_filter"))
     precision = resolve_precision(cfg.precision, device)
-    torch.manual_seed(cfg.seed)
+    seed_everything(cfg.seed)                     # the same initial weights on every rank
     os.makedirs(cfg.output_dir, exist_ok=True)
-    ckpt_path = resume_path(cfg.resume, cfg.output_dir)
-    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False) if ckpt_path else None
-    if ckpt:  # a resumed run keeps the architecture and tokenizer it was started with
-        for k in MODEL_FIELDS + ("tokenizer",):
-            setattr(cfg, k, ckpt["config"][k])
-        cfg.init_from = ""
-    elif cfg.init_from and os.path.isfile(cfg.init_from) and not cfg.tokenizer:   # one of our checkpoints
-        cfg.tokenizer = torch.load(cfg.init_from, map_location="cpu", weights_only=False)["config"]["tokenizer"]
-    apply_task_defaults(cfg)
+    if not ckpt and cfg.init_from and os.path.isfile(cfg.init_from) and not cfg.tokenizer:   # one of our checkpoints
+        cfg.tokenizer = load_checkpoint(cfg.init_from)["config"]["tokenizer"]
     tokenizer = load_tokenizer(cfg.tokenizer, cfg.init_from, use_tiny=not (cfg.train_data or cfg.val_data))
     cfg.tokenizer = tokenizer.name
     model, cfg = build_model(cfg, tokenizer)
@@ -861,7 +916,7 @@ def main(argv=None):
     if cfg.task == "capfilt":
         path = cfg.capfilt_output or os.path.join(cfg.output_dir, "capfilt.json")
         if os.path.exists(path) and os.path.samefile(path, cfg.train_data):
-            raise ValueError(f"--capfilt-output {path} is the input annotation file; CapFilt never overwrites it")
+            raise UserError(f"--capfilt-output {path} is the input annotation file; CapFilt never overwrites it")
         filter_model = None
         if cfg.capfilt_filter:
             filter_model, _ = build_model(dataclasses.replace(cfg, init_from=cfg.capfilt_filter), tokenizer)
@@ -886,24 +941,25 @@ def main(argv=None):
     freeze_unused(model, cfg.task)
     # AdamW, weight decay 0.05 (BLIP applies it to every parameter; here biases, norms,
     # embeddings and the temperature are exempt, as in BLIP-2/LAVIS's recipe).
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay, ("temp",)), lr=cfg.lr,
-                                  fused=device.type == "cuda")
+    optimizer = adamw(param_groups(model, cfg.weight_decay, ("temp",)), lr=cfg.lr)
     steps_per_epoch = len(loader)
+    check_resume_position(ckpt, steps_per_epoch)
     total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
     # Warm-up then cosine (BLIP: warm-up then x0.9 per epoch in pretraining, cosine per epoch
     # in fine-tuning; one per-step schedule for every task here).
     scheduler = cosine_schedule(optimizer, cfg.warmup_steps, total_steps)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    guard = NonFiniteGuard(cfg.max_bad_steps)
+    seed_everything(cfg.seed + rank)              # each rank its own stream from here (dropout, negatives)
     step, best = 0, -1.0
     if ckpt:
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         scaler.load_state_dict(ckpt["scaler"])
-        step, best = ckpt["step"], ckpt["best"]
-        if len(ckpt["rng"]) == world_size:
-            set_rng_state(ckpt["rng"][rank])
+        step, best, guard.total = ckpt["step"], ckpt["best"], ckpt["bad_steps"]
+        set_rng_state(ckpt["rng"][rank])
         if dist.is_main():
-            print(f"resumed from {ckpt_path} at step {step}")
+            print(f"resumed from {cfg.resume} at step {step}")
     del ckpt
     # broadcast_buffers=False: the queues are identical on every rank already (enqueued from
     # gathered features); re-broadcasting them would cost queue_size x E floats per step.
@@ -911,62 +967,82 @@ def main(argv=None):
                  if world_size > 1 else model)
     if cfg.compile:
         ddp_model = torch.compile(ddp_model)
-    image_index = image_index.to(device)
 
     def checkpoint(name):
+        check_finite(model)
         state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                  "scaler": scaler.state_dict(), "step": step, "epoch": step // steps_per_epoch, "best": best,
-                 "config": dataclasses.asdict(cfg),
-                 "rng": dist.gather_objects(rng_state())}
+                 "bad_steps": guard.total, "steps_per_epoch": steps_per_epoch, "world_size": world_size,
+                 "config": dataclasses.asdict(cfg), "rng": dist.gather_objects(rng_state())}
         if dist.is_main():
             save_checkpoint(os.path.join(cfg.output_dir, name), state)
 
     best_key = "cider" if cfg.task == "caption" else "r_mean"
     pbar = tqdm(total=total_steps, initial=step, disable=not dist.is_main(), dynamic_ncols=True)
-    metrics, tick, tick_step = {}, time.time(), step
-    while step < total_steps:
-        epoch = step // steps_per_epoch
-        sampler.set_epoch(epoch, skip=(step % steps_per_epoch) * cfg.batch_size)
-        for images, ids, r in loader:
-            images, ids = images.to(device, non_blocking=True), ids.to(device, non_blocking=True)
-            mask = (ids != tokenizer.pad_id).long()
-            idx = image_index[r.to(device)]
-            with autocast(precision, device):
-                losses = ddp_model(images, ids, mask, idx, alpha_at(cfg, step, steps_per_epoch), cfg.task,
-                                   prompt_length)
-            loss = sum(losses.values())                 # unweighted sum, as the paper
-            scaler.scale(loss).backward()
-            if cfg.grad_clip_norm > 0:
+    metrics, tick, tick_step, stopped = {}, time.time(), step, False
+    with Preemption() as preemption:
+        while step < total_steps and not stopped:
+            epoch = step // steps_per_epoch
+            sampler.set_epoch(epoch, skip=(step % steps_per_epoch) * cfg.batch_size)
+            for images, ids, r in loader:
+                images, ids = images.to(device, non_blocking=True), ids.to(device, non_blocking=True)
+                idx = image_index[r].to(device, non_blocking=True)          # looked up on the host: no sync
+                mask = (ids != tokenizer.pad_id).long()
+                alpha = alpha_at(cfg, step, steps_per_epoch, device)
+                with autocast(precision, device):
+                    losses = ddp_model(images, ids, mask, idx, alpha, cfg.task, prompt_length)
+                loss = sum(losses.values())                 # unweighted sum, as the paper
+                scaler.scale(loss).backward()
                 scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip_norm)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
-            step += 1
-            pbar.update(1)
-            if step % cfg.log_every == 0 or step == total_steps:
-                values = {k: dist.all_reduce_mean(v).item() for k, v in {"loss": loss, **losses}.items()}
-                speed = (step - tick_step) * cfg.batch_size * world_size / (time.time() - tick)
-                tick, tick_step = time.time(), step
-                lr = optimizer.param_groups[0]["lr"]
-                pbar.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{lr:.2e}", samples_s=f"{speed:.0f}")
-                log.write({"step": step, "epoch": epoch, "split": "train", **values, "lr": lr,
-                           "temp": model.temp.item(), "samples_per_s": speed})
-            if step % cfg.save_every == 0 and step % steps_per_epoch:
-                checkpoint("checkpoint_last.pt")
-            if step >= total_steps:
+                grad_norm = grad_norm_(model, cfg.grad_clip_norm)
+                # A non-finite loss or gradient skips the update, the momentum EMA and the enqueue,
+                # all on the device (no host sync)
+                ok = guard.check(loss, grad_norm, scaler)
+                guard.step(optimizer, scaler, ok)
+                optimizer.zero_grad(set_to_none=True)
+                scheduler.step()
+                model.finish_step(ok)
+                step += 1
+                pbar.update(1)
+                guard.account(step, ok, lambda b=(images, ids, mask, idx, alpha): first_nonfinite_module(
+                    model, {"images": b[0]}, lambda: model(*b, cfg.task, prompt_length)))
+                if step % cfg.log_every == 0 or step == total_steps:
+                    values = {k: dist.all_reduce_mean(v).item() for k, v in {"loss": loss, **losses}.items()}
+                    speed = (step - tick_step) * cfg.batch_size * world_size / (time.time() - tick)
+                    tick, tick_step = time.time(), step
+                    lr = optimizer.param_groups[0]["lr"]
+                    pbar.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{lr:.2e}", samples_s=f"{speed:.0f}")
+                    log.write({"step": step, "epoch": epoch, "split": "train", **values, "lr": lr,
+                               "temp": model.temp.item(), "samples_per_s": speed, "grad_norm": grad_norm.item(),
+                               "bad_steps": guard.total})
+                if preemption.requested():   # SIGTERM / SIGUSR1 on any rank: save this step and leave
+                    guard.flush()
+                    checkpoint("checkpoint_last.pt")
+                    if dist.is_main():
+                        print(f"{preemption.received or 'a signal on another rank'}: stopped after step {step}, "
+                              f"saved {os.path.join(cfg.output_dir, 'checkpoint_last.pt')}; --resume auto continues",
+                              flush=True)
+                    stopped = True
+                    break
+                if step % cfg.save_every == 0 and step % steps_per_epoch:
+                    checkpoint("checkpoint_last.pt")
+                if step >= total_steps:
+                    break
+            if stopped:
                 break
-        metrics = evaluate(model, cfg, val, tokenizer, device, precision, cfg.output_dir)
-        log.write({"step": step, "epoch": epoch, "split": "val", **metrics})
-        if metrics and dist.is_main():
-            tqdm.write(f"epoch {epoch} step {step}: " + " ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
-        if dist.gather_objects(metrics.get(best_key, -1.0) > best)[0]:   # rank 0 decides for all
-            best = metrics[best_key]
-            checkpoint("checkpoint_best.pt")
-        checkpoint("checkpoint_last.pt")
-        tick, tick_step = time.time(), step
+            guard.flush()
+            metrics = evaluate(model, cfg, val, tokenizer, device, precision, cfg.output_dir)
+            log.write({"step": step, "epoch": epoch, "split": "val", **metrics})
+            if metrics and dist.is_main():
+                tqdm.write(f"epoch {epoch} step {step}: " + " ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
+            if dist.gather_objects(metrics.get(best_key, -1.0) > best)[0]:   # rank 0 decides for all
+                best = metrics[best_key]
+                checkpoint("checkpoint_best.pt")
+            checkpoint("checkpoint_last.pt")
+            tick, tick_step = time.time(), step
     pbar.close()
+    if not metrics and not stopped:   # resumed a finished run: evaluate its weights again
+        metrics = evaluate(model, cfg, val, tokenizer, device, precision, cfg.output_dir)
     if dist.is_main():
         print(json.dumps(metrics or {"step": step}))
     dist.cleanup()
@@ -974,4 +1050,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

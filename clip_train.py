@@ -27,31 +27,33 @@ from common.data import (ImageDataset, ImageTextDataset, ShardedSampler, eval_tr
 from common.encoders import (TextTransformer, VisionTransformer, hf_clip_text_map, hf_clip_vision_map,
                              load_mapped, read_hf_checkpoint, resize_pos_embed)
 from common.metrics import retrieval_metrics, zeroshot_classifier, zeroshot_metrics
-from common.utils import (MetricLog, autocast, cosine_schedule, param_groups, parse_config, resolve_precision,
-                          resume_path, rng_state, save_checkpoint, save_config, set_rng_state)
+from common.utils import (MetricLog, NonFiniteGuard, Preemption, UserError, adamw, autocast, check_finite,
+                          check_resume_position, cli, cosine_schedule, first_nonfinite_module, grad_norm_,
+                          load_checkpoint, param_groups, resolve_config, resolve_precision, rng_state,
+                          save_checkpoint, save_config, seed_everything, set_rng_state)
 
 
 # ---- config ----
 
 @dataclass
 class Config:
-    preset: str = "tiny"
+    preset: str = "tiny"            # tiny (the built-in data, CPU) or a paper configuration; see the list below
     # model (Table 19/20 of the paper for the ViT presets)
     image_size: int = 64            # pixels
-    patch_size: int = 8
-    vision_width: int = 128
-    vision_layers: int = 4
+    patch_size: int = 8             # pixels per patch side
+    vision_width: int = 128         # ViT width
+    vision_layers: int = 4          # ViT blocks
     vision_heads: int = 2           # width / 64 in the paper's models
-    text_width: int = 128
-    text_layers: int = 4
-    text_heads: int = 2
+    text_width: int = 128           # text transformer width
+    text_layers: int = 4            # text transformer blocks
+    text_heads: int = 2             # text attention heads
     context_length: int = 32        # 77 for the paper's models
     vocab_size: int = 0             # 0: the tokenizer's
     eos_id: int = -1                # -1: the tokenizer's end-of-text id (pooling position)
     embed_dim: int = 128            # joint embedding space
-    mlp_ratio: float = 4.0
+    mlp_ratio: float = 4.0          # MLP hidden width / width
     act: str = "quick_gelu"         # OpenAI's QuickGELU; "gelu" as open_clip's non-quickgelu models
-    layer_norm_eps: float = 1e-5
+    layer_norm_eps: float = 1e-5    # LayerNorm epsilon
     # data
     train_data: str = ""            # annotation file (JSON or CSV); empty: the built-in tiny set
     val_data: str = ""              # retrieval evaluation split; empty with tiny: its val split
@@ -61,25 +63,27 @@ class Config:
     skip_bad: bool = False          # skip (and count) unreadable images and empty captions
     workers: int = 2                # data-loading processes per rank
     # optimisation (open_clip params.py / paper Sec. 2.5)
-    epochs: int = 2
+    epochs: int = 2                 # passes over the training data
     max_steps: int = 0              # >0: train exactly this many steps (overrides epochs)
     batch_size: int = 128           # per process; the contrastive batch is batch_size * world_size
-    lr: float = 5e-4
-    weight_decay: float = 0.2
-    beta1: float = 0.9
+    lr: float = 5e-4                # peak learning rate (after warm-up)
+    weight_decay: float = 0.2       # AdamW decoupled weight decay
+    beta1: float = 0.9              # AdamW beta1
     beta2: float = 0.98             # paper: 0.98 for ViTs
-    eps: float = 1e-6
-    warmup_steps: int = 50
+    eps: float = 1e-6               # AdamW epsilon
+    warmup_steps: int = 50          # linear warm-up steps, then cosine to 0
     grad_clip_norm: float = 0.0     # 0: off
-    seed: int = 0
+    seed: int = 0                   # weights start from `seed` on every rank; rank r trains with seed + r
     precision: str = "auto"         # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16 (GradScaler)
-    grad_checkpointing: bool = False
-    compile: bool = False
+    max_bad_steps: int = 10         # abort after this many non-finite steps in a row (each one is skipped)
+    grad_checkpointing: bool = False  # recompute activations in backward (less memory, ~1/3 more compute)
+    compile: bool = False           # torch.compile the model
     # run
-    output_dir: str = "runs/clip"
-    resume: str = ""                # checkpoint path, or "auto": output_dir/checkpoint_last.pt if present
+    output_dir: str = "runs/clip"   # metrics.jsonl, config.json, checkpoints (and captions.json) go here
+    resume: str = ""                # checkpoint path, or "auto": output_dir/checkpoint_last.pt if present.
+                                    # A resumed run keeps its checkpoint's config (see resolve_config)
     init_from: str = ""             # Hugging Face CLIPModel folder, or one of our checkpoints
-    eval_only: bool = False
+    eval_only: bool = False         # evaluate the --init-from / --resume weights and exit
     save_every: int = 1000          # steps between checkpoint_last.pt saves (and at every epoch end)
     log_every: int = 10             # steps between train records in metrics.jsonl
 
@@ -146,10 +150,10 @@ class CLIP(nn.Module):
         v, t = hf.vision_config, hf.text_config
         for name, sub in (("vision", v), ("text", t)):
             if sub.hidden_act not in ("quick_gelu", "gelu"):
-                raise ValueError(f"{path}: {name} activation {sub.hidden_act!r} is not supported")
+                raise UserError(f"{path}: {name} activation {sub.hidden_act!r} is not supported")
         if (v.intermediate_size / v.hidden_size != t.intermediate_size / t.hidden_size or v.hidden_act != t.hidden_act
                 or v.layer_norm_eps != t.layer_norm_eps):
-            raise ValueError(f"{path}: vision and text towers differ in MLP ratio, activation or LayerNorm eps")
+            raise UserError(f"{path}: vision and text towers differ in MLP ratio, activation or LayerNorm eps")
         # transformers pools at argmax(ids) when eos_token_id is the legacy value 2 (OpenAI's
         # checkpoints); OpenAI's EOT is the largest id, so that is the first EOS = vocab_size - 1.
         eos = t.vocab_size - 1 if t.eos_token_id == 2 else t.eos_token_id
@@ -214,7 +218,7 @@ def build_data(cfg, tokenizer, rank, world_size):
     train_set = ImageTextDataset(read_annotations(train_file, root, cfg.skip_bad), train_transform(cfg.image_size),
                                  tokenizer, cfg.context_length, skip_bad=cfg.skip_bad)
     if cfg.batch_size * world_size > len(train_set):
-        raise ValueError(f"--batch-size {cfg.batch_size} x {world_size} process(es) is larger than the "
+        raise UserError(f"--batch-size {cfg.batch_size} x {world_size} process(es) is larger than the "
                          f"{len(train_set)} image-caption pairs of {train_file}; use a smaller --batch-size")
     sampler = ShardedSampler(len(train_set), rank=rank, world_size=world_size, seed=cfg.seed)
     loader = torch.utils.data.DataLoader(train_set, batch_size=cfg.batch_size, sampler=sampler, drop_last=True,
@@ -297,7 +301,7 @@ def build_model(cfg, tokenizer):
         model.cfg = cfg
     else:
         if cfg.init_from:
-            saved = torch.load(cfg.init_from, map_location="cpu", weights_only=False)
+            saved = load_checkpoint(cfg.init_from)
             for k in MODEL_FIELDS:
                 setattr(cfg, k, saved["config"][k])
         cfg.vocab_size = cfg.vocab_size or tokenizer.vocab_size
@@ -306,24 +310,17 @@ def build_model(cfg, tokenizer):
         if cfg.init_from:
             model.load_state_dict(saved["model"])
     if cfg.vocab_size < tokenizer.vocab_size or cfg.eos_id != tokenizer.eos_id:
-        raise ValueError(f"tokenizer {tokenizer.name} (vocab {tokenizer.vocab_size}, EOS {tokenizer.eos_id}) does not "
+        raise UserError(f"tokenizer {tokenizer.name} (vocab {tokenizer.vocab_size}, EOS {tokenizer.eos_id}) does not "
                          f"fit the model (vocab {cfg.vocab_size}, EOS {cfg.eos_id})")
     return model, cfg
 
 
 def main(argv=None):
-    cfg = parse_config(Config, PRESETS, argv, __doc__)
     rank, local_rank, world_size, device = dist.setup()
+    cfg, ckpt = resolve_config(Config, PRESETS, argv, description=__doc__)
     precision = resolve_precision(cfg.precision, device)
-    torch.manual_seed(cfg.seed)
+    seed_everything(cfg.seed)                     # the same initial weights on every rank
     os.makedirs(cfg.output_dir, exist_ok=True)
-    ckpt_path = resume_path(cfg.resume, cfg.output_dir)
-    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False) if ckpt_path else None
-    if ckpt:  # a resumed run keeps the architecture and tokenizer it was started with
-        for k in MODEL_FIELDS + ("tokenizer",):
-            setattr(cfg, k, ckpt["config"][k])
-        cfg.init_from = ""
-
     tokenizer = load_tokenizer(cfg.tokenizer, cfg.init_from,
                                use_tiny=not (cfg.train_data or cfg.val_data or cfg.zeroshot_data))
     cfg.tokenizer = tokenizer.name
@@ -346,24 +343,26 @@ def main(argv=None):
         return metrics
 
     # AdamW as the paper (Sec. 2.5, beta2 0.98, eps 1e-6), decoupled decay off for gains,
-    # biases, embeddings and the temperature; fused kernel on CUDA.
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay, ("logit_scale",)), lr=cfg.lr,
-                                  betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=device.type == "cuda")
+    # biases, embeddings and the temperature; the fused kernel.
+    optimizer = adamw(param_groups(model, cfg.weight_decay, ("logit_scale",)), lr=cfg.lr,
+                      betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
     steps_per_epoch = len(loader)
+    check_resume_position(ckpt, steps_per_epoch)
     total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
     scheduler = cosine_schedule(optimizer, cfg.warmup_steps, total_steps)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    guard = NonFiniteGuard(cfg.max_bad_steps)
+    seed_everything(cfg.seed + rank)              # each rank its own stream from here (dropout, ...)
     step, best = 0, -1.0
     if ckpt:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         scaler.load_state_dict(ckpt["scaler"])
-        step, best = ckpt["step"], ckpt["best"]
-        if len(ckpt["rng"]) == world_size:
-            set_rng_state(ckpt["rng"][rank])
+        step, best, guard.total = ckpt["step"], ckpt["best"], ckpt["bad_steps"]
+        set_rng_state(ckpt["rng"][rank])
         if dist.is_main():
-            print(f"resumed from {ckpt_path} at step {step}")
+            print(f"resumed from {cfg.resume} at step {step}")
     del ckpt
 
     ddp_model = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None) if world_size > 1 else model
@@ -371,60 +370,79 @@ def main(argv=None):
         ddp_model = torch.compile(ddp_model)
 
     def checkpoint(name):
+        check_finite(model)
         state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                  "scaler": scaler.state_dict(), "step": step, "epoch": step // steps_per_epoch, "best": best,
-                 "config": dataclasses.asdict(cfg),
-                 "rng": dist.gather_objects(rng_state())}
+                 "bad_steps": guard.total, "steps_per_epoch": steps_per_epoch, "world_size": world_size,
+                 "config": dataclasses.asdict(cfg), "rng": dist.gather_objects(rng_state())}
         if dist.is_main():
             save_checkpoint(os.path.join(cfg.output_dir, name), state)
 
     pbar = tqdm(total=total_steps, initial=step, disable=not dist.is_main(), dynamic_ncols=True)
-    metrics, tick, tick_step = {}, time.time(), step
-    while step < total_steps:
-        epoch = step // steps_per_epoch
-        sampler.set_epoch(epoch, skip=(step % steps_per_epoch) * cfg.batch_size)
-        for images, ids, _ in loader:
-            images = images.to(device, non_blocking=True)
-            ids = ids.to(device, non_blocking=True)
-            with autocast(precision, device):
-                image_emb, text_emb, logit_scale = ddp_model(images, ids)
-            loss = clip_loss(image_emb.float(), text_emb.float(), logit_scale.float())
-            scaler.scale(loss).backward()
-            if cfg.grad_clip_norm > 0:
+    metrics, tick, tick_step, stopped = {}, time.time(), step, False
+    with Preemption() as preemption:
+        while step < total_steps and not stopped:
+            epoch = step // steps_per_epoch
+            sampler.set_epoch(epoch, skip=(step % steps_per_epoch) * cfg.batch_size)
+            for images, ids, _ in loader:
+                images = images.to(device, non_blocking=True)
+                ids = ids.to(device, non_blocking=True)
+                with autocast(precision, device):
+                    image_emb, text_emb, logit_scale = ddp_model(images, ids)
+                loss = clip_loss(image_emb.float(), text_emb.float(), logit_scale.float())
+                scaler.scale(loss).backward()
                 scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip_norm)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
-            with torch.no_grad():  # open_clip: keep the scale <= 100 for stability (Sec. 2.5)
-                model.logit_scale.clamp_(0, math.log(100))
-            step += 1
-            pbar.update(1)
-            if step % cfg.log_every == 0 or step == total_steps:
-                loss_value = dist.all_reduce_mean(loss).item()
-                speed = (step - tick_step) * cfg.batch_size * world_size / (time.time() - tick)
-                tick, tick_step = time.time(), step
-                lr = optimizer.param_groups[0]["lr"]
-                pbar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", samples_s=f"{speed:.0f}")
-                log.write({"step": step, "epoch": epoch, "split": "train", "loss": loss_value, "lr": lr,
-                           "logit_scale": model.logit_scale.exp().item(), "samples_per_s": speed})
-            if step % cfg.save_every == 0 and step % steps_per_epoch:
-                checkpoint("checkpoint_last.pt")
-            if step >= total_steps:
+                grad_norm = grad_norm_(model, cfg.grad_clip_norm)
+                # A non-finite loss or gradient skips the update on the device (no host sync)
+                ok = guard.check(loss, grad_norm, scaler)
+                guard.step(optimizer, scaler, ok)
+                optimizer.zero_grad(set_to_none=True)
+                scheduler.step()
+                with torch.no_grad():  # open_clip: keep the scale <= 100 for stability (Sec. 2.5)
+                    model.logit_scale.clamp_(0, math.log(100))
+                step += 1
+                pbar.update(1)
+                guard.account(step, ok, lambda images=images, ids=ids: first_nonfinite_module(
+                    model, {"images": images}, lambda: model(images, ids)))
+                if step % cfg.log_every == 0 or step == total_steps:
+                    loss_value = dist.all_reduce_mean(loss).item()
+                    speed = (step - tick_step) * cfg.batch_size * world_size / (time.time() - tick)
+                    tick, tick_step = time.time(), step
+                    lr = optimizer.param_groups[0]["lr"]
+                    pbar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", samples_s=f"{speed:.0f}")
+                    log.write({"step": step, "epoch": epoch, "split": "train", "loss": loss_value, "lr": lr,
+                               "logit_scale": model.logit_scale.exp().item(), "samples_per_s": speed,
+                               "grad_norm": grad_norm.item(), "bad_steps": guard.total})
+                if preemption.requested():   # SIGTERM / SIGUSR1 on any rank: save this step and leave
+                    guard.flush()
+                    checkpoint("checkpoint_last.pt")
+                    if dist.is_main():
+                        print(f"{preemption.received or 'a signal on another rank'}: stopped after step {step}, "
+                              f"saved {os.path.join(cfg.output_dir, 'checkpoint_last.pt')}; --resume auto continues",
+                              flush=True)
+                    stopped = True
+                    break
+                if step % cfg.save_every == 0 and step % steps_per_epoch:
+                    checkpoint("checkpoint_last.pt")
+                if step >= total_steps:
+                    break
+            if stopped:
                 break
-        # end of an epoch (or of training): evaluate, keep the best, save
-        metrics = evaluate(model, cfg, val, zeroshot, tokenizer, device, precision)
-        log.write({"step": step, "epoch": epoch, "split": "val", **metrics})
-        if metrics and dist.is_main():
-            tqdm.write(f"epoch {epoch} step {step}: " + " ".join(f"{k} {v:.2f}" for k, v in metrics.items()))
-        # rank 0 decides, so every rank enters checkpoint()'s collective together
-        if dist.gather_objects(metrics.get("r_mean", -1.0) > best)[0]:
-            best = metrics["r_mean"]
-            checkpoint("checkpoint_best.pt")
-        checkpoint("checkpoint_last.pt")
-        tick, tick_step = time.time(), step  # samples/s counts training only
+            # end of an epoch (or of training): evaluate, keep the best, save
+            guard.flush()
+            metrics = evaluate(model, cfg, val, zeroshot, tokenizer, device, precision)
+            log.write({"step": step, "epoch": epoch, "split": "val", **metrics})
+            if metrics and dist.is_main():
+                tqdm.write(f"epoch {epoch} step {step}: " + " ".join(f"{k} {v:.2f}" for k, v in metrics.items()))
+            # rank 0 decides, so every rank enters checkpoint()'s collective together
+            if dist.gather_objects(metrics.get("r_mean", -1.0) > best)[0]:
+                best = metrics["r_mean"]
+                checkpoint("checkpoint_best.pt")
+            checkpoint("checkpoint_last.pt")
+            tick, tick_step = time.time(), step  # samples/s counts training only
     pbar.close()
+    if not metrics and not stopped:   # resumed a finished run: evaluate its weights again
+        metrics = evaluate(model, cfg, val, zeroshot, tokenizer, device, precision)
     if dist.is_main():
         print(json.dumps(metrics or {"step": step}))
     dist.cleanup()
@@ -432,4 +450,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

@@ -17,6 +17,8 @@ import torch
 from PIL import Image
 from torchvision.transforms import v2
 
+from .utils import MissingFileError, UserError
+
 log = logging.getLogger("data")
 
 # OpenAI CLIP's normalisation (clip.py::_transform), used by CLIP, ALBEF, BLIP and BLIP-2.
@@ -65,7 +67,7 @@ class Tokenizer:
         self.eos_id = t.eos_token_id if t.eos_token_id is not None else t.sep_token_id
         self.pad_id = t.pad_token_id if t.pad_token_id is not None else 0
         if self.bos_id is None or self.eos_id is None:
-            raise ValueError(f"tokenizer {name_or_path} has neither bos/eos nor cls/sep tokens")
+            raise UserError(f"tokenizer {name_or_path} has neither bos/eos nor cls/sep tokens")
         self.vocab_size = len(t)
 
     def __call__(self, texts, context_length):
@@ -103,19 +105,19 @@ def load_tokenizer(name, init_from="", use_tiny=False):
         return Tokenizer(init_from)
     if use_tiny:
         return Tokenizer(os.path.join(tiny_data(), "tokenizer"))
-    raise ValueError("no tokenizer: pass --tokenizer (a transformers tokenizer folder or hub name)")
+    raise UserError("no tokenizer: pass --tokenizer (a transformers tokenizer folder or hub name)")
 
 
 # ---- annotations ----
 
 def _check_caption(cap, where, skip_bad, counter):
     if not isinstance(cap, str):
-        raise ValueError(f"{where}: caption must be a string, got {type(cap).__name__}")
+        raise UserError(f"{where}: caption must be a string, got {type(cap).__name__}")
     if not cap.strip():
         if skip_bad:
             counter[0] += 1
             return None
-        raise ValueError(f"{where}: empty caption (pass --skip-bad to skip such captions)")
+        raise UserError(f"{where}: empty caption (pass --skip-bad to skip such captions)")
     return cap.strip()
 
 
@@ -129,7 +131,7 @@ def read_annotations(path, image_root=None, skip_bad=False):
     root = image_root or os.path.dirname(os.path.abspath(path))
     empty = [0]
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"annotation file {path} does not exist")
+        raise MissingFileError(f"annotation file {path} does not exist")
     if path.endswith(".csv") or path.endswith(".tsv"):
         entries = _read_csv(path)
     else:
@@ -137,15 +139,15 @@ def read_annotations(path, image_root=None, skip_bad=False):
             with open(path) as f:
                 data = json.load(f)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path} is not valid JSON: {e.msg} at line {e.lineno}, column {e.colno}") from None
+            raise UserError(f"{path} is not valid JSON: {e.msg} at line {e.lineno}, column {e.colno}") from None
         if not isinstance(data, list):
-            raise ValueError(f"{path}: expected a JSON list of {{'image', 'caption'}} objects")
+            raise UserError(f"{path}: expected a JSON list of {{'image', 'caption'}} objects")
         entries = []
         for i, item in enumerate(data):
             where = f"{path}, entry {i}"
             for field in ("image", "caption"):
                 if not isinstance(item, dict) or field not in item:
-                    raise ValueError(f"{where}: missing field '{field}'")
+                    raise UserError(f"{where}: missing field '{field}'")
             caps = item["caption"] if isinstance(item["caption"], list) else [item["caption"]]
             entries.append((where, item["image"], caps, item.get("image_id")))
     records, by_image = [], {}
@@ -156,7 +158,7 @@ def read_annotations(path, image_root=None, skip_bad=False):
             by_image[full]["captions"] += caps
             continue
         if not os.path.isfile(full):
-            raise FileNotFoundError(f"{where}: image file {full} does not exist")
+            raise MissingFileError(f"{where}: image file {full} does not exist")
         rec = {"image": full, "captions": caps, "image_id": image_id if image_id is not None else image}
         by_image[full] = rec
         records.append(rec)
@@ -164,7 +166,7 @@ def read_annotations(path, image_root=None, skip_bad=False):
         log.warning("%s: skipped %d empty caption(s)", path, empty[0])
     records = [r for r in records if r["captions"]]
     if not records:
-        raise ValueError(f"{path}: no image-caption pairs")
+        raise UserError(f"{path}: no image-caption pairs")
     return records
 
 
@@ -177,22 +179,22 @@ def _read_csv(path):
         try:
             rows = list(csv.reader(f, delimiter=delimiter))
         except csv.Error as e:
-            raise ValueError(f"{path} is not valid CSV: {e}") from None
+            raise UserError(f"{path} is not valid CSV: {e}") from None
     if not rows:
-        raise ValueError(f"{path} is empty")
+        raise UserError(f"{path} is empty")
     header = [h.strip() for h in rows[0]]
     cols = {}
     for field, alias in (("image", "filepath"), ("caption", "title")):
         name = field if field in header else alias if alias in header else None
         if name is None:
-            raise ValueError(f"{path}: header {header} lacks the '{field}' column")
+            raise UserError(f"{path}: header {header} lacks the '{field}' column")
         cols[field] = header.index(name)
     entries = []
     for line, row in enumerate(rows[1:], start=2):
         if not row:
             continue
         if len(row) != len(header):
-            raise ValueError(f"{path}, line {line}: {len(row)} fields, the header has {len(header)}")
+            raise UserError(f"{path}, line {line}: {len(row)} fields, the header has {len(header)}")
         entries.append((f"{path}, line {line}", row[cols["image"]], [row[cols["caption"]]], None))
     return entries
 
@@ -301,16 +303,16 @@ def image_folder(root):
     (one per line, in sorted folder order) if present, else from folder names; prompt
     templates from `templates.txt` if present, else OpenAI's 80 ImageNet templates."""
     if not os.path.isdir(root):
-        raise FileNotFoundError(f"zero-shot folder {root} does not exist")
+        raise MissingFileError(f"zero-shot folder {root} does not exist")
     folders = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
     if not folders:
-        raise ValueError(f"{root}: no class sub-folders")
+        raise UserError(f"{root}: no class sub-folders")
     names_file = os.path.join(root, "classnames.txt")
     if os.path.isfile(names_file):
         with open(names_file) as f:
             classnames = [line.strip() for line in f if line.strip()]
         if len(classnames) != len(folders):
-            raise ValueError(f"{names_file}: {len(classnames)} names for {len(folders)} class folders")
+            raise UserError(f"{names_file}: {len(classnames)} names for {len(folders)} class folders")
     else:
         classnames = [d.replace("_", " ") for d in folders]
     tmpl_file = os.path.join(root, "templates.txt")

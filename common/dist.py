@@ -64,9 +64,7 @@ class _GatherWithGrad(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x):
-        out = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-        dist.all_gather(out, x.contiguous())
-        return torch.cat(out, 0)
+        return _all_gather(x)
 
     @staticmethod
     def backward(ctx, grad):
@@ -82,6 +80,13 @@ class _GatherWithGrad(torch.autograd.Function):
         return grad[r * b:(r + 1) * b]
 
 
+def _all_gather(x):
+    """(B, ...) -> (W*B, ...) into one tensor (no Python list of outputs)."""
+    out = x.new_empty((dist.get_world_size() * x.shape[0],) + tuple(x.shape[1:]))
+    dist.all_gather_into_tensor(out, x.contiguous())
+    return out
+
+
 def gather_with_grad(x):
     """(B, ...) on each rank -> (W*B, ...) in rank order, gradient flowing back to every rank.
     All ranks must pass the same shape."""
@@ -95,9 +100,7 @@ def gather_no_grad(x):
     """(B, ...) on each rank -> (W*B, ...) in rank order, detached (for queues, sampling weights)."""
     if not is_dist():
         return x
-    out = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-    dist.all_gather(out, x.contiguous())
-    return torch.cat(out, 0)
+    return _all_gather(x)
 
 
 @torch.no_grad()
@@ -124,6 +127,30 @@ def gather_objects(obj):
     out = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+def any_rank(flag):
+    """A bool tensor that is True on every rank where it is True on any (all-reduce MAX, no host sync)."""
+    if not is_dist():
+        return flag
+    flag = flag.to(torch.uint8)
+    dist.all_reduce(flag, dist.ReduceOp.MAX)
+    return flag.bool()
+
+
+_CPU_GROUP = {}
+
+
+def cpu_group():
+    """A gloo process group for small host-side agreements (preemption flags) that must not
+    touch the GPU: the default group itself on gloo, a new gloo group beside NCCL."""
+    if not is_dist():
+        return None
+    if dist.get_backend() == "gloo":
+        return dist.group.WORLD
+    if "gloo" not in _CPU_GROUP:
+        _CPU_GROUP["gloo"] = dist.new_group(backend="gloo")
+    return _CPU_GROUP["gloo"]
 
 
 def all_reduce_mean(x):

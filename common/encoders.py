@@ -14,6 +14,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from .utils import MissingFileError, UserError
+
 
 # ---- attention and blocks ----
 
@@ -319,7 +321,7 @@ def read_hf_checkpoint(path):
     model.safetensors, pytorch_model.bin, or their sharded `*.index.json` forms."""
     cfg_file = os.path.join(path, "config.json")
     if not os.path.isfile(cfg_file):
-        raise FileNotFoundError(f"{path}: no config.json; expected a Hugging Face save_pretrained folder")
+        raise MissingFileError(f"{path}: no config.json; expected a Hugging Face save_pretrained folder")
     with open(cfg_file) as f:
         config = json.load(f)
     for name in ("model.safetensors", "pytorch_model.bin"):
@@ -339,7 +341,7 @@ def read_hf_checkpoint(path):
                 else:
                     state.update(torch.load(file, map_location="cpu", weights_only=True))
             return config, state
-    raise FileNotFoundError(f"{path}: no model.safetensors or pytorch_model.bin (or a sharded index)")
+    raise MissingFileError(f"{path}: no model.safetensors or pytorch_model.bin (or a sharded index)")
 
 
 def load_mapped(module, hf_state, mapping, *, source, ignore=(), keep_init=()):
@@ -351,26 +353,26 @@ def load_mapped(module, hf_state, mapping, *, source, ignore=(), keep_init=()):
     ours = module.state_dict()
     unmapped = sorted(k for k in set(ours) - set(mapping) if not k.startswith(tuple(keep_init)))
     if unmapped:
-        raise ValueError(f"{source}: no checkpoint key maps to our parameter(s) {unmapped[:5]}")
+        raise UserError(f"{source}: no checkpoint key maps to our parameter(s) {unmapped[:5]}")
     used, new_state = set(), dict(ours)
     for key, src in mapping.items():
         srcs = src if isinstance(src, tuple) else (src,)
         missing = [s for s in srcs if s not in hf_state]
         if missing:
-            raise KeyError(f"{source}: checkpoint lacks key '{missing[0]}' (needed for '{key}')")
+            raise UserError(f"{source}: checkpoint lacks key '{missing[0]}' (needed for '{key}')")
         value = torch.cat([hf_state[s] for s in srcs], 0) if len(srcs) > 1 else hf_state[srcs[0]]
         if key not in ours:
-            raise KeyError(f"{source}: mapping names '{key}', which our model does not have")
+            raise UserError(f"{source}: mapping names '{key}', which our model does not have")
         squeezed = value.shape[len(value.shape) - len(ours[key].shape):] if value.ndim > ours[key].ndim else None
         if value.shape != ours[key].shape and not (
                 squeezed == ours[key].shape and all(d == 1 for d in value.shape[: value.ndim - ours[key].ndim])):
-            raise ValueError(f"{source}: shape of '{srcs[0]}' is {tuple(value.shape)}, "
+            raise UserError(f"{source}: shape of '{srcs[0]}' is {tuple(value.shape)}, "
                              f"our '{key}' is {tuple(ours[key].shape)}")
         new_state[key] = value.reshape(ours[key].shape)
         used.update(srcs)
     extra = sorted(k for k in set(hf_state) - used if not any(s in k for s in ignore))
     if extra:
-        raise ValueError(f"{source}: checkpoint key(s) not used by our model: {extra[:5]}")
+        raise UserError(f"{source}: checkpoint key(s) not used by our model: {extra[:5]}")
     module.load_state_dict(new_state, strict=True)
 
 

@@ -1,12 +1,18 @@
-"""Small training utilities every script uses the same way: config from the command line,
-optimiser parameter groups, warm-up + cosine schedule, precision, atomic checkpoints, RNG
-state, and the metrics log."""
+"""Small training utilities every script uses the same way: config resolution and --help from
+the Config dataclass, user errors, seeding, optimiser groups, warm-up + cosine schedule,
+precision, checkpoints (atomic, fsynced, loaded with weights_only=True), the lifecycle guards
+(SIGTERM / SIGUSR1 preemption, non-finite steps), and the metrics log."""
 import argparse
 import dataclasses
+import inspect
 import json
 import math
 import os
+import pickle
 import random
+import re
+import signal
+import sys
 
 import numpy as np
 import torch
@@ -14,26 +20,149 @@ import torch
 from . import dist
 
 
-def parse_config(config_cls, presets, argv=None, description=None):
+# ---- user errors ----
+
+class UserError(ValueError):
+    """A mistake in the user's input (a flag, a file, an annotation). `cli` prints it as one line
+    and exits with status 2; tracebacks are for bugs."""
+
+
+class MissingFileError(UserError, FileNotFoundError):
+    """A file or folder named by the user does not exist."""
+
+
+class RunAborted(RuntimeError):
+    """The run cannot go on (e.g. too many non-finite steps in a row); printed as one line too."""
+
+
+def cli(main):
+    """Run `main()` as a command: a UserError or RunAborted prints `error: ...` (rank 0 only under
+    torchrun, where every rank hits the same error) and exits with status 2."""
+    try:
+        main()
+    except (UserError, RunAborted) as e:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+# ---- config: presets, task recipes, command line, checkpoint ----
+
+def field_help(config_cls):
+    """{field: help text} from the comments on the Config dataclass's lines (the comment after a
+    field, plus comment-only lines that continue it at the same column)."""
+    lines = inspect.getsource(config_cls).splitlines()
+    out, last, col = {}, None, None
+    for line in lines:
+        m = re.match(r"\s+(\w+)\s*:\s*[\w\[\], .]+=.*?(#\s?(.*))?$", line)
+        if m and not line.strip().startswith("#"):
+            last = m.group(1)
+            out[last] = (m.group(3) or "").strip()
+            col = line.index("#") if m.group(2) else None
+        elif last and col is not None and line.strip().startswith("#") and line.index("#") == col:
+            out[last] += " " + line.strip()[1:].strip()
+        else:
+            last = None
+    return out
+
+
+def _preset_epilog(presets, recipes_doc):
+    rows = ["presets (--preset; the command line overrides any of these):"]
+    for name, values in presets.items():
+        rows.append(f"  {name}: " + (", ".join(f"{k}={v}" for k, v in values.items()) or "the Config defaults"))
+    if recipes_doc:
+        rows.append(recipes_doc)
+    return "\n".join(rows)
+
+
+def build_parser(config_cls, presets, description=None, choices=None, recipes_doc=""):
     """argparse generated from a Config dataclass: `--field-name` for `field_name`, booleans as
-    `--flag/--no-flag`. The preset's values are applied first, the command line over them."""
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    `--flag/--no-flag`, each with its comment and default as help; presets in the epilog."""
+    choices = {"preset": list(presets), **(choices or {})}
+    parser = argparse.ArgumentParser(description=description, epilog=_preset_epilog(presets, recipes_doc),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    helps = field_help(config_cls)
     for f in dataclasses.fields(config_cls):
         name = "--" + f.name.replace("_", "-")
+        text = f"{helps.get(f.name, '')} (default: {f.default!r})".strip().replace("%", "%%")
         if f.type in (bool, "bool"):
-            parser.add_argument(name, action=argparse.BooleanOptionalAction, default=None)
+            parser.add_argument(name, action=argparse.BooleanOptionalAction, default=None, help=text)
         else:
             typ = {"int": int, "float": float, "str": str}.get(f.type, f.type)
-            parser.add_argument(name, type=typ, default=None, metavar=f.name.upper(),
-                                choices=list(presets) if f.name == "preset" else None)
+            parser.add_argument(name, type=typ, default=None, metavar=f.name.upper(), choices=choices.get(f.name),
+                                help=text)
+    return parser
+
+
+# Fields a resumed run may change: where and how it runs, never what it trains.
+RESUME_MUTABLE = ("output_dir", "resume", "init_from", "eval_only", "workers", "log_every", "save_every",
+                  "precision", "compile", "grad_checkpointing", "image_root", "val_data", "zeroshot_data",
+                  "max_bad_steps")
+
+
+def resolve_config(config_cls, presets, argv=None, *, description=None, recipe=None, recipes_doc="",
+                   choices=None, resume_mutable=()):
+    """The run's Config and, for a resumed run, its checkpoint. One order for every script, each
+    step overriding the ones before it:
+
+      1. the Config dataclass defaults;
+      2. the preset (`--preset`, PRESETS[name]);
+      3. the task recipe, `recipe(cfg) -> dict` (e.g. BLIP's fine-tuning recipe for `--preset
+         vit-b --task retrieval`), for the fields the command line does not set;
+      4. the command line;
+      5. a resumed run (`--resume PATH|auto` finding a checkpoint) continues the run it was: every
+         field comes from the checkpoint's config except those that say where and how it runs
+         (RESUME_MUTABLE + `resume_mutable`). A command-line value that contradicts the checkpoint,
+         or another number of processes, is an error naming it (the sample order, the schedule
+         and every rank's RNG depend on them), never a silent change.
+
+    `cfg.cli_keys` holds the fields given on the command line (not a dataclass field: never
+    saved). Needs `dist.setup()` first: rank 0 decides which checkpoint to resume and every rank
+    loads that same file (or all fail together with the reason)."""
+    parser = build_parser(config_cls, presets, description, choices, recipes_doc)
     args = parser.parse_args(argv)
     preset = args.preset or config_cls.preset
     cfg = config_cls(**{**presets[preset], "preset": preset})
     given = {key: value for key, value in vars(args).items() if value is not None}
     for key, value in given.items():
         setattr(cfg, key, value)
-    cfg.cli_keys = set(given)  # what the user set explicitly (not a dataclass field: never saved)
-    return cfg
+    recipe_values = {k: v for k, v in (recipe(cfg) if recipe else {}).items() if k not in given}
+    for key, value in recipe_values.items():
+        setattr(cfg, key, value)
+    cfg.cli_keys = set(given) | set(recipe_values)   # set on purpose (command line or recipe), not by default
+    ckpt_path = resume_path(cfg.resume, cfg.output_dir)
+    if not ckpt_path:
+        return cfg, None
+    ckpt = load_checkpoint_everywhere(ckpt_path)
+    saved, mutable = ckpt["config"], set(RESUME_MUTABLE) | set(resume_mutable)
+    for key, value in saved.items():
+        if key in mutable or not hasattr(cfg, key):
+            continue
+        if key in given and given[key] != value:
+            raise UserError(f"--{key.replace('_', '-')} {given[key]} differs from {value!r} of the run being resumed "
+                            f"({ckpt_path}); resume with the same value, or start a new run with --init-from")
+        setattr(cfg, key, value)
+    if ckpt.get("world_size", dist.world_size()) != dist.world_size():
+        raise UserError(f"{ckpt_path} was written by a run of {ckpt['world_size']} process(es), this one has "
+                        f"{dist.world_size()}: resume with the same number (each rank's sample order and RNG state "
+                        f"depend on it), or start a new run with --init-from")
+    cfg.init_from = ""
+    cfg.resume = ckpt_path
+    return cfg, ckpt
+
+
+def check_resume_position(ckpt, steps_per_epoch):
+    """A resumed run must see the same epoch length, or its mid-epoch skip would point at other samples."""
+    if ckpt and ckpt.get("steps_per_epoch", steps_per_epoch) != steps_per_epoch:
+        raise UserError(f"the resumed run had {ckpt['steps_per_epoch']} steps per epoch, this one has {steps_per_epoch}:"
+                        " the training data changed since the checkpoint; resume with the same data")
+
+
+def seed_everything(seed):
+    """Python, NumPy and torch (every device) generators from one seed."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
 
 
 def param_groups(model, weight_decay, extra_no_decay=()):
@@ -48,6 +177,20 @@ def param_groups(model, weight_decay, extra_no_decay=()):
         else:
             decay.append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def adamw(groups, **kwargs):
+    """AdamW with the fused kernel (CUDA and CPU): one kernel for all parameters, and it honours
+    `found_inf`, which lets a non-finite step be skipped on the device without a host sync."""
+    return torch.optim.AdamW(groups, fused=True, **kwargs)
+
+
+def grad_norm_(model, max_norm=0.0):
+    """The total gradient norm as a device tensor (no host sync), clipped to `max_norm` when > 0."""
+    params = [p for p in model.parameters() if p.grad is not None]
+    if max_norm > 0:
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+    return torch.nn.utils.get_total_norm([p.grad for p in params])
 
 
 def cosine_schedule(optimizer, warmup_steps, total_steps):
@@ -68,7 +211,7 @@ def resolve_precision(precision, device):
         return ("bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
                 else "fp32")
     if precision not in ("fp32", "bf16", "fp16"):
-        raise ValueError(f"--precision must be auto, fp32, bf16 or fp16, not {precision!r}")
+        raise UserError(f"--precision must be auto, fp32, bf16 or fp16, not {precision!r}")
     return precision
 
 
@@ -77,38 +220,225 @@ def autocast(precision, device):
     return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
 
 
+# ---- checkpoints ----
+
 def rng_state():
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+    """Every generator's state in types `torch.load(weights_only=True)` accepts (tensors, tuples)."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {"python": random.getstate(), "numpy": (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss),
+            "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
 
 
 def set_rng_state(state):
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
     torch.set_rng_state(state["torch"])
     if state["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
 
 
+def check_finite(module):
+    """A checkpoint is never written from non-finite weights: error naming the first such tensor."""
+    for name, t in module.state_dict().items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise RunAborted(f"weight {name} is not finite: refusing to write a checkpoint from it")
+
+
 def save_checkpoint(path, state):
-    """Atomic: write to a temporary file, then os.replace, so a crash mid-write never leaves a
-    truncated checkpoint where --resume auto would find it."""
+    """Atomic and durable: write a temporary file, fsync it, os.replace it over `path`, fsync the
+    folder. A crash or a preemption mid-write never leaves a truncated checkpoint where
+    --resume auto would find it, and a machine crash right after the rename keeps the new file."""
     tmp = path + ".tmp"
-    torch.save(state, tmp)
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
+    fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def load_checkpoint(path):
+    """torch.load(weights_only=True): a checkpoint given to --resume / --init-from can never run
+    code. Ours hold only tensors and plain types; a file that needs pickled classes is refused."""
+    if not os.path.isfile(path):
+        raise MissingFileError(f"checkpoint {path} does not exist")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise UserError(f"{path} needs pickled Python objects to load, which could run code; only plain "
+                        f"state dicts load (torch.load weights_only=True). Re-save its tensors as a state dict. "
+                        f"({str(e).splitlines()[0]})") from None
+    except (RuntimeError, EOFError, OSError) as e:
+        raise UserError(f"{path} is not a readable PyTorch checkpoint ({str(e).splitlines()[0]})") from None
 
 
 def resume_path(resume, output_dir):
-    """--resume auto -> output_dir/checkpoint_last.pt if it exists (else None); a path -> itself."""
+    """--resume auto -> output_dir/checkpoint_last.pt if it exists (else None); a path -> itself.
+    Decided by rank 0 and broadcast, so node-local output folders cannot split the ranks."""
     if not resume:
         return None
-    if resume == "auto":
-        path = os.path.join(output_dir, "checkpoint_last.pt")
-        return path if os.path.isfile(path) else None
-    if not os.path.isfile(resume):
-        raise FileNotFoundError(f"--resume {resume}: no such checkpoint")
-    return resume
+    path = None
+    if dist.is_main():
+        if resume == "auto":
+            auto = os.path.join(output_dir, "checkpoint_last.pt")
+            path = auto if os.path.isfile(auto) else None
+        else:
+            path = resume
+    return dist.gather_objects(path)[0]
 
+
+def load_checkpoint_everywhere(path):
+    """Every rank loads the same file; if any rank cannot, all fail together naming it."""
+    ckpt, error = None, None
+    try:
+        ckpt = load_checkpoint(path)
+    except UserError as e:
+        error = str(e)
+    errors = dist.gather_objects(error)
+    failed = [(r, e) for r, e in enumerate(errors) if e]
+    if failed:
+        r, e = failed[0]
+        raise UserError(f"rank {r} cannot resume from {path}: {e}" if dist.is_dist() else e)
+    return ckpt
+
+
+# ---- lifecycle: preemption and non-finite steps ----
+
+class Preemption:
+    """SIGTERM / SIGUSR1 (what SLURM, Kubernetes and torchrun send before they kill a job) set a
+    flag; `requested()` is True on every rank once any rank got one, so all ranks finish the same
+    step, save `checkpoint_last.pt` together and exit cleanly. Use as a context manager: the
+    previous handlers come back on exit. The per-step agreement is an all-reduce of one number on
+    a CPU (gloo) group: no GPU sync."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __enter__(self):
+        self.received, self.previous = None, {}
+        try:
+            self.previous = {s: signal.signal(s, self._on_signal) for s in self.SIGNALS}
+        except ValueError:   # not the main thread: signals cannot be caught here
+            pass
+        self.group = dist.cpu_group()
+        return self
+
+    def _on_signal(self, signum, frame):
+        self.received = signal.Signals(signum).name
+
+    def __exit__(self, *exc):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+    def requested(self):
+        flag = torch.tensor([float(self.received is not None)])
+        if dist.is_dist():
+            torch.distributed.all_reduce(flag, torch.distributed.ReduceOp.MAX, group=self.group)
+        return bool(flag)
+
+
+class NonFiniteGuard:
+    """Skips the update of a step whose loss or gradient norm is not finite, counts it, names the
+    first module whose output went non-finite the first time it happens (as transformers'
+    DebugUnderflowOverflow), and aborts after `max_bad` such steps in a row.
+
+    `ok = guard.check(loss, grad_norm, scaler)` is a 0-d bool on the device, the same on every
+    rank; `guard.step(optimizer, scaler, ok)` skips on the device (fused AdamW's found_inf), the
+    momentum encoders and queues take `ok` the same way, so a GPU step never waits for the host.
+    `guard.account(step, ok, diagnose)` does the host-side bookkeeping: on CUDA one step late
+    (the flag is copied asynchronously), on CPU at once."""
+
+    def __init__(self, max_bad):
+        self.max_bad, self.total, self.in_a_row, self.culprit = max_bad, 0, 0, None
+        self.pending = None
+
+    @staticmethod
+    def check(loss, grad_norm, scaler):
+        bad = ~torch.isfinite(loss.detach())
+        if not scaler.is_enabled():          # fp16: an overflowing gradient is the scaler's business
+            bad = bad | ~torch.isfinite(grad_norm)
+        return ~dist.any_rank(bad)
+
+    @staticmethod
+    def step(optimizer, scaler, ok):
+        if scaler.is_enabled():              # a non-finite loss has non-finite gradients: the scaler skips
+            scaler.step(optimizer)
+            scaler.update()
+            return
+        optimizer.found_inf = (~ok).float()
+        optimizer.step()
+        del optimizer.found_inf
+
+    def account(self, step, ok, diagnose):
+        """Host bookkeeping for `step`; `diagnose()` re-runs that step's forward and names the culprit."""
+        if ok.device.type == "cuda":
+            flag = torch.empty((), dtype=torch.bool, pin_memory=True)
+            flag.copy_(ok, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            previous, self.pending = self.pending, (step, flag, event, diagnose)
+            if previous:
+                self._count(previous[0], previous[2].synchronize() or bool(previous[1]), previous[3])
+        else:
+            self._count(step, bool(ok), diagnose)
+
+    def flush(self):
+        if self.pending:
+            step, flag, event, diagnose = self.pending
+            self.pending = None
+            event.synchronize()
+            self._count(step, bool(flag), diagnose)
+
+    def _count(self, step, ok, diagnose):
+        if ok:
+            self.in_a_row = 0
+            return
+        self.total += 1
+        self.in_a_row += 1
+        if self.culprit is None:
+            self.culprit = diagnose()
+        if dist.is_main():
+            print(f"step {step}: non-finite loss or gradient norm, update skipped ({self.total} so far); "
+                  f"first non-finite output on that batch: {self.culprit}", flush=True)
+        if self.in_a_row >= self.max_bad:
+            raise RunAborted(f"{self.in_a_row} non-finite steps in a row, the last at step {step} (--max-bad-steps "
+                             f"{self.max_bad}); first non-finite output: {self.culprit}")
+
+
+def first_nonfinite_module(model, inputs, forward):
+    """Re-run `forward()` (no grad, RNG untouched) with a forward hook on every sub-module and
+    return the name of the first one, in execution order, whose output holds a NaN or inf;
+    `inputs` {name: tensor} are checked first."""
+    for name, t in inputs.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            return f"the input {name}"
+    found = []
+
+    def hook(name):
+        def fn(module, args, output):
+            outs = output if isinstance(output, (tuple, list)) else (output,)
+            if not found and any(torch.is_tensor(o) and o.is_floating_point() and not bool(torch.isfinite(o).all())
+                                 for o in outs):
+                found.append(f"{name} ({type(module).__name__})")
+        return fn
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in model.named_modules() if n]
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=devices):
+            forward()
+    finally:
+        for h in handles:
+            h.remove()
+    return found[0] if found else "none (the forward is finite: the loss or the backward overflowed)"
+
+
+# ---- logging ----
 
 class MetricLog:
     """Appends one JSON object per line to output_dir/metrics.jsonl (rank 0 only)."""

@@ -19,6 +19,7 @@ def main(out, val_file):
     b = 4 // world
     mine = slice(rank * b, (rank + 1) * b)
     model(images[mine], ids[mine], mask[mine], idx[mine], alpha=0.4, task="pretrain")
+    model.finish_step()
     queue = {k: getattr(model, k).clone() for k in ("image_queue", "text_queue", "idx_queue", "queue_ptr")}
     # hard negatives: global images = the 4 basis vectors; the text of global sample j equals image
     # (j + 2) % 4, i.e. its hardest negative sits on the other rank (its own image is excluded).

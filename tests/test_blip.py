@@ -12,9 +12,10 @@ from tests.test_distributed import ROOT, torchrun
 
 
 def test_momentum_parameters_follow_the_closed_form_ema():
-    """After K training steps, theta_m = m^K theta_m(0) + sum_t (1 - m) m^(K-t) theta(t-1),
-    where theta(t-1) are the online weights when step t's forward ran (BLIP updates the momentum
-    encoders at the start of the ITC loss)."""
+    """After K training steps, theta_m = m^K theta_m(0) + sum_t (1 - m) m^(K-t) theta(t), where
+    theta(t) are the online weights after step t's update (finish_step; BLIP does the same update
+    at the start of the next forward, the same sequence). A skipped (non-finite) step moves
+    neither the momentum weights nor the queue."""
     model, tok, cfg = blip_model(momentum=0.9)
     images, ids, mask, idx = blip_batch(tok, 4)
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
@@ -23,17 +24,25 @@ def test_momentum_parameters_follow_the_closed_form_ema():
     momentum = dict(model.named_parameters())[name.replace("visual_encoder", "visual_encoder_m", 1)]
     expected, history = momentum.detach().clone(), []
     for _ in range(3):
-        history.append(online.detach().clone())
-        losses = model(images, ids, mask, idx, alpha=0.4, task="pretrain")
+        losses = model(images, ids, mask, idx, alpha=torch.tensor(0.4), task="pretrain")
         sum(losses.values()).backward()
         opt.step()
         opt.zero_grad()
+        model.finish_step(torch.tensor(True))
+        history.append(online.detach().clone())
     m = 0.9
     for theta in history:
         expected = m * expected + (1 - m) * theta
     torch.testing.assert_close(momentum.detach(), expected, atol=1e-6, rtol=1e-6)
     assert not torch.equal(history[0], history[-1])              # the online weights did move
     assert set(losses) == {"loss_itc", "loss_itm", "loss_lm"}
+    queue, ptr, before = model.image_queue.clone(), int(model.queue_ptr), momentum.detach().clone()
+    model(images, ids, mask, idx, alpha=torch.tensor(0.4), task="pretrain")
+    with torch.no_grad():
+        online.add_(1.0)
+    model.finish_step(torch.tensor(False))                      # a skipped step
+    assert torch.equal(momentum.detach(), before)
+    assert torch.equal(model.image_queue, queue) and int(model.queue_ptr) == (ptr + 4) % cfg.queue_size
 
 
 def test_queue_negatives_and_rerank_under_torchrun(tmp_path, tiny):
@@ -49,6 +58,7 @@ def test_queue_negatives_and_rerank_under_torchrun(tmp_path, tiny):
     model, tok, cfg = blip_model()
     images, ids, mask, idx = blip_batch(tok, 4)
     model(images, ids, mask, idx, alpha=0.4, task="pretrain")
+    model.finish_step()
     for k in ("image_queue", "text_queue"):
         torch.testing.assert_close(got["queue"][k][:, :4], getattr(model, k)[:, :4], atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(got["queue"][k][:, 4:], getattr(model, k)[:, 4:])   # untouched slots
@@ -117,8 +127,9 @@ def test_start_up_checks(tiny, tmp_path):
         blip_train.main([*base, "--batch-size", "8", "--queue-size", "100"])
     with pytest.raises(ValueError, match=r"--prompt .* leaves no room"):
         blip_train.main([*base, "--task", "caption", "--prompt", "a picture of " * 10])
-    with pytest.raises(ValueError, match="--task must be"):
+    with pytest.raises(SystemExit) as exit_info:                   # argparse: one line, status 2
         blip_train.main([*base, "--task", "vqa"])
+    assert exit_info.value.code == 2
 
 
 def test_missing_image_id_falls_back_to_the_image_path(tiny, tmp_path):
@@ -154,7 +165,7 @@ def test_itm_pairs_and_labels(monkeypatch):
     monkeypatch.setattr(blip_train, "hard_negatives", spy_hn)
     with torch.no_grad():
         embeds = model.image_features(images)
-        model.loss_itm(ids, mask, idx, embeds, model.image_embed(embeds), model.text_embed(ids, mask))
+        model.loss_itm(ids, mask, idx, embeds, model.image_embed(embeds), model.text_embed(ids, mask), False)
         pos = model.itm_logits(ids, mask, embeds)
         neg_img = model.itm_logits(ids, mask, embeds[drawn["neg_image"]])
         neg_txt = model.itm_logits(ids[drawn["neg_text"]], mask[drawn["neg_text"]], embeds)
