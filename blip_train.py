@@ -319,8 +319,8 @@ class BLIP(nn.Module):
                 pos = (idx[:, None] == idx_all).float()
                 targets = pos / pos.sum(1, keepdim=True)
             else:                    # pretraining: the diagonal of the current batch (blip_pretrain.py)
-                targets = torch.zeros(ids.shape[0], image_keys.shape[1], device=ids.device)
-                targets[:, : ids.shape[0]].fill_diagonal_(1)
+                B = ids.shape[0]
+                targets = F.pad(torch.eye(B, device=ids.device), (0, image_keys.shape[1] - B))   # (B, B + K)
         # Similarities in fp32 even under autocast: at temperature 0.07 (down to 0.001) bf16's
         # spacing near the largest logits would be coarser than the differences that matter.
         with torch.autocast(ids.device.type, enabled=False):

@@ -89,8 +89,9 @@ def build_parser(config_cls, presets, description=None, choices=None, recipes_do
             parser.add_argument(name, action=argparse.BooleanOptionalAction, default=None, help=text)
         else:
             typ = {"int": int, "float": float, "str": str}.get(f.type, f.type)
-            parser.add_argument(name, type=typ, default=None, metavar=f.name.upper(), choices=choices.get(f.name),
-                                help=text)
+            options = choices.get(f.name)
+            parser.add_argument(name, type=typ, default=None, metavar=None if options else f.name.upper(),
+                                choices=options, help=text)
     return parser
 
 
@@ -271,9 +272,10 @@ def load_checkpoint(path):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
+        if "global" not in str(e).lower():       # not a pickle at all (a truncated or foreign file)
+            raise UserError(f"{path} is not a readable PyTorch checkpoint") from None
         raise UserError(f"{path} needs pickled Python objects to load, which could run code; only plain "
-                        f"state dicts load (torch.load weights_only=True). Re-save its tensors as a state dict. "
-                        f"({str(e).splitlines()[0]})") from None
+                        f"state dicts load (torch.load weights_only=True). Re-save its tensors as a state dict.") from None
     except (RuntimeError, EOFError, OSError) as e:
         raise UserError(f"{path} is not a readable PyTorch checkpoint ({str(e).splitlines()[0]})") from None
 

@@ -1,0 +1,242 @@
+"""The template's lifecycle, shared by every script: config resolution and resume checks, per-rank
+seeding, SIGTERM / SIGUSR1 preemption, non-finite steps, safe checkpoints, one-line user errors,
+--help, and a compiled training step (no graph breaks, no recompiles, the eager loss)."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import blip_train
+import clip_train
+from common import utils
+from tests.dist_fixtures import blip_batch, blip_model, clip_batch, clip_config
+from tests.test_distributed import ROOT, torchrun
+
+TINY_CLIP = ["--vision-layers", "1", "--text-layers", "1", "--vision-width", "32", "--text-width", "32",
+             "--embed-dim", "32", "--batch-size", "16", "--workers", "0", "--warmup-steps", "2", "--log-every", "1"]
+
+
+def read_metrics(out):
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+# ---- compile ----
+
+def _compiled_matches_eager(model, step):
+    """Loss and gradients of a compiled step (one graph, AOT autograd with functionalisation)
+    equal eager; a second step with other Python-side values does not recompile."""
+    eager = step(model, 0.4)
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        got = step(compiled, 0.4)
+        for n, p in model.named_parameters():
+            if n in grads:
+                torch.testing.assert_close(p.grad, grads[n], atol=1e-5, rtol=1e-4, msg=n)
+        step(compiled, 0.3)          # another alpha: the same graph
+    torch.testing.assert_close(got, eager, atol=1e-5, rtol=1e-5)
+    assert len(grads) > 10
+
+
+def test_compiled_clip_step_equals_eager():
+    torch.manual_seed(0)
+    model = clip_train.CLIP(clip_config())
+    images, ids = clip_batch()
+
+    def step(m, _):
+        loss = clip_train.clip_loss(*m(images, ids))
+        loss.backward()
+        return loss.detach()
+    _compiled_matches_eager(model, step)
+
+
+def test_compiled_blip_step_equals_eager():
+    """The BLIP step compiles as one graph: alpha is a tensor, the queue pointer and the EMA live
+    in finish_step() outside the compiled forward, the negatives are drawn without multinomial."""
+    model, tok, cfg = blip_model()
+    images, ids, mask, idx = blip_batch(tok, 4)
+
+    def step(m, alpha):
+        torch.manual_seed(1)
+        losses = m(images, ids, mask, idx, torch.tensor(alpha), "pretrain")
+        loss = sum(losses.values())
+        loss.backward()
+        return torch.stack([losses[k].detach() for k in sorted(losses)])
+    _compiled_matches_eager(model, step)
+
+
+# ---- --help and user errors ----
+
+@pytest.mark.parametrize("script", [clip_train, blip_train])
+def test_help_documents_every_flag_default_preset_and_task(script):
+    text = utils.build_parser(script.Config, script.PRESETS, choices={"task": getattr(script, "TASKS", None)},
+                              recipes_doc=getattr(script, "RECIPES_DOC", "")).format_help()
+    helps = utils.field_help(script.Config)
+    for f in script.Config.__dataclass_fields__:
+        assert f"--{f.replace('_', '-')}" in text and helps[f], f          # every flag, with its meaning
+    assert text.count("(default:") >= len(helps)
+    assert all(f"  {name}:" in text for name in script.PRESETS)
+    if script is blip_train:
+        assert "{pretrain,retrieval,caption,capfilt}" in text and "retrieval: image_size=384" in text
+
+
+@pytest.mark.parametrize("args, culprit", [
+    (["clip_train.py", "--train-data", "no/such/train.json", "--tokenizer", "TINY"],
+     "annotation file no/such/train.json does not exist"),
+    (["clip_train.py", "--train-data", "no/such/train.json"], "no tokenizer: pass --tokenizer"),
+    (["blip_train.py", "--batch-size", "8", "--queue-size", "100"], "--queue-size 100 is not a multiple"),
+])
+def test_user_mistake_prints_one_line_and_exits_2(tmp_path, tiny, args, culprit):
+    args = [os.path.join(tiny, "tokenizer") if a == "TINY" else a for a in args]
+    proc = subprocess.run([sys.executable, *args, "--workers", "0", "--output-dir", str(tmp_path)], cwd=ROOT,
+                          capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = [line for line in proc.stderr.splitlines() if line.strip() and "Warning" not in line]
+    assert lines == [lines[0]] and lines[0].startswith("error: ") and culprit in lines[0], proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+
+
+# ---- config resolution and resume ----
+
+def _fake_checkpoint(folder, cfg, world_size=1):
+    import dataclasses
+    os.makedirs(folder, exist_ok=True)
+    utils.save_checkpoint(os.path.join(folder, "checkpoint_last.pt"),
+                          {"config": dataclasses.asdict(cfg), "world_size": world_size, "step": 5})
+
+
+def test_config_order_preset_recipe_command_line_checkpoint(tmp_path):
+    """preset -> task recipe -> command line; a resumed run keeps its checkpoint's values (here a
+    retrieval fine-tuning run started at 224 px with a 64-entry queue, against the recipe's
+    384 / 57,600), and a contradicting flag is an error naming it."""
+    resolve = lambda argv: utils.resolve_config(blip_train.Config, blip_train.PRESETS, argv,  # noqa: E731
+                                                recipe=blip_train.task_recipe)
+    fresh, _ = resolve(["--preset", "vit-b", "--task", "retrieval", "--output-dir", str(tmp_path)])
+    assert (fresh.image_size, fresh.queue_size, fresh.lr, fresh.vision_width) == (384, 57600, 1e-5, 768)
+    started, _ = resolve(["--preset", "vit-b", "--task", "retrieval", "--image-size", "224", "--queue-size", "64",
+                          "--output-dir", str(tmp_path)])
+    assert (started.image_size, started.queue_size, started.lr) == (224, 64, 1e-5)
+    _fake_checkpoint(tmp_path, started)
+    resumed, ckpt = resolve(["--preset", "vit-b", "--task", "retrieval", "--resume", "auto",
+                             "--output-dir", str(tmp_path), "--workers", "3"])
+    assert (resumed.image_size, resumed.queue_size, resumed.workers) == (224, 64, 3) and ckpt["step"] == 5
+    assert resumed.resume == os.path.join(str(tmp_path), "checkpoint_last.pt")
+    with pytest.raises(utils.UserError, match=r"--image-size 384 differs from 224 of the run being resumed"):
+        resolve(["--preset", "vit-b", "--task", "retrieval", "--resume", "auto", "--image-size", "384",
+                 "--output-dir", str(tmp_path)])
+    with pytest.raises(utils.UserError, match=r"--batch-size 16 differs"):
+        resolve(["--preset", "vit-b", "--task", "retrieval", "--resume", "auto", "--batch-size", "16",
+                 "--output-dir", str(tmp_path)])
+    _fake_checkpoint(tmp_path, started, world_size=8)
+    with pytest.raises(utils.UserError, match=r"run of 8 process\(es\), this one has 1"):
+        resolve(["--resume", "auto", "--output-dir", str(tmp_path)])
+    with pytest.raises(utils.UserError, match="the training data changed"):
+        utils.check_resume_position({"steps_per_epoch": 10}, 11)
+
+
+def test_resumed_finetuning_run_keeps_its_image_size_and_queue(tmp_path):
+    """The bug: a resumed retrieval run started with --image-size / --queue-size got the defaults
+    back and failed in load_state_dict. Now the checkpoint's config wins; a finished run resumed
+    is evaluated again."""
+    from tests.dist_fixtures import BLIP_SMALL_ARGS
+    args = [*BLIP_SMALL_ARGS, "--workers", "0", "--task", "retrieval", "--output-dir", str(tmp_path)]
+    first = blip_train.main([*args, "--image-size", "48", "--queue-size", "16", "--max-steps", "2"])
+    again = blip_train.main([a for a in args if a not in ("--image-size=32", "--queue-size=8")] + ["--resume", "auto"])
+    first.pop("retrieval_eval_s"), again.pop("retrieval_eval_s")
+    assert again == pytest.approx(first)
+    with open(tmp_path / "config.json") as f:
+        saved = json.load(f)
+    assert (saved["image_size"], saved["queue_size"], saved["max_steps"]) == (48, 16, 2)
+
+
+# ---- checkpoints ----
+
+class _Code:
+    pass
+
+
+def test_checkpoints_load_without_running_code(tmp_path, monkeypatch):
+    good = tmp_path / "good.pt"
+    state = {"config": {"a": 1}, "rng": [utils.rng_state()], "model": {"w": torch.ones(2)}}
+    calls = []
+    monkeypatch.setattr(utils.os, "fsync", lambda fd: calls.append("fsync"))
+    real_replace = os.replace
+    monkeypatch.setattr(utils.os, "replace", lambda a, b: (calls.append("replace"), real_replace(a, b)))
+    utils.save_checkpoint(str(good), state)
+    assert calls == ["fsync", "replace", "fsync"]                # file synced before the rename, then the folder
+    loaded = utils.load_checkpoint(str(good))                      # weights_only=True
+    utils.set_rng_state(loaded["rng"][0])
+    torch.save({"config": {}, "obj": _Code()}, tmp_path / "code.pt")
+    with pytest.raises(utils.UserError, match="needs pickled Python objects"):
+        utils.load_checkpoint(str(tmp_path / "code.pt"))
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(utils.UserError, match="not a readable PyTorch checkpoint"):
+        utils.load_checkpoint(str(tmp_path / "junk.pt"))
+    with pytest.raises(utils.MissingFileError):
+        utils.load_checkpoint(str(tmp_path / "none.pt"))
+    model = torch.nn.Linear(2, 2)
+    with torch.no_grad():
+        model.bias[1] = float("nan")
+    with pytest.raises(utils.RunAborted, match="weight bias is not finite"):
+        utils.check_finite(model)
+
+
+# ---- non-finite steps ----
+
+def test_nonfinite_step_is_skipped_counted_and_named(tmp_path, monkeypatch, capsys):
+    """A NaN loss at step 3: no optimizer update (fused AdamW's step count stays one behind),
+    counted in metrics.jsonl, the culprit search reports a finite forward; training goes on."""
+    real, calls = clip_train.clip_loss, [0]
+
+    def nan_at_step_3(*a):
+        calls[0] += 1
+        loss = real(*a)
+        return loss * float("nan") if calls[0] == 3 else loss
+    monkeypatch.setattr(clip_train, "clip_loss", nan_at_step_3)
+    clip_train.main([*TINY_CLIP, "--max-steps", "5", "--output-dir", str(tmp_path)])
+    train = [r for r in read_metrics(str(tmp_path)) if r["split"] == "train"]
+    assert [r["bad_steps"] for r in train] == [0, 0, 1, 1, 1]
+    ckpt = utils.load_checkpoint(str(tmp_path / "checkpoint_last.pt"))
+    assert ckpt["bad_steps"] == 1 and ckpt["step"] == 5
+    assert {int(s["step"]) for s in ckpt["optimizer"]["state"].values()} == {4}
+    assert "step 3: non-finite loss or gradient norm, update skipped" in capsys.readouterr().out
+
+
+def test_nonfinite_steps_in_a_row_abort_naming_step_and_module(tmp_path, monkeypatch):
+    """Every forward poisoned from the first MLP: after --max-bad-steps 3 the run aborts naming
+    the step and the first module whose output went non-finite; no checkpoint is written."""
+    from common import encoders
+    real = encoders.MLP.forward
+    monkeypatch.setattr(encoders.MLP, "forward", lambda self, x: real(self, x) * float("nan"))
+    with pytest.raises(utils.RunAborted, match=r"3 non-finite steps in a row, the last at step 3 .*"
+                                               r"visual\.transformer\.resblocks\.0\.mlp \(MLP\)"):
+        clip_train.main([*TINY_CLIP, "--max-steps", "5", "--max-bad-steps", "3", "--output-dir", str(tmp_path)])
+    assert not os.path.exists(tmp_path / "checkpoint_last.pt")
+
+
+def test_nonfinite_input_is_named():
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2))
+    x = torch.tensor([[1.0, float("inf")]])
+    assert utils.first_nonfinite_module(model, {"images": x}, lambda: model(x)) == "the input images"
+
+
+# ---- distributed agreement ----
+
+def test_ranks_agree_on_resume_load_failure_and_preemption(tmp_path):
+    """Under torchrun: rank 0 alone decides which checkpoint to resume (rank 1 sees no file, as with
+    node-local folders); a file rank 1 cannot read fails on both ranks naming rank 1; a SIGTERM on
+    rank 1 only stops both; any_rank spreads a flag."""
+    proc = torchrun([os.path.join(ROOT, "tests", "dist_lifecycle_worker.py"), str(tmp_path)], timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    for g in got:
+        assert g["resume"] == os.path.join(str(tmp_path), "checkpoint_last.pt")
+        assert "rank 1 cannot resume" in g["load_error"]
+        assert g["preempt_before"] is False and g["preempt_after"] is True and g["any_rank"] is True
+    assert got[1]["received"] == "SIGTERM" and got[0]["received"] is None
