@@ -82,19 +82,28 @@ def test_torchrun_checkpoint_and_resume_auto(tmp_path, subset):
     final = json.loads(first.stdout.strip().splitlines()[-1])
     assert set(final) >= {"i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "r_mean",
                           "zeroshot_top1", "zeroshot_top5"}
-    ckpt = torch.load(os.path.join(out, "checkpoint_last.pt"), weights_only=False)
+    ckpt = torch.load(os.path.join(out, "checkpoint_last.pt"), weights_only=True)
     assert ckpt["step"] == 4 and len(ckpt["rng"]) == 2 and ckpt["config"]["batch_size"] == 16
-    assert set(ckpt) >= {"model", "optimizer", "scheduler", "scaler"}
+    assert set(ckpt) >= {"model", "optimizer", "scheduler", "scaler"} and ckpt["world_size"] == 2
     assert os.path.isfile(os.path.join(out, "checkpoint_best.pt"))
     with open(os.path.join(out, "config.json")) as f:
         assert json.load(f)["vision_layers"] == 2
-    second = torchrun(["clip_train.py", *SMALL, *subset, "--max-steps", "8", "--output-dir", out,
+    # Per-rank seeding: CLIP's step draws nothing from the global generators, so each rank's saved
+    # torch state is still the one seed + rank set after the (shared-seed) model was built.
+    for r in range(2):
+        torch.manual_seed(0 + r)
+        assert torch.equal(ckpt["rng"][r]["torch"], torch.get_rng_state()), r
+    # Resuming a finished run evaluates it again; another --max-steps is an error, not a silent change.
+    second = torchrun(["clip_train.py", *SMALL, *subset, "--max-steps", "4", "--output-dir", out,
                        "--resume", "auto"], timeout=300)
     assert second.returncode == 0, second.stderr[-3000:]
     assert "resumed from" in second.stdout and "at step 4" in second.stdout
+    assert json.loads(second.stdout.strip().splitlines()[-1]) == pytest.approx(final, abs=1e-6)
     steps = [r["step"] for r in read_metrics(out) if r["split"] == "train"]
-    assert steps == [1, 2, 3, 4, 5, 6, 7, 8]
-    assert torch.load(os.path.join(out, "checkpoint_last.pt"), weights_only=False)["step"] == 8
+    assert steps == [1, 2, 3, 4]
+    third = torchrun(["clip_train.py", *SMALL, *subset, "--max-steps", "8", "--output-dir", out,
+                      "--resume", "auto"], timeout=300)
+    assert third.returncode != 0 and "error: --max-steps 8 differs from 4 of the run being resumed" in third.stderr
 
 
 def test_killed_run_resumes_to_the_same_losses(tmp_path, subset):
@@ -119,7 +128,7 @@ def test_killed_run_resumes_to_the_same_losses(tmp_path, subset):
     victim.wait()
     killed_at = max(train_losses(out))
     assert 9 <= killed_at < 40, f"the run was not killed mid-way (last step {killed_at})"
-    saved = torch.load(os.path.join(out, "checkpoint_last.pt"), weights_only=False)["step"]
+    saved = torch.load(os.path.join(out, "checkpoint_last.pt"), weights_only=True)["step"]
     assert saved % 4 == 0 and 4 <= saved <= killed_at
     proc = torchrun(["clip_train.py", *args, "--output-dir", out, "--resume", "auto"], timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -154,9 +163,9 @@ def test_init_from_hf_and_eval_only(tmp_path, tiny):
     # fine-tune from it on user data, then resume: the run keeps the checkpoint folder's tokenizer
     data = ["--train-data", os.path.join(tiny, "val.json"), "--batch-size", "16", "--workers", "0",
             "--output-dir", str(tmp_path / "ft")]
-    clip_train.main(["--init-from", str(tmp_path / "hf"), "--max-steps", "2", *data])
+    clip_train.main(["--init-from", str(tmp_path / "hf"), "--max-steps", "3", *data])
     clip_train.main(["--resume", "auto", "--max-steps", "3", *data])
-    ckpt = torch.load(tmp_path / "ft" / "checkpoint_last.pt", weights_only=False)
+    ckpt = torch.load(tmp_path / "ft" / "checkpoint_last.pt", weights_only=True)
     assert ckpt["step"] == 3 and ckpt["epoch"] == 0 and ckpt["config"]["tokenizer"] == str(tmp_path / "hf")
 
 
