@@ -648,10 +648,12 @@ def evaluate(model, cfg, val, tokenizer, device, precision, output_dir=None):
 # ---- CapFilt (Sec. 3.3) ----
 
 @torch.no_grad()
-def capfilt(model, cfg, records, tokenizer, device, precision, filter_model=None):
+def capfilt(model, cfg, records, tokenizer, device, precision, path, filter_model=None):
     """Captioner: nucleus-sample synthetic captions for every image. Filter: keep a web or
-    synthetic caption when the ITM head's p(match) >= threshold. Images are split across
-    ranks; rank 0 writes the new annotation file atomically (the input is never modified)."""
+    synthetic caption when the ITM head's p(match) >= threshold. Images are split across ranks;
+    each rank streams the records it keeps to a part file beside `path`, and rank 0 concatenates
+    the parts into the new annotation file, atomically (the input is never modified). The output
+    folder must be one every rank can reach (a shared filesystem across nodes). Returns the counts."""
     model.eval()
     filter_model = (filter_model or model).eval()
     start, end = dist.shard_range(len(records))
@@ -659,35 +661,69 @@ def capfilt(model, cfg, records, tokenizer, device, precision, filter_model=None
     loader = torch.utils.data.DataLoader(ImageDataset([r["image"] for r in mine], eval_transform(cfg.image_size, crop=False)),
                                          batch_size=cfg.batch_size, num_workers=cfg.workers)
     prompt_ids = prompt_token_ids(tokenizer, cfg.prompt, cfg.max_length)
-    out, kept, total = [], 0, 0
-    for images, index in loader:
-        images = images.to(device)
-        with autocast(precision, device):
-            cap_embeds = model.image_features(images)                    # the ViT once per batch
-            embeds = cap_embeds if filter_model is model else filter_model.image_features(images)
-            synthetic = [[] for _ in index]
-            for _ in range(cfg.capfilt_samples):
-                seqs = model.generate(images, prompt_ids, sample=True, max_length=cfg.max_gen_length,
-                                      min_length=cfg.min_gen_length, top_p=cfg.top_p, repetition_penalty=1.1,
-                                      image_embeds=cap_embeds)
-                for j, s in enumerate(seqs):                             # the caption after [DEC] + prompt
-                    caption = [t for t in s[1 + len(prompt_ids):].tolist() if t != tokenizer.pad_id]
-                    synthetic[j].append(tokenizer.decode(caption).strip())
-            for j, i in enumerate(index.tolist()):
-                candidates = [c for c in mine[i]["captions"] + synthetic[j] if c]
-                ids = tokenizer(candidates, cfg.max_length).to(device)
-                logits = filter_model.itm_logits(ids, (ids != tokenizer.pad_id).long(),
-                                                 embeds[j:j + 1].expand(len(candidates), -1, -1))
-                p_match = F.softmax(logits.float(), 1)[:, 1]
-                keep = [c for c, p in zip(candidates, p_match.tolist()) if p >= cfg.capfilt_threshold]
-                total += len(candidates)
+    kept = scored = images_kept = 0
+    with open(f"{path}.part{dist.rank()}.jsonl", "w") as part:
+        for images, index in loader:
+            images = images.to(device)
+            with autocast(precision, device):
+                cap_embeds = model.image_features(images)                    # the ViT once per batch
+                embeds = cap_embeds if filter_model is model else filter_model.image_features(images)
+                synthetic = [[] for _ in index]
+                for _ in range(cfg.capfilt_samples):
+                    seqs = model.generate(images, prompt_ids, sample=True, max_length=cfg.max_gen_length,
+                                          min_length=cfg.min_gen_length, top_p=cfg.top_p, repetition_penalty=1.1,
+                                          image_embeds=cap_embeds)
+                    for j, s in enumerate(seqs):                             # the caption after [DEC] + prompt
+                        caption = [t for t in s[1 + len(prompt_ids):].tolist() if t != tokenizer.pad_id]
+                        synthetic[j].append(tokenizer.decode(caption).strip())
+                candidates = [[c for c in mine[i]["captions"] + synthetic[j] if c] for j, i in enumerate(index.tolist())]
+                p_match = iter(itm_match(filter_model, [c for cs in candidates for c in cs],
+                                         [j for j, cs in enumerate(candidates) for _ in cs], embeds, cfg, tokenizer))
+            for i, cs in zip(index.tolist(), candidates):
+                keep = [c for c, p in zip(cs, p_match) if p >= cfg.capfilt_threshold]   # zip: len(cs) of p_match
+                scored += len(cs)
                 kept += len(keep)
                 if keep:
-                    out.append({"image": mine[i]["image"], "caption": keep, "image_id": mine[i]["image_id"]})
-    out = [r for part in dist.gather_objects(out) for r in part]
-    counts = [sum(x) for x in zip(*dist.gather_objects((kept, total)))]
-    return out, {"captions_kept": counts[0], "captions_scored": counts[1], "images_kept": len(out),
-                 "images": len(records)}
+                    images_kept += 1
+                    part.write(json.dumps({"image": mine[i]["image"], "caption": keep,
+                                           "image_id": mine[i]["image_id"]}) + "\n")
+    # a collective: every rank's part file is complete once it returns
+    counts = [sum(x) for x in zip(*dist.gather_objects((kept, scored, images_kept)))]
+    if dist.is_main():
+        concat_json_lines([f"{path}.part{r}.jsonl" for r in range(dist.world_size())], path)
+    return {"captions_kept": counts[0], "captions_scored": counts[1], "images_kept": counts[2],
+            "images": len(records)}
+
+
+def itm_match(model, texts, image_of, embeds, cfg, tokenizer):
+    """ITM p(match) of every (texts[n], embeds[image_of[n]]) pair, --itm-batch pairs per forward."""
+    if not texts:
+        return []
+    ids = tokenizer(texts, cfg.max_length).to(embeds.device)
+    image_of = torch.tensor(image_of, device=embeds.device)
+    p = [F.softmax(model.itm_logits(ids[a:a + cfg.itm_batch], (ids[a:a + cfg.itm_batch] != tokenizer.pad_id).long(),
+                                    embeds[image_of[a:a + cfg.itm_batch]]).float(), 1)[:, 1]
+         for a in range(0, len(texts), cfg.itm_batch)]
+    return torch.cat(p).tolist()
+
+
+def concat_json_lines(parts, path):
+    """One JSON array in `path`, laid out as json.dump(records, f, indent=1), from JSON-lines files
+    read in order and deleted; one record in memory at a time; written to a temporary file, then
+    renamed over `path`."""
+    first = True
+    with open(path + ".tmp", "w") as out:
+        out.write("[")
+        for name in parts:
+            with open(name) as f:
+                for line in f:
+                    record = json.dumps(json.loads(line), indent=1).replace("\n", "\n ")
+                    out.write(("\n " if first else ",\n ") + record)
+                    first = False
+        out.write("]" if first else "\n]")
+    os.replace(path + ".tmp", path)
+    for name in parts:
+        os.remove(name)
 
 
 # ---- training ----
@@ -782,17 +818,15 @@ def main(argv=None):
 
     if cfg.task == "capfilt":
         path = cfg.capfilt_output or os.path.join(cfg.output_dir, "capfilt.json")
-        if os.path.exists(path) and os.path.samefile(path, cfg.train_data):
+        source = cfg.train_data or os.path.join(tiny_data(), "train.json")          # "": the built-in data
+        if os.path.exists(path) and os.path.samefile(path, source):
             raise ValueError(f"--capfilt-output {path} is the input annotation file; CapFilt never overwrites it")
         filter_model = None
         if cfg.capfilt_filter:
             filter_model, _ = build_model(dataclasses.replace(cfg, init_from=cfg.capfilt_filter), tokenizer)
             filter_model.to(device)
-        out, counts = capfilt(model, cfg, records, tokenizer, device, precision, filter_model)
+        counts = capfilt(model, cfg, records, tokenizer, device, precision, path, filter_model)
         if dist.is_main():
-            with open(path + ".tmp", "w") as f:
-                json.dump(out, f, indent=1)
-            os.replace(path + ".tmp", path)
             log.write({"step": 0, "epoch": 0, "split": "capfilt", **counts})
             print(json.dumps({**counts, "output": path}))
         dist.cleanup()
