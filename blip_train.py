@@ -676,7 +676,8 @@ def capfilt(model, cfg, records, tokenizer, device, precision, path, filter_mode
                     for j, s in enumerate(seqs):                             # the caption after [DEC] + prompt
                         caption = [t for t in s[1 + len(prompt_ids):].tolist() if t != tokenizer.pad_id]
                         synthetic[j].append(tokenizer.decode(caption).strip())
-                candidates = [[c for c in mine[i]["captions"] + synthetic[j] if c] for j, i in enumerate(index.tolist())]
+                candidates = [[c for c in mine[i]["captions"] + synthetic[j] if c]
+                              for j, i in enumerate(index.tolist())]
                 p_match = iter(itm_match(filter_model, [c for cs in candidates for c in cs],
                                          [j for j, cs in enumerate(candidates) for _ in cs], embeds, cfg, tokenizer))
             for i, cs in zip(index.tolist(), candidates):

@@ -167,10 +167,13 @@ def test_capfilt_on_the_built_in_data_runs_twice_into_one_output_dir(tmp_path, t
         blip_train.main([*args, "--capfilt-output", os.path.join(tiny, "train.json")])
 
 
-@pytest.mark.parametrize("parts", [[], [[]], [[{"a": 1}]], [[{"image": "x.png", "caption": ["a b", "c\nd"], "image_id": 3},
-                                                              {"image": "y.png", "caption": ["é"], "image_id": "y"}],
-                                                             [], [{"image": "z.png", "caption": ["e"], "image_id": 4}]]])
+RECORDS = [{"image": "x.png", "caption": ["a b", "c\nd"], "image_id": 3},
+           {"image": "y.png", "caption": ["é"], "image_id": "y"}, {"image": "z.png", "caption": ["e"], "image_id": 4}]
+
+
+@pytest.mark.parametrize("parts", [[], [[]], [RECORDS[:1]], [RECORDS[:2], [], RECORDS[2:]]])
 def test_capfilt_parts_concatenate_to_the_json_dump_layout(tmp_path, parts):
+    """Rank part files (JSON lines, some empty) -> the file json.dump(records, f, indent=1) writes."""
     names = []
     for r, records in enumerate(parts):
         names.append(str(tmp_path / f"out.json.part{r}.jsonl"))

@@ -211,11 +211,11 @@ def test_beam_search_finds_the_better_sequence_greedy_misses():
     beam search (2 beams) finishes B EOS, the higher length-normalised log-probability."""
     A, B = 2, 3
 
+    after = {A: [1e-6, 0.3, 0.35, 0.35], B: [1e-6, 0.95, 0.025, 0.025]}     # p(PAD, EOS, A, B | last)
+
     def step(tokens, seqs):
         seqs = tokens if seqs is None else torch.cat([seqs, tokens], 1)
-        p = torch.full((seqs.shape[0], 4), 1e-6)
-        for i, last in enumerate(seqs[:, -1].tolist()):
-            p[i] = torch.tensor({A: [1e-6, 0.3, 0.35, 0.35], B: [1e-6, 0.95, 0.025, 0.025]}.get(last, [1e-6, 0.1, 0.5, 0.4]))
+        p = torch.tensor([after.get(last, [1e-6, 0.1, 0.5, 0.4]) for last in seqs[:, -1].tolist()])
         return p.log(), seqs
 
     prompt = torch.tensor([[9]])
