@@ -27,8 +27,9 @@ from tqdm import tqdm
 from common import dist
 from common.data import (ImageDataset, ImageTextDataset, ShardedSampler, eval_transform, load_tokenizer,
                          read_annotations, retrieval_texts, tiny_data, train_transform)
-from common.encoders import (BertEncoder, BertLMHead, VisionTransformer, hf_bert_lm_head_map, hf_bert_map,
-                             hf_blip_vision_map, load_mapped, read_hf_checkpoint, resize_pos_embed)
+from common.encoders import (BertEncoder, BertLMHead, KVCache, VisionTransformer, hf_bert_lm_head_map,
+                             hf_bert_map, hf_blip_vision_map, load_mapped, read_hf_checkpoint, resize_pos_embed)
+from common.generation import beam_search, greedy_or_sample
 from common.metrics import caption_metrics, retrieval_metrics
 from common.utils import (MetricLog, NonFiniteGuard, Preemption, UserError, adamw, autocast, check_finite,
                           check_resume_position, cli, cosine_schedule, first_nonfinite_module, grad_norm_,
@@ -376,29 +377,40 @@ class BLIP(nn.Module):
 
     @torch.no_grad()
     def generate(self, images, prompt_ids, *, sample=False, num_beams=3, max_length=20, min_length=5, top_p=0.9,
-                 repetition_penalty=1.0, image_embeds=None):
+                 repetition_penalty=1.0, image_embeds=None, use_cache=True):
         """Captions for a batch: the ViT runs once per batch; the decoder is conditioned on
         [DEC] + prompt (prompt_ids: (Lp,) without [CLS]/[SEP]). Beam search (deterministic) or
-        nucleus sampling. Lengths count [DEC] and the prompt, as BLIP's call of HF generate.
-        Returns (B, T) token ids including the prompt, padded with [PAD] after [SEP]. Pass
-        `image_embeds` when the caller already has the ViT tokens of `images`."""
+        nucleus sampling (common/generation.py). Lengths count [DEC] and the prompt, as BLIP's call
+        of HF generate. Returns (B, T) token ids including the prompt, padded with [PAD] after [SEP].
+        Pass `image_embeds` when the caller already has the ViT tokens of `images`.
+
+        With `use_cache` (the default) each step feeds the decoder only the new token: earlier
+        tokens' self-attention keys and values are kept, and the image's cross-attention keys and
+        values are projected once per batch and shared by its beams. `use_cache=False` recomputes
+        the whole prefix every step (the reference the cache is tested against)."""
         if image_embeds is None:
             image_embeds = self.image_features(images)
-        B = images.shape[0]
-        start = torch.cat([torch.tensor([self.dec_id]), prompt_ids.cpu()]).to(images.device)
+        B = image_embeds.shape[0]
+        start = torch.cat([torch.tensor([self.dec_id]), prompt_ids.cpu()]).to(image_embeds.device)
         prompt = start[None].expand(B, -1)
 
-        def next_logits(seqs, context):
-            mask = torch.ones_like(seqs)
-            return self.lm_head(self.text_decoder(seqs, mask, causal=True, context=context)[:, -1]).float()
-
+        if use_cache:
+            def step(tokens, cache):                                    # tokens: the new ones only
+                h = self.text_decoder(tokens, causal=True, context=image_embeds, cache=cache)
+                return self.lm_head(h[:, -1]).float(), cache
+            cache, reorder = KVCache(len(self.text_decoder.layer)), None
+        else:
+            def step(tokens, seqs):                                     # the cache is the token history
+                seqs = tokens if seqs is None else torch.cat([seqs, tokens], 1)
+                context = image_embeds.repeat_interleave(seqs.shape[0] // B, 0)          # beams: (B*K, ...)
+                h = self.text_decoder(seqs, torch.ones_like(seqs), causal=True, context=context)
+                return self.lm_head(h[:, -1]).float(), seqs
+            cache, reorder = None, (lambda seqs, index: seqs[index])
+        lengths = dict(max_length=max_length, min_length=min_length, eos_id=self.sep_id, pad_id=self.pad_id,
+                       repetition_penalty=repetition_penalty)
         if sample or num_beams == 1:
-            return decode_greedy_or_sample(next_logits, prompt, image_embeds, sample=sample, max_length=max_length,
-                                           min_length=min_length, top_p=top_p, eos_id=self.sep_id,
-                                           pad_id=self.pad_id, repetition_penalty=repetition_penalty)
-        return beam_search(next_logits, prompt, image_embeds, num_beams=num_beams, max_length=max_length,
-                           min_length=min_length, eos_id=self.sep_id, pad_id=self.pad_id,
-                           repetition_penalty=repetition_penalty)
+            return greedy_or_sample(step, prompt, cache, sample=sample, top_p=top_p, **lengths)
+        return beam_search(step, prompt, cache, reorder, num_beams=num_beams, **lengths)
 
     # ---- weights ----
 
@@ -502,96 +514,6 @@ def sample_negatives(weights):
     weights = torch.where(weights.sum(1, keepdim=True) > 0, weights, 1.0)      # no boolean indexing: no sync
     noise = torch.empty_like(weights).exponential_().clamp_(min=1e-30)      # E = 0 would make 0/0 a NaN
     return (weights / noise).argmax(1)
-
-
-# ---- decoding ----
-
-def _process_logits(scores, seqs, cur_len, min_length, eos_id, repetition_penalty):
-    """HF's MinLengthLogitsProcessor and RepetitionPenaltyLogitsProcessor (CTRL, Keskar et al. 2019)."""
-    if repetition_penalty != 1.0:
-        prev = scores.gather(1, seqs)
-        scores = scores.scatter(1, seqs, torch.where(prev < 0, prev * repetition_penalty, prev / repetition_penalty))
-    if cur_len < min_length:
-        scores[:, eos_id] = -float("inf")
-    return scores
-
-
-def decode_greedy_or_sample(next_logits, prompt, context, *, sample, max_length, min_length, top_p, eos_id, pad_id,
-                            repetition_penalty):
-    seqs, done = prompt.clone(), torch.zeros(prompt.shape[0], dtype=torch.bool, device=prompt.device)
-    while seqs.shape[1] < max_length and not done.all():
-        scores = _process_logits(next_logits(seqs, context), seqs, seqs.shape[1], min_length, eos_id,
-                                 repetition_penalty)
-        if sample:  # nucleus sampling (Holtzman et al. 2020): the smallest set with mass >= top_p,
-            # after transformers' default top-k of 50, which BLIP's sampling inherits
-            scores = scores.masked_fill(scores < scores.topk(min(50, scores.shape[-1]), -1).values[:, -1:],
-                                        -float("inf"))
-            probs = F.softmax(scores, -1)
-            sorted_probs, order = probs.sort(-1, descending=True)
-            drop = sorted_probs.cumsum(-1) - sorted_probs > top_p
-            probs = probs.scatter(1, order, sorted_probs.masked_fill(drop, 0))
-            token = torch.multinomial(probs, 1).squeeze(1)
-        else:
-            token = scores.argmax(-1)
-        token = torch.where(done, torch.full_like(token, pad_id), token)
-        seqs = torch.cat([seqs, token[:, None]], 1)
-        done |= token == eos_id
-    return seqs
-
-
-def beam_search(next_logits, prompt, context, *, num_beams, max_length, min_length, eos_id, pad_id,
-                repetition_penalty=1.0, length_penalty=1.0):
-    """Beam search as transformers' generate (early_stopping=False): keep the 2K best
-    continuations, finish those hitting [SEP] or max_length if among the top K, score finished
-    beams by sum(log p) / generated_length^length_penalty, stop when no running beam can beat
-    the worst finished one. Returns the best finished sequence per example. (The transformers
-    4.15 that BLIP used divided by the whole length, [DEC] and prompt included; current
-    transformers, and this function, count generated tokens only.)"""
-    B, Lp = prompt.shape
-    K, dev = num_beams, prompt.device
-    context = context.repeat_interleave(K, 0)
-    seqs = prompt.repeat_interleave(K, 0)                                         # (B*K, t)
-    running = torch.tensor([0.0] + [-1e9] * (K - 1), device=dev).repeat(B, 1)    # (B, K)
-    finished = torch.full((B, K, max_length), pad_id, dtype=torch.long, device=dev)
-    finished_scores = torch.full((B, K), -1e9, device=dev)
-    is_finished = torch.zeros(B, K, dtype=torch.bool, device=dev)
-    can_improve = torch.ones(B, 1, dtype=torch.bool, device=dev)
-    top_k_mask = torch.arange(2 * K, device=dev) < K
-    cur = Lp
-    while True:
-        logp = _process_logits(F.log_softmax(next_logits(seqs, context), -1), seqs, cur, min_length, eos_id,
-                               repetition_penalty)
-        V = logp.shape[-1]
-        acc = (logp.view(B, K, V) + running[..., None]).view(B, K * V)
-        top_scores, top_idx = acc.topk(2 * K, 1)                                  # (B, 2K)
-        beam, token = top_idx // V, top_idx % V
-        cand = torch.cat([seqs.view(B, K, cur).gather(1, beam[..., None].expand(-1, -1, cur)), token[..., None]], 2)
-        hits = (token == eos_id) | (cur + 1 >= max_length)
-        # running beams for the next step: the K best that did not finish
-        run_scores = top_scores - 1e9 * hits.float()
-        keep = run_scores.topk(K, 1).indices
-        seqs = cand.gather(1, keep[..., None].expand(-1, -1, cur + 1)).view(B * K, cur + 1)
-        running = run_scores.gather(1, keep)
-        # finished hypotheses: only candidates among the top K, length-normalised
-        fin = top_scores / (cur + 1 - Lp) ** length_penalty
-        fin = fin - 1e9 * (~can_improve).float() - 1e9 * (~(hits & top_k_mask)).float()
-        padded = F.pad(cand, (0, max_length - cur - 1), value=pad_id)
-        merged = torch.cat([finished, padded], 1)
-        merged_scores = torch.cat([finished_scores, fin], 1)
-        merged_done = torch.cat([is_finished, hits & top_k_mask], 1)
-        best = merged_scores.topk(K, 1).indices
-        finished = merged.gather(1, best[..., None].expand(-1, -1, max_length))
-        finished_scores, is_finished = merged_scores.gather(1, best), merged_done.gather(1, best)
-        cur += 1
-        best_running = running[:, :1] / (cur - Lp) ** length_penalty
-        worst_finished = torch.where(is_finished, finished_scores.min(1, keepdim=True).values,
-                                     torch.full_like(finished_scores, -1e9))
-        can_improve = can_improve & (best_running > worst_finished).any(1, keepdim=True)
-        if not can_improve.any() or hits.all():
-            break
-    out = finished[:, 0]
-    length = int((out != pad_id).sum(1).max())       # trailing padding removed, as generate crops
-    return out[:, :max(length, Lp)]
 
 
 # ---- data ----
@@ -783,10 +705,12 @@ def evaluate(model, cfg, val, tokenizer, device, precision, output_dir=None):
 # ---- CapFilt (Sec. 3.3) ----
 
 @torch.no_grad()
-def capfilt(model, cfg, records, tokenizer, device, precision, filter_model=None):
+def capfilt(model, cfg, records, tokenizer, device, precision, path, filter_model=None):
     """Captioner: nucleus-sample synthetic captions for every image. Filter: keep a web or
-    synthetic caption when the ITM head's p(match) >= threshold. Images are split across
-    ranks; rank 0 writes the new annotation file atomically (the input is never modified)."""
+    synthetic caption when the ITM head's p(match) >= threshold. Images are split across ranks;
+    each rank streams the records it keeps to a part file beside `path`, and rank 0 concatenates
+    the parts into the new annotation file, atomically (the input is never modified). The output
+    folder must be one every rank can reach (a shared filesystem across nodes). Returns the counts."""
     model.eval()
     filter_model = (filter_model or model).eval()
     start, end = dist.shard_range(len(records))
@@ -794,35 +718,70 @@ def capfilt(model, cfg, records, tokenizer, device, precision, filter_model=None
     loader = torch.utils.data.DataLoader(ImageDataset([r["image"] for r in mine], eval_transform(cfg.image_size, crop=False)),
                                          batch_size=cfg.batch_size, num_workers=cfg.workers)
     prompt_ids = prompt_token_ids(tokenizer, cfg.prompt, cfg.max_length)
-    out, kept, total = [], 0, 0
-    for images, index in loader:
-        images = images.to(device)
-        with autocast(precision, device):
-            cap_embeds = model.image_features(images)                    # the ViT once per batch
-            embeds = cap_embeds if filter_model is model else filter_model.image_features(images)
-            synthetic = [[] for _ in index]
-            for _ in range(cfg.capfilt_samples):
-                seqs = model.generate(images, prompt_ids, sample=True, max_length=cfg.max_gen_length,
-                                      min_length=cfg.min_gen_length, top_p=cfg.top_p, repetition_penalty=1.1,
-                                      image_embeds=cap_embeds)
-                for j, s in enumerate(seqs):                             # the caption after [DEC] + prompt
-                    caption = [t for t in s[1 + len(prompt_ids):].tolist() if t != tokenizer.pad_id]
-                    synthetic[j].append(tokenizer.decode(caption).strip())
-            for j, i in enumerate(index.tolist()):
-                candidates = [c for c in mine[i]["captions"] + synthetic[j] if c]
-                ids = tokenizer(candidates, cfg.max_length).to(device)
-                logits = filter_model.itm_logits(ids, (ids != tokenizer.pad_id).long(),
-                                                 embeds[j:j + 1].expand(len(candidates), -1, -1))
-                p_match = F.softmax(logits.float(), 1)[:, 1]
-                keep = [c for c, p in zip(candidates, p_match.tolist()) if p >= cfg.capfilt_threshold]
-                total += len(candidates)
+    kept = scored = images_kept = 0
+    with open(f"{path}.part{dist.rank()}.jsonl", "w") as part:
+        for images, index in loader:
+            images = images.to(device)
+            with autocast(precision, device):
+                cap_embeds = model.image_features(images)                    # the ViT once per batch
+                embeds = cap_embeds if filter_model is model else filter_model.image_features(images)
+                synthetic = [[] for _ in index]
+                for _ in range(cfg.capfilt_samples):
+                    seqs = model.generate(images, prompt_ids, sample=True, max_length=cfg.max_gen_length,
+                                          min_length=cfg.min_gen_length, top_p=cfg.top_p, repetition_penalty=1.1,
+                                          image_embeds=cap_embeds)
+                    for j, s in enumerate(seqs):                             # the caption after [DEC] + prompt
+                        caption = [t for t in s[1 + len(prompt_ids):].tolist() if t != tokenizer.pad_id]
+                        synthetic[j].append(tokenizer.decode(caption).strip())
+                candidates = [[c for c in mine[i]["captions"] + synthetic[j] if c]
+                              for j, i in enumerate(index.tolist())]
+                p_match = iter(itm_match(filter_model, [c for cs in candidates for c in cs],
+                                         [j for j, cs in enumerate(candidates) for _ in cs], embeds, cfg, tokenizer))
+            for i, cs in zip(index.tolist(), candidates):
+                keep = [c for c, p in zip(cs, p_match) if p >= cfg.capfilt_threshold]   # zip: len(cs) of p_match
+                scored += len(cs)
                 kept += len(keep)
                 if keep:
-                    out.append({"image": mine[i]["image"], "caption": keep, "image_id": mine[i]["image_id"]})
-    out = [r for part in dist.gather_objects(out) for r in part]
-    counts = [sum(x) for x in zip(*dist.gather_objects((kept, total)))]
-    return out, {"captions_kept": counts[0], "captions_scored": counts[1], "images_kept": len(out),
-                 "images": len(records)}
+                    images_kept += 1
+                    part.write(json.dumps({"image": mine[i]["image"], "caption": keep,
+                                           "image_id": mine[i]["image_id"]}) + "\n")
+    # a collective: every rank's part file is complete once it returns
+    counts = [sum(x) for x in zip(*dist.gather_objects((kept, scored, images_kept)))]
+    if dist.is_main():
+        concat_json_lines([f"{path}.part{r}.jsonl" for r in range(dist.world_size())], path)
+    return {"captions_kept": counts[0], "captions_scored": counts[1], "images_kept": counts[2],
+            "images": len(records)}
+
+
+def itm_match(model, texts, image_of, embeds, cfg, tokenizer):
+    """ITM p(match) of every (texts[n], embeds[image_of[n]]) pair, --itm-batch pairs per forward."""
+    if not texts:
+        return []
+    ids = tokenizer(texts, cfg.max_length).to(embeds.device)
+    image_of = torch.tensor(image_of, device=embeds.device)
+    p = [F.softmax(model.itm_logits(ids[a:a + cfg.itm_batch], (ids[a:a + cfg.itm_batch] != tokenizer.pad_id).long(),
+                                    embeds[image_of[a:a + cfg.itm_batch]]).float(), 1)[:, 1]
+         for a in range(0, len(texts), cfg.itm_batch)]
+    return torch.cat(p).tolist()
+
+
+def concat_json_lines(parts, path):
+    """One JSON array in `path`, laid out as json.dump(records, f, indent=1), from JSON-lines files
+    read in order and deleted; one record in memory at a time; written to a temporary file, then
+    renamed over `path`."""
+    first = True
+    with open(path + ".tmp", "w") as out:
+        out.write("[")
+        for name in parts:
+            with open(name) as f:
+                for line in f:
+                    record = json.dumps(json.loads(line), indent=1).replace("\n", "\n ")
+                    out.write(("\n " if first else ",\n ") + record)
+                    first = False
+        out.write("]" if first else "\n]")
+    os.replace(path + ".tmp", path)
+    for name in parts:
+        os.remove(name)
 
 
 # ---- training ----
@@ -915,17 +874,15 @@ def main(argv=None):
 
     if cfg.task == "capfilt":
         path = cfg.capfilt_output or os.path.join(cfg.output_dir, "capfilt.json")
-        if os.path.exists(path) and os.path.samefile(path, cfg.train_data):
+        source = cfg.train_data or os.path.join(tiny_data(), "train.json")          # "": the built-in data
+        if os.path.exists(path) and os.path.samefile(path, source):
             raise UserError(f"--capfilt-output {path} is the input annotation file; CapFilt never overwrites it")
         filter_model = None
         if cfg.capfilt_filter:
             filter_model, _ = build_model(dataclasses.replace(cfg, init_from=cfg.capfilt_filter), tokenizer)
             filter_model.to(device)
-        out, counts = capfilt(model, cfg, records, tokenizer, device, precision, filter_model)
+        counts = capfilt(model, cfg, records, tokenizer, device, precision, path, filter_model)
         if dist.is_main():
-            with open(path + ".tmp", "w") as f:
-                json.dump(out, f, indent=1)
-            os.replace(path + ".tmp", path)
             log.write({"step": 0, "epoch": 0, "split": "capfilt", **counts})
             print(json.dumps({**counts, "output": path}))
         dist.cleanup()

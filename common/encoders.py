@@ -45,6 +45,14 @@ class Attention(nn.Module):
     cross-attention (`kv_dim` given) projects q from x and k, v from the context.
     `mask`: boolean (B, 1, L|1, S), True = attend; `causal`: lower-triangular self-attention
     without materialising a mask (SDPA's `is_causal`).
+
+    `cache` (generation, see `KVCache`): this module's dict of keys and values. Self-attention
+    appends the new tokens' keys and values to the cached ones and attends over all of them (x
+    holds only the new tokens); cross-attention projects the context on the first call and reuses
+    the result afterwards. Cached context rows may be fewer than x's rows: then x's rows come in
+    groups of G consecutive rows per context row (beams of one image), folded into the query length
+    so that one copy of the image's keys and values serves the whole group (a context mask then
+    has the context's rows).
     """
 
     def __init__(self, dim, heads, *, kv_dim=None, bias=True, dropout=0.0):
@@ -59,20 +67,38 @@ class Attention(nn.Module):
             self.qkv = nn.Linear(dim, 3 * dim, bias=bias)
         self.proj = nn.Linear(dim, dim, bias=bias)
 
-    def forward(self, x, context=None, mask=None, causal=False):
+    def forward(self, x, context=None, mask=None, causal=False, cache=None):
         B, L, D = x.shape
         H = self.heads
         if self.cross:
-            S = context.shape[1]
             q = self.q(x).view(B, L, H, D // H).transpose(1, 2)
-            k, v = self.kv(context).view(B, S, 2, H, D // H).permute(2, 0, 3, 1, 4)
+            if cache is not None and "kv" in cache:
+                k, v = cache["kv"]                                    # the image's, computed once
+            else:
+                Bc, S = context.shape[:2]
+                k, v = self.kv(context).view(Bc, S, 2, H, D // H).permute(2, 0, 3, 1, 4)
+                if cache is not None:
+                    cache["kv"] = k, v
         else:
             q, k, v = self.qkv(x).view(B, L, 3, H, D // H).permute(2, 0, 3, 1, 4)  # 3 x (B, H, L, D/H)
-        if causal and mask is not None:  # padding and causal together: one boolean mask
-            L_q, L_k = q.shape[2], k.shape[2]
-            mask = mask & torch.ones(L_q, L_k, dtype=torch.bool, device=x.device).tril(L_k - L_q)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None,
+            if cache is not None:
+                if "kv" in cache:                                     # earlier tokens' keys and values
+                    k, v = torch.cat([cache["kv"][0], k], 2), torch.cat([cache["kv"][1], v], 2)
+                cache["kv"] = k, v
+        L_q, L_k = q.shape[2], k.shape[2]
+        if causal and (mask is not None or L_q != L_k):
+            # padding and causal together, or new queries after cached keys (SDPA's is_causal
+            # aligns the triangle top-left, which is wrong there): one boolean mask, the last
+            # L_q of L_k positions
+            tri = torch.ones(L_q, L_k, dtype=torch.bool, device=x.device).tril(L_k - L_q)
+            mask, causal = (tri if mask is None else mask & tri), False
+        G = B // k.shape[0]
+        if G > 1:                                                     # (B, H, L, D/H) -> (B/G, H, G*L, D/H)
+            q = q.view(B // G, G, H, L, D // H).transpose(1, 2).reshape(B // G, H, G * L, D // H)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
                                              dropout_p=self.dropout if self.training else 0.0)
+        if G > 1:
+            out = out.view(B // G, H, G, L, D // H).transpose(1, 2).reshape(B, H, L, D // H)
         return self.proj(out.transpose(1, 2).reshape(B, L, D))
 
 
@@ -228,8 +254,8 @@ class BertAttention(nn.Module):
         self.LayerNorm = nn.LayerNorm(width, eps=eps)
         self.dropout = nn.Dropout(dropout)
 
-    def forward(self, x, context=None, mask=None, causal=False):
-        return self.LayerNorm(x + self.dropout(self.attn(x, context=context, mask=mask, causal=causal)))
+    def forward(self, x, context=None, mask=None, causal=False, cache=None):
+        return self.LayerNorm(x + self.dropout(self.attn(x, context=context, mask=mask, causal=causal, cache=cache)))
 
 
 class BertLayer(nn.Module):
@@ -246,10 +272,12 @@ class BertLayer(nn.Module):
         self.output_norm = nn.LayerNorm(width, eps=eps)
         self.dropout = nn.Dropout(dropout)
 
-    def forward(self, x, mask=None, causal=False, context=None, context_mask=None):
-        x = self.attention(x, mask=mask, causal=causal)
+    def forward(self, x, mask=None, causal=False, context=None, context_mask=None, cache=None):
+        """`cache`: this layer's {"self": {}, "cross": {}} of a `KVCache` (generation), or None."""
+        x = self.attention(x, mask=mask, causal=causal, cache=None if cache is None else cache["self"])
         if context is not None and self.crossattention is not None:
-            x = self.crossattention(x, context=context, mask=context_mask)
+            x = self.crossattention(x, context=context, mask=context_mask,
+                                    cache=None if cache is None else cache["cross"])
         return self.output_norm(x + self.dropout(self.output(F.gelu(self.intermediate(x)))))
 
 
@@ -257,7 +285,11 @@ class BertEncoder(nn.Module):
     """BERT (Devlin et al. 2019) with learned absolute positions, optional token types, and
     cross-attention in the layers listed in `cross_layers` (BLIP: all, ALBEF: the last six,
     BLIP-2's Q-Former: every other one). Self-attention is bidirectional, or causal for the
-    decoder. `forward(ids, attention_mask, causal, context, context_mask)` -> (B, L, D)."""
+    decoder. `forward(ids, attention_mask, causal, context, context_mask)` -> (B, L, D).
+
+    Generation passes a `KVCache` as `cache`: `ids` are then only the tokens after the cached
+    ones (positions continue from `cache.length`), `attention_mask`, if any, covers the cached and
+    the new tokens (B, cache.length + L), and `context` is projected once and kept."""
 
     def __init__(self, *, vocab_size, width, layers, heads, mlp_dim, max_positions=512, type_vocab_size=0,
                  cross_dim=None, cross_layers=(), eps=1e-12, dropout=0.0):
@@ -274,22 +306,51 @@ class BertEncoder(nn.Module):
         self.grad_checkpointing = False
         self.apply(_bert_init)
 
-    def embed(self, ids):
-        x = self.word_embeddings(ids) + self.position_embeddings.weight[: ids.shape[1]]
+    def embed(self, ids, offset=0):
+        x = self.word_embeddings(ids) + self.position_embeddings.weight[offset: offset + ids.shape[1]]
         if self.token_type_embeddings is not None:
             x = x + self.token_type_embeddings.weight[0]
         return self.dropout(self.embed_norm(x))
 
-    def forward(self, ids, attention_mask=None, causal=False, context=None, context_mask=None):
-        x = self.embed(ids)                                                   # (B, L, D)
-        mask = padding_mask(attention_mask.bool(), causal) if attention_mask is not None else None
+    def forward(self, ids, attention_mask=None, causal=False, context=None, context_mask=None, cache=None):
+        offset = cache.length if cache is not None else 0
+        x = self.embed(ids, offset)                                           # (B, L, D)
+        # With a cache the queries are the last L of the keys; Attention places the triangle.
+        mask = (padding_mask(attention_mask.bool(), causal and cache is None) if attention_mask is not None
+                else None)
         cmask = padding_mask(context_mask.bool()) if context_mask is not None else None
-        for layer in self.layer:
-            if self.grad_checkpointing and self.training:
+        for i, layer in enumerate(self.layer):
+            if cache is not None:
+                x = layer(x, mask, causal, context, cmask, cache=cache.layers[i])
+            elif self.grad_checkpointing and self.training:
                 x = checkpoint(layer, x, mask, causal, context, cmask, use_reentrant=False)
             else:
                 x = layer(x, mask, causal, context, cmask)
+        if cache is not None:
+            cache.length += ids.shape[1]
         return x
+
+
+class KVCache:
+    """Keys and values a BertEncoder keeps between generation steps (`forward(..., cache=)`): per
+    layer, the self-attention keys and values of every token seen so far (N, H, T, D/H), and the
+    cross-attention keys and values of the context (B, H, S, D/H), projected once. `length` is T,
+    the position of the next token."""
+
+    def __init__(self, layers):
+        self.layers = [{"self": {}, "cross": {}} for _ in range(layers)]
+        self.length = 0
+
+    def reorder(self, index):
+        """Keep the self-attention rows `index` (N',), in that order (beam search: copy the prompt's
+        rows to every beam, then follow the surviving beams). The context's keys and values are
+        left as they are: row i of the new batch must belong to context row i // (N' / B), which
+        holds for beams that stay with their own image. Returns the cache."""
+        for layer in self.layers:
+            if "kv" in layer["self"]:
+                k, v = layer["self"]["kv"]
+                layer["self"]["kv"] = k.index_select(0, index), v.index_select(0, index)
+        return self
 
 
 class BertLMHead(nn.Module):

@@ -165,3 +165,36 @@ def test_sigterm_saves_the_step_and_resumes_to_the_same_losses(tmp_path, subset)
     for step in range(1, 31):
         for k in ("loss_itc", "loss_itm", "loss_lm"):
             assert abs(got[step][k] - want[step][k]) < 1e-5, (step, k, got[step][k], want[step][k])
+
+
+def test_capfilt_on_the_built_in_data_runs_twice_into_one_output_dir(tmp_path, tiny):
+    """Regression: with no --train-data (the built-in set) a second run found the first one's
+    output and crashed in os.path.samefile(output, ""). The second run now writes the same file; an
+    output path that is the built-in train.json is still refused. ~10 s: 3,000 images, small model."""
+    args = [*SMALL, "--task", "capfilt", "--batch-size", "256", "--capfilt-threshold", "0.0",
+            "--output-dir", str(tmp_path)]
+    first = blip_train.main(args)
+    written = (tmp_path / "capfilt.json").read_text()
+    second = blip_train.main(args)
+    assert second == first and first["images_kept"] == 3000 and first["captions_kept"] >= 15000
+    assert (tmp_path / "capfilt.json").read_text() == written                 # same seed, same captions
+    assert sorted(os.listdir(tmp_path)) == ["capfilt.json", "config.json", "metrics.jsonl"]   # no part files left
+    with pytest.raises(ValueError, match="is the input annotation file"):
+        blip_train.main([*args, "--capfilt-output", os.path.join(tiny, "train.json")])
+
+
+RECORDS = [{"image": "x.png", "caption": ["a b", "c\nd"], "image_id": 3},
+           {"image": "y.png", "caption": ["é"], "image_id": "y"}, {"image": "z.png", "caption": ["e"], "image_id": 4}]
+
+
+@pytest.mark.parametrize("parts", [[], [[]], [RECORDS[:1]], [RECORDS[:2], [], RECORDS[2:]]])
+def test_capfilt_parts_concatenate_to_the_json_dump_layout(tmp_path, parts):
+    """Rank part files (JSON lines, some empty) -> the file json.dump(records, f, indent=1) writes."""
+    names = []
+    for r, records in enumerate(parts):
+        names.append(str(tmp_path / f"out.json.part{r}.jsonl"))
+        with open(names[-1], "w") as f:
+            f.writelines(json.dumps(rec) + "\n" for rec in records)
+    blip_train.concat_json_lines(names, str(tmp_path / "out.json"))
+    assert (tmp_path / "out.json").read_text() == json.dumps([rec for p in parts for rec in p], indent=1)
+    assert os.listdir(tmp_path) == ["out.json"]
