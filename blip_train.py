@@ -791,10 +791,11 @@ def concat_json_lines(parts, path):
 RUN_FIELDS = ("image_size", "queue_size")
 
 
-def build_model(cfg, tokenizer):
+def build_model(cfg, tokenizer, saved=None):
     """Fresh model, or --init-from a Hugging Face BLIP folder / one of our checkpoints. The
     architecture comes from the weights; image size and queue length from this run, and the
-    queues start empty (a previous run's queued features and image ids would be stale)."""
+    queues start empty (a previous run's queued features and image ids would be stale). `saved`:
+    the --init-from checkpoint when the caller has loaded it already (one load per rank)."""
     wanted = {k: getattr(cfg, k) for k in RUN_FIELDS if k in getattr(cfg, "cli_keys", ())}
     if cfg.init_from and os.path.isdir(cfg.init_from):
         model = BLIP.from_hf(cfg.init_from, tokenizer, cfg)
@@ -802,7 +803,7 @@ def build_model(cfg, tokenizer):
         for k in MODEL_FIELDS:
             setattr(cfg, k, getattr(model.cfg, k))
     else:
-        saved = load_checkpoint(cfg.init_from) if cfg.init_from else None
+        saved = saved or (load_checkpoint(cfg.init_from) if cfg.init_from else None)
         if saved:
             for k in MODEL_FIELDS:
                 setattr(cfg, k, saved["config"][k])
@@ -857,11 +858,13 @@ def main(argv=None):
     precision = resolve_precision(cfg.precision, device)
     seed_everything(cfg.seed)                     # the same initial weights on every rank
     os.makedirs(cfg.output_dir, exist_ok=True)
-    if not ckpt and cfg.init_from and os.path.isfile(cfg.init_from) and not cfg.tokenizer:   # one of our checkpoints
-        cfg.tokenizer = load_checkpoint(cfg.init_from)["config"]["tokenizer"]
+    init = load_checkpoint(cfg.init_from) if cfg.init_from and not os.path.isdir(cfg.init_from) else None
+    if init and not cfg.tokenizer:                # one of our checkpoints: its tokenizer
+        cfg.tokenizer = init["config"]["tokenizer"]
     tokenizer = load_tokenizer(cfg.tokenizer, cfg.init_from, use_tiny=not (cfg.train_data or cfg.val_data))
     cfg.tokenizer = tokenizer.name
-    model, cfg = build_model(cfg, tokenizer)
+    model, cfg = build_model(cfg, tokenizer, init)
+    del init
     prompt_length = check_config(cfg, tokenizer, world_size)
     model.to(device)
     if cfg.grad_checkpointing:
