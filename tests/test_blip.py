@@ -193,3 +193,28 @@ def test_lm_loss_is_shifted_and_skips_prompt_and_padding(monkeypatch):
     expected[:, :2] = -100                                     # tokens 1, 2 belong to the prompt ([DEC] = 0)
     assert torch.equal(targets, expected)
     assert seen["k"]["label_smoothing"] == 0.1 and seen["k"]["ignore_index"] == -100
+
+
+def test_global_negatives_gather_image_tokens_in_the_autocast_dtype(monkeypatch):
+    """With negatives from every rank, the image tokens are gathered in the autocast dtype (half
+    the memory and traffic of fp32) and the ITM loss is bit-identical to gathering them in fp32:
+    the cross-attention projects them in that dtype anyway. Local negatives gather nothing."""
+    model, tok, cfg = blip_model()
+    images, ids, mask, idx = blip_batch(tok, 4)
+    seen = []
+
+    def spy(x):
+        seen.append(x.dtype)
+        return x
+    monkeypatch.setattr(blip_train.dist, "gather_with_grad", spy)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        embeds = model.image_features(images).float()        # fp32, as CUDA autocast's LayerNorm returns
+        feats = (model.image_embed(embeds), model.text_embed(ids, mask))
+        torch.manual_seed(0)
+        half = model.loss_itm(ids, mask, idx, embeds, *feats, True)
+        monkeypatch.setattr(torch, "get_autocast_dtype", lambda device: torch.float32)
+        torch.manual_seed(0)
+        full = model.loss_itm(ids, mask, idx, embeds, *feats, True)
+        model.loss_itm(ids, mask, idx, embeds, *feats, False)
+    assert embeds.dtype == torch.float32 and seen == [torch.bfloat16, torch.float32]
+    assert torch.equal(half, full)
