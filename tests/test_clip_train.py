@@ -88,11 +88,9 @@ def test_torchrun_checkpoint_and_resume_auto(tmp_path, subset):
     assert os.path.isfile(os.path.join(out, "checkpoint_best.pt"))
     with open(os.path.join(out, "config.json")) as f:
         assert json.load(f)["vision_layers"] == 2
-    # Per-rank seeding: CLIP's step draws nothing from the global generators, so each rank's saved
-    # torch state is still the one seed + rank set after the (shared-seed) model was built.
-    for r in range(2):
-        torch.manual_seed(0 + r)
-        assert torch.equal(ckpt["rng"][r]["torch"], torch.get_rng_state()), r
+    # Per-rank seeding: both ranks did the same work, so only different seeds (seed + rank) can
+    # leave their generators in different states (one seed for all ranks left them equal).
+    assert not torch.equal(ckpt["rng"][0]["torch"], ckpt["rng"][1]["torch"])
     # Resuming a finished run evaluates it again; another --max-steps is an error, not a silent change.
     second = torchrun(["clip_train.py", *SMALL, *subset, "--max-steps", "4", "--output-dir", out,
                        "--resume", "auto"], timeout=300)
