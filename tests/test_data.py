@@ -159,3 +159,40 @@ def test_batch_larger_than_dataset_is_a_clear_error(folder, tmp_path):
 def tiny_dir():
     from common.data import tiny_data
     return tiny_data()
+
+
+def test_shipped_imagenet_classnames_are_openais():
+    """common/imagenet_classnames.txt is OpenAI's curated list as open_clip ships it, in class
+    index order, and common/imagenet_wnids.txt is ImageNet-1k's sorted wnids as timm ships them."""
+    from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
+    from timm.data import ImageNetInfo
+    here = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "common")
+    with open(os.path.join(here, "imagenet_classnames.txt")) as f:
+        names = f.read().splitlines()
+    assert len(names) == 1000 and names == list(IMAGENET_CLASSNAMES)
+    with open(os.path.join(here, "imagenet_wnids.txt")) as f:
+        wnids = f.read().splitlines()
+    assert len(wnids) == 1000 and wnids == list(ImageNetInfo("imagenet-1k").label_names())
+
+
+def test_imagenet_val_folder_gets_openai_names(tmp_path):
+    """A folder laid out as ImageNet's val after valprep.sh (1,000 wnid folders, no classnames.txt)
+    loads with OpenAI's class names in the standard (sorted wnid) order; an unknown wnid is named."""
+    from timm.data import ImageNetInfo
+    wnids = list(ImageNetInfo("imagenet-1k").label_names())
+    for wnid in reversed(wnids):
+        (tmp_path / wnid).mkdir()
+    expected = {"n01440764": "tench", "n01443537": "goldfish", "n02123045": "tabby cat",
+                "n15075141": "toilet paper"}
+    for wnid in expected:
+        write_image(tmp_path / wnid / f"ILSVRC2012_val_{wnid}.JPEG")
+    paths, labels, names, templates = image_folder(str(tmp_path))
+    assert len(names) == 1000 and len(templates) == 80
+    assert labels.tolist() == [0, 1, 281, 999]
+    assert [names[i] for i in labels] == list(expected.values())
+    assert [os.path.basename(os.path.dirname(p)) for p in paths] == list(expected)
+    os.rename(tmp_path / "n15075141", tmp_path / "n99999999")
+    with pytest.raises(ValueError, match="class folder n99999999 is not one of the 1,000 ImageNet-1k wnids"):
+        image_folder(str(tmp_path))
+    (tmp_path / "classnames.txt").write_text("".join(f"class {i}\n" for i in range(1000)))
+    assert image_folder(str(tmp_path))[2][999] == "class 999"          # a classnames.txt still wins
