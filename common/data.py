@@ -297,11 +297,37 @@ def retrieval_texts(records):
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
 
+def _read_lines(path):
+    with open(path) as f:
+        return [line.strip() for line in f if line.strip()]
+
+
+def _is_wnid(name):
+    """A WordNet noun id as ImageNet names its class folders: 'n' and 8 digits (n01440764)."""
+    return len(name) == 9 and name[0] == "n" and name[1:].isdigit()
+
+
+def imagenet_classnames(folders, root):
+    """OpenAI's 1,000 curated ImageNet class names (CLIP's notebooks, open_clip's
+    zero_shot_metadata.IMAGENET_CLASSNAMES) for the 1,000 wnid folders of ImageNet-1k,
+    checked against the shipped wnid list (sorted wnids = the standard class index)."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    wnids = _read_lines(os.path.join(here, "imagenet_wnids.txt"))
+    known = set(wnids)
+    for d in folders:
+        if d not in known:
+            raise UserError(f"{root}: class folder {d} is not one of the 1,000 ImageNet-1k wnids; "
+                             "add a classnames.txt (one name per line, in sorted folder order)")
+    return _read_lines(os.path.join(here, "imagenet_classnames.txt"))
+
+
 def image_folder(root):
     """Zero-shot classification folder `root/<class>/<image>` (ImageNet's val layout).
     Returns (paths, labels, classnames, templates). Class names come from `classnames.txt`
-    (one per line, in sorted folder order) if present, else from folder names; prompt
-    templates from `templates.txt` if present, else OpenAI's 80 ImageNet templates."""
+    (one per line, in sorted folder order) if present; else, for exactly 1,000 wnid-named
+    folders (ImageNet-1k after valprep.sh), OpenAI's ImageNet class names shipped beside this
+    file; else the folder names. Prompt templates from `templates.txt` if present, else
+    OpenAI's 80 ImageNet templates."""
     if not os.path.isdir(root):
         raise MissingFileError(f"zero-shot folder {root} does not exist")
     folders = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
@@ -309,16 +335,19 @@ def image_folder(root):
         raise UserError(f"{root}: no class sub-folders")
     names_file = os.path.join(root, "classnames.txt")
     if os.path.isfile(names_file):
-        with open(names_file) as f:
-            classnames = [line.strip() for line in f if line.strip()]
+        classnames = _read_lines(names_file)
         if len(classnames) != len(folders):
             raise UserError(f"{names_file}: {len(classnames)} names for {len(folders)} class folders")
+    elif len(folders) == 1000 and all(_is_wnid(d) for d in folders):
+        classnames = imagenet_classnames(folders, root)
     else:
+        if all(_is_wnid(d) for d in folders):
+            log.warning("%s: %d wnid-named class folders, not ImageNet-1k's 1,000: the class names are the "
+                        "folder names; add a classnames.txt for meaningful prompts", root, len(folders))
         classnames = [d.replace("_", " ") for d in folders]
     tmpl_file = os.path.join(root, "templates.txt")
     if os.path.isfile(tmpl_file):
-        with open(tmpl_file) as f:
-            templates = [line.strip() for line in f if line.strip()]
+        templates = _read_lines(tmpl_file)
     else:
         templates = OPENAI_IMAGENET_TEMPLATES
     paths, labels = [], []

@@ -2,6 +2,12 @@
 compositional captions ("a large red circle to the left of a small blue square"), in the
 Karpathy JSON format, plus a zero-shot classification folder and a word-level tokenizer.
 
+Shape must be seen, not only colour: every scene comes in a group of four images that differ
+only in the shape of one of its objects (circle, square, triangle, diamond), all in the same
+split, each with its own captions. A model that sees colour, size and layout but not shape
+cannot tell the four apart. Each shape lies inside its third of the image (with a gap), so
+shapes never overlap or touch, and the zero-shot prompts use only words of the captions.
+
 Deterministic (fixed seed) and built in a few seconds with Pillow. Every training script
 builds it on first use when no --train-data is given (common.data.tiny_data()).
 
@@ -20,17 +26,22 @@ import random
 
 from PIL import Image, ImageDraw
 
-VERSION = 1
+VERSION = 2
 SIZE = 64
 COLOURS = {"red": (220, 30, 30), "green": (30, 170, 50), "blue": (40, 60, 220),
            "yellow": (235, 215, 30), "purple": (140, 40, 170), "orange": (245, 130, 20)}
 BACKGROUNDS = {"white": (245, 245, 245), "black": (15, 15, 15), "gray": (128, 128, 128)}
 SHAPES = ("circle", "square", "triangle", "diamond")
-RADIUS = {"small": 7, "large": 13}
-SPLITS = {"train": 3000, "val": 200, "test": 200}
+RADIUS = {"small": 5, "large": 8}          # half-widths: 11 and 17 pixels across
+# Columns 0-20, 21-41, 42-63: a shape keeps one pixel off its column's edges, so shapes in
+# neighbouring columns are at least two pixels apart.
+COLUMNS = ((0, 20), (21, 41), (42, 63))
+GROUP = len(SHAPES)                         # images per scene: one per shape of the swapped object
+SPLITS = {"train": 3000, "val": 200, "test": 200}   # multiples of GROUP
 ZEROSHOT_PER_CLASS = 10
-ZEROSHOT_TEMPLATES = ["a photo of a {}.", "a picture of a {}.", "a {} on a plain background.",
-                      "an image with a {} in it.", "there is a {}."]
+# Zero-shot prompts are single-shape training captions without the position (a prompt
+# ensemble over sizes and backgrounds), so every word of a prompt occurs in training.
+ZEROSHOT_TEMPLATES = [f"a {size} {{}} on a {bg} background" for size in RADIUS for bg in BACKGROUNDS]
 
 
 def draw_shape(draw, shape, cx, cy, r, fill):
@@ -52,17 +63,28 @@ def where(cx, cy):
 
 
 def sample_scene(rng, n):
-    """n shapes in distinct columns (left to right), so 'to the left of' is well defined."""
+    """n shapes in distinct columns (left to right), so 'to the left of' is well defined; each
+    lies inside its column, so no two overlap."""
     columns = sorted(rng.sample(range(3), n))
     objs = []
     for c in columns:
         size = rng.choice(list(RADIUS))
         r = RADIUS[size]
-        lo, hi = c * SIZE // 3 + r // 2, (c + 1) * SIZE // 3 - r // 2
-        cx = min(max(rng.randint(lo, hi), r + 1), SIZE - r - 2)
-        cy = rng.randint(r + 1, SIZE - r - 2)
+        lo, hi = COLUMNS[c]
+        cx = rng.randint(lo + 1 + r, hi - 1 - r)
+        cy = rng.randint(1 + r, SIZE - 2 - r)
         objs.append(dict(shape=rng.choice(SHAPES), colour=rng.choice(list(COLOURS)), size=size, cx=cx, cy=cy))
     return rng.choice(list(BACKGROUNDS)), objs
+
+
+def scene_group(rng):
+    """One scene drawn in GROUP versions: object k takes each shape in turn, all else equal.
+    Returned in a random order, so the swapped shape's position in the file says nothing."""
+    bg, objs = sample_scene(rng, rng.choice((1, 2, 3)))
+    k = rng.randrange(len(objs))
+    group = [(bg, [dict(o, shape=shape) if i == k else dict(o) for i, o in enumerate(objs)]) for shape in SHAPES]
+    rng.shuffle(group)
+    return group
 
 
 def render(bg, objs):
@@ -123,8 +145,8 @@ def build(out):
     image_id = 0
     for split, n in SPLITS.items():
         records = []
-        for i in range(n):
-            bg, objs = sample_scene(rng, rng.choice((1, 2, 3)))
+        scenes = [scene for _ in range(n // GROUP) for scene in scene_group(rng)]
+        for i, (bg, objs) in enumerate(scenes):
             rel = f"images/{split}_{i:05d}.png"
             render(bg, objs).save(os.path.join(out, rel))
             caps = captions(rng, bg, objs)

@@ -87,18 +87,19 @@ def test_capfilt_writes_an_annotation_file_train_data_accepts(tmp_path, subset):
 
 def test_pretraining_learns_retrieval_far_above_chance(tmp_path):
     """250 pretraining steps of the tiny preset (~2.5 min). Chance r_mean is 2.7, the untrained
-    model ~3; measured r_mean 22.6 (after ITM re-ranking) and 23.2 (ITC alone). The ITM labels
-    and pairs, and the LM shift, have exact unit tests in test_blip.py."""
+    model ~3; measured r_mean 11.4 (after ITM re-ranking) and 11.2 (ITC alone) on the tiny data
+    v2, whose val images come in groups of four that differ only in one shape (22.6 / 23.2 on v1).
+    The ITM labels and pairs, and the LM shift, have exact unit tests in test_blip.py."""
     m = blip_train.main(["--max-steps", "250", "--workers", "0", "--output-dir", str(tmp_path)])
-    assert m["itc_r_mean"] > 12 and m["r_mean"] > 12, m
+    assert m["itc_r_mean"] > 6 and m["r_mean"] > 6, m
 
 
 def test_caption_finetuning_learns(tmp_path):
-    """200 steps of the caption task (LM only, ~1 min): CIDEr 0.92 and BLEU-4 0.26 measured,
-    against 0.48 / 0.00 for the untrained model; with the LM targets not shifted (the model
-    predicts its input token) the same run gives CIDEr 0.007."""
+    """200 steps of the caption task (LM only, ~1 min): CIDEr 0.93 and BLEU-4 0.18 measured on the
+    tiny data v2; on v1 0.92 / 0.26, against 0.48 / 0.00 for the untrained model, and with the LM
+    targets not shifted (the model predicts its input token) CIDEr 0.007."""
     m = blip_train.main(["--task", "caption", "--max-steps", "200", "--workers", "0", "--output-dir", str(tmp_path)])
-    assert m["cider"] > 0.7 and m["bleu4"] > 0.15, m
+    assert m["cider"] > 0.7 and m["bleu4"] > 0.1, m
     with open(tmp_path / "captions.json") as f:
         assert len(json.load(f)) == 200
 

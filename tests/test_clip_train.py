@@ -67,11 +67,15 @@ def kill_tree(pid):
 
 def test_learns_far_above_chance(tmp_path):
     """80 steps of the default tiny preset (~1 min). Chance on 200 val images x 5 captions:
-    R@1/5/10 = 0.5/2.5/5 both ways, r_mean 2.7. Measured: r_mean ~78 here; with rolled labels,
-    constant labels or shuffled training captions the same run stays at 1.7-2.7 (README)."""
+    R@1/5/10 = 0.5/2.5/5 both ways, r_mean 2.7; zero-shot top-1/top-5 4.2/20.8. Measured on the
+    tiny data v2: r_mean 57.5, zero-shot 29.6/100. 80 steps learn colour, size and layout but
+    hardly any shape yet: with every shape word of the training captions replaced by one word,
+    the same run gives r_mean 54.2 and zero-shot 26.2/100 (a colour-only model is capped at 25%
+    top-1), so zero-shot top-1 is only checked against chance here (README)."""
     metrics = clip_train.main(["--max-steps", "80", "--workers", "0", "--output-dir", str(tmp_path)])
     assert metrics["r_mean"] > 40, metrics
-    assert metrics["zeroshot_top5"] > 50, metrics                         # chance 20.8 (24 classes)
+    assert metrics["zeroshot_top1"] > 15, metrics                         # chance 4.2 (24 classes)
+    assert metrics["zeroshot_top5"] > 50, metrics                         # chance 20.8
     assert os.path.isfile(tmp_path / "checkpoint_best.pt")
 
 

@@ -159,3 +159,109 @@ def test_batch_larger_than_dataset_is_a_clear_error(folder, tmp_path):
 def tiny_dir():
     from common.data import tiny_data
     return tiny_data()
+
+
+def test_shipped_imagenet_classnames_are_openais():
+    """common/imagenet_classnames.txt is OpenAI's curated list as open_clip ships it, in class
+    index order, and common/imagenet_wnids.txt is ImageNet-1k's sorted wnids as timm ships them."""
+    from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
+    from timm.data import ImageNetInfo
+    here = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "common")
+    with open(os.path.join(here, "imagenet_classnames.txt")) as f:
+        names = f.read().splitlines()
+    assert len(names) == 1000 and names == list(IMAGENET_CLASSNAMES)
+    with open(os.path.join(here, "imagenet_wnids.txt")) as f:
+        wnids = f.read().splitlines()
+    assert len(wnids) == 1000 and wnids == list(ImageNetInfo("imagenet-1k").label_names())
+
+
+def test_imagenet_val_folder_gets_openai_names(tmp_path):
+    """A folder laid out as ImageNet's val after valprep.sh (1,000 wnid folders, no classnames.txt)
+    loads with OpenAI's class names in the standard (sorted wnid) order; an unknown wnid is named."""
+    from timm.data import ImageNetInfo
+    wnids = list(ImageNetInfo("imagenet-1k").label_names())
+    for wnid in reversed(wnids):
+        (tmp_path / wnid).mkdir()
+    expected = {"n01440764": "tench", "n01443537": "goldfish", "n02123045": "tabby cat",
+                "n15075141": "toilet paper"}
+    for wnid in expected:
+        write_image(tmp_path / wnid / f"ILSVRC2012_val_{wnid}.JPEG")
+    paths, labels, names, templates = image_folder(str(tmp_path))
+    assert len(names) == 1000 and len(templates) == 80
+    assert labels.tolist() == [0, 1, 281, 999]
+    assert [names[i] for i in labels] == list(expected.values())
+    assert [os.path.basename(os.path.dirname(p)) for p in paths] == list(expected)
+    os.rename(tmp_path / "n15075141", tmp_path / "n99999999")
+    with pytest.raises(ValueError, match="class folder n99999999 is not one of the 1,000 ImageNet-1k wnids"):
+        image_folder(str(tmp_path))
+    (tmp_path / "classnames.txt").write_text("".join(f"class {i}\n" for i in range(1000)))
+    assert image_folder(str(tmp_path))[2][999] == "class 999"          # a classnames.txt still wins
+
+
+def shape_components(paths):
+    """Per image, its background colour (the corner pixel's) and its shapes as found in the pixels:
+    [(colour, bounding box, pixel mask)] for each 8-connected region of non-background pixels."""
+    import torch
+    import torch.nn.functional as F
+    from torchvision.transforms.v2.functional import pil_to_tensor
+    images = torch.stack([pil_to_tensor(load_rgb(p)) for p in paths])          # (N, 3, H, W) uint8
+    N, _, H, W = images.shape
+    fg = (images != images[:, :, :1, :1]).any(1, keepdim=True)                  # (N, 1, H, W)
+    labels = torch.arange(1, H * W + 1, dtype=torch.float32).view(1, 1, H, W) * fg
+    while True:  # every region takes its largest pixel index: flood fill by 3x3 max-pooling
+        grown = F.max_pool2d(labels, 3, stride=1, padding=1) * fg
+        if torch.equal(grown, labels):
+            break
+        labels = grown
+    found = []
+    for n in range(N):
+        shapes = []
+        for value in labels[n, 0].unique()[1:].tolist():                       # 0 is the background
+            mask = labels[n, 0] == value
+            ys, xs = mask.nonzero(as_tuple=True)
+            colour = tuple(images[n, :, ys[0], xs[0]].tolist())
+            shapes.append((colour, (xs.min().item(), ys.min().item(), xs.max().item(), ys.max().item()),
+                           mask.numpy().tobytes()))
+        found.append((tuple(images[n, :, 0, 0].tolist()), sorted(shapes)))
+    return found
+
+
+def test_tiny_data_shapes_are_apart_and_come_with_shape_swapped_twins(tiny):
+    """In every split: the shapes named in a caption are all separately visible (none overlap or
+    touch; their bounding boxes are disjoint), and every image has a twin in its split that differs
+    only in the shape of one object (same background, colours and boxes), with its own captions."""
+    import re
+    shape_words = {"circle", "square", "triangle", "diamond"}
+    for split in ("train", "val", "test"):
+        with open(os.path.join(tiny, f"{split}.json")) as f:
+            records = json.load(f)
+        backgrounds_and_shapes = shape_components([os.path.join(tiny, r["image"]) for r in records])
+        by_layout = {}
+        found = [shapes for _, shapes in backgrounds_and_shapes]
+        for i, (rec, (background, shapes)) in enumerate(zip(records, backgrounds_and_shapes)):
+            named = sum(w in shape_words for w in re.findall(r"\w+", rec["caption"][0]))
+            assert len(shapes) == named, (split, rec)
+            boxes = [box for _, box, _ in shapes]
+            for a in range(len(boxes)):
+                for b in range(a + 1, len(boxes)):
+                    (x0, y0, x1, y1), (u0, v0, u1, v1) = boxes[a], boxes[b]
+                    assert x1 < u0 or u1 < x0 or y1 < v0 or v1 < y0, (split, rec["image"], boxes)
+            by_layout.setdefault((background, tuple((c, box) for c, box, _ in shapes)), []).append(i)
+        for members in by_layout.values():
+            for i in members:
+                twins = [j for j in members if sum(a != b for a, b in zip(found[i], found[j])) == 1]
+                assert twins, (split, records[i]["image"], "has no shape-swapped twin")
+                assert all(records[j]["caption"] != records[i]["caption"] for j in twins)
+
+
+def test_tiny_zeroshot_prompts_use_only_caption_words(tiny):
+    """Every word of every zero-shot prompt (template filled with a class name) occurs in the
+    training captions, and the 24 classes are '<colour> <shape>'."""
+    import re
+    with open(os.path.join(tiny, "train.json")) as f:
+        vocab = {w for r in json.load(f) for c in r["caption"] for w in re.findall(r"\w+", c.lower())}
+    _, labels, classnames, templates = image_folder(os.path.join(tiny, "zeroshot"))
+    assert len(classnames) == 24 and all(len(c.split()) == 2 for c in classnames)
+    assert labels.bincount().tolist() == [10] * 24
+    words = {w for t in templates for c in classnames for w in re.findall(r"\w+", t.format(c).lower())}
+    assert words <= vocab, sorted(words - vocab)
