@@ -142,21 +142,23 @@ def deterministic_negatives():
 
 # ---- LAVIS models ----
 
-def _import_lavis():
+def import_lavis():
     """`import lavis` runs lavis/__init__.py, which imports every model module; one of them
     (img2prompt_models) imports spacy at module level, which the models here never use."""
     if "spacy" not in sys.modules:
         try:
             import spacy  # noqa: F401
         except ImportError:
+            def load(*args, **kwargs):
+                raise RuntimeError("spacy is a stub in tests/lavis/peer.py")
+
             stub = types.ModuleType("spacy")
-            stub.load = lambda *a, **k: (_ for _ in ()).throw(RuntimeError("spacy is a stub here"))
+            stub.load = load
             sys.modules["spacy"] = stub
     import warnings
     for category in (FutureWarning, UserWarning, DeprecationWarning):
         warnings.filterwarnings("ignore", category=category)
     import lavis.models  # noqa: F401
-    return lavis
 
 
 def _single_process_group():
@@ -202,7 +204,7 @@ def _check_queue(c, batch_size):
 
 def build_blip(cfg="tiny", batch_size=16, dropout=0.0, seed=0):
     """LAVIS BlipPretrain (ITC with momentum distillation and queues, ITM, LM) -> (model, batch)."""
-    _import_lavis()
+    import_lavis()
     from lavis.models.blip_models.blip_pretrain import BlipPretrain
     from lavis.models.med import XBertEncoder, XBertLMHeadDecoder
     c = config(cfg)
@@ -222,7 +224,7 @@ def build_blip(cfg="tiny", batch_size=16, dropout=0.0, seed=0):
 def build_albef(cfg="tiny", batch_size=16, dropout=0.0, seed=0):
     """LAVIS AlbefPretrain (ITC with momentum distillation and queues, ITM, MLM) -> (model, batch).
     The first half of the text layers are text-only, the rest fuse the image (med_config_albef)."""
-    _import_lavis()
+    import_lavis()
     from lavis.models.albef_models.albef_pretrain import AlbefPretrain
     from lavis.models.med import BertForMaskedLM
     c = config(cfg)
@@ -242,7 +244,7 @@ def build_blip2(cfg="tiny", batch_size=16, dropout=0.0, seed=0):
     """LAVIS Blip2Qformer, stage 1 (ITC, ITM, image-grounded LM over learned queries), with a small
     frozen EVA ViT (LAVIS's class for ViT-g, in fp32: fp16 weights fail on CPU without autocast)
     and a small Q-Former (LAVIS's BertLMHeadModel) in place of the downloaded ones -> (model, batch)."""
-    _import_lavis()
+    import_lavis()
     from functools import partial
     from lavis.models.blip2_models.blip2 import LayerNorm
     from lavis.models.blip2_models.blip2_qformer import Blip2Qformer

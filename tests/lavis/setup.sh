@@ -65,6 +65,6 @@ pip_install "omegaconf==2.4.0" "iopath==0.1.10" "einops==0.8.2" "contexttimer==0
 #    puts a stub in its place), streamlit, plotly, opendatasets, sentencepiece, scikit-image.
 
 cd "$ROOT" && "$PY" -c "
-from tests.lavis import peer; peer._import_lavis(); import lavis.models, numpy, torch, transformers, timm
+from tests.lavis import peer; peer.import_lavis(); import lavis.models, numpy, torch, transformers, timm
 print('LAVIS environment OK:', '$LAVIS_VENV', '| torch', torch.__version__, '| transformers',
       transformers.__version__, '| numpy', numpy.__version__, '| timm', timm.__version__)"
