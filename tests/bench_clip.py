@@ -3,6 +3,7 @@ precision and thread count, alternating in one run (each measurement in a fresh 
 that peak memory is its own). Not collected by pytest.
 
     python tests/bench_clip.py                                  # tiny preset, CPU
+    python tests/bench_clip.py --config compute                 # width 384, 6 layers, 96 px, batch 32, CPU
     python tests/bench_clip.py --preset vit-b-32 --batch-size 128 --precision bf16   # on a GPU
 
 Reports samples/s and peak memory (CUDA: max allocated; CPU: peak RSS growth during the run)
@@ -18,6 +19,12 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+# --config compute: a compute-bound CPU configuration (the tiny preset mostly measures Python
+# overhead), the same as tests/bench_blip.py's: both towers width 384, 6 layers, 6 heads;
+# 96 px / patch 16 (36 patches); 32 text tokens; batch 32 on 2 threads.
+COMPUTE = dict(image_size=96, patch_size=16, vision_width=384, vision_layers=6, vision_heads=6, text_width=384,
+               text_layers=6, text_heads=6, context_length=32, embed_dim=256)
+RUN_DEFAULTS = {"preset": dict(batch_size=128, threads=2), "compute": dict(batch_size=32, threads=2)}
 
 
 def rss_mb():
@@ -48,7 +55,8 @@ def worker(args):
     from common.utils import autocast
     torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    cfg = clip_train.Config(**{**clip_train.PRESETS[args.preset], "preset": args.preset})
+    cfg = clip_train.Config(**{**clip_train.PRESETS[args.preset], "preset": args.preset,
+                               **(COMPUTE if args.config == "compute" else {})})
     cfg.vocab_size = cfg.vocab_size or 64
     cfg.eos_id = cfg.vocab_size - 1   # open_clip pools at argmax(ids): EOS must be the largest id
     base = rss_mb()
@@ -91,15 +99,20 @@ def worker(args):
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="tiny")
-    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--config", default="preset", choices=sorted(RUN_DEFAULTS),
+                   help="compute: the preset's architecture replaced by COMPUTE's")
+    p.add_argument("--batch-size", type=int, help="default: 128 (preset) or 32 (compute)")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, help="default: 2")
     p.add_argument("--precision", default="fp32")
     p.add_argument("--grad-checkpointing", action="store_true")
     p.add_argument("--impl", help=argparse.SUPPRESS)
     args = p.parse_args()
+    for key, value in RUN_DEFAULTS[args.config].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
     if args.impl:
         return worker(args)
     results = {"ours": [], "open_clip": []}
