@@ -57,13 +57,15 @@ def worker(args):
     idx = torch.arange(args.batch_size)
     rss_before = status_kb("VmRSS:") / 1024       # as LAVIS's time_steps: after the model is built
     model.train()
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, weight_decay=0.05)
+    from common.utils import adamw     # the training script's optimizer (fused kernel); LAVIS: torch's default
+    opt = adamw([p for p in model.parameters() if p.requires_grad], lr=1e-4, weight_decay=0.05)
 
     def step(i):
         losses = model(images, ids, mask, idx, alpha=0.4, task="pretrain")
         opt.zero_grad(set_to_none=True)
         sum(losses.values()).backward()
         opt.step()
+        model.finish_step()            # momentum EMA and enqueue, as the training loop
     for i in range(args.warmup):
         step(i)
     with open("/proc/self/clear_refs", "w") as f:

@@ -64,7 +64,12 @@ def worker(args):
     model, loss_fn, unpack = build(args.impl, cfg, device)
     if args.grad_checkpointing:
         model.set_grad_checkpointing(True)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+    # each side's training optimizer: ours the fused kernel (common.utils.adamw), open_clip torch's default
+    if args.impl == "ours":
+        from common.utils import adamw
+        opt = adamw(model.parameters(), lr=1e-4)
+    else:
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
     B = args.batch_size
     images = torch.randn(B, 3, cfg.image_size, cfg.image_size, device=device)

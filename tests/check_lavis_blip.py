@@ -57,6 +57,9 @@ def main():
     load_mapped(ours, lavis.state_dict(), mapping, source="LAVIS BlipPretrain", keep_init=("idx_queue",),
                 ignore=("position_ids", "text_decoder.cls.predictions.decoder.bias"))
     enc = peer.tokenize(lavis, batch)
+    # LAVIS draws with torch.multinomial (pinned by the peer), ours with the exponential trick: pin
+    # ours to the same argmax of the same weights.
+    blip_train.sample_negatives = lambda weights: weights.argmax(1)
     with peer.deterministic_negatives():
         ref = lavis(batch)
         got = ours(batch["image"], enc.input_ids, enc.attention_mask, torch.arange(batch_size), alpha=0.0, task="pretrain")
