@@ -199,7 +199,7 @@ class BLIP(nn.Module):
         self.register_buffer("text_queue", F.normalize(torch.randn(cfg.embed_dim, cfg.queue_size), dim=0))
         self.register_buffer("idx_queue", torch.full((1, cfg.queue_size), -100, dtype=torch.long))
         self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
-        self._ptr, self.pending_keys = None, None
+        self._ptr, self.pending_keys, self._ema_params = None, None, None
         self.register_load_state_dict_post_hook(lambda module, keys: setattr(module, "_ptr", None))
 
     def model_pairs(self):
@@ -230,8 +230,10 @@ class BLIP(nn.Module):
         weight = 1 - self.cfg.momentum
         if ok is not None:
             weight = ok.float() * weight
-        online = [p for pair in self.model_pairs() for p in pair[0].parameters()]
-        torch._foreach_lerp_(self.momentum_params(), online, weight)
+        if self._ema_params is None:     # walked once, not every step
+            self._ema_params = ([p for m, _ in self.model_pairs() for p in m.parameters()], self.momentum_params())
+        online, momentum = self._ema_params
+        torch._foreach_lerp_(momentum, online, weight)
 
     @torch.no_grad()
     def dequeue_and_enqueue(self, image_feat, text_feat, idx, ok=None):

@@ -378,16 +378,15 @@ class NonFiniteGuard:
 
     def account(self, step, ok, diagnose):
         """Host bookkeeping for `step`; `diagnose()` re-runs that step's forward and names the culprit."""
-        if ok.device.type == "cuda":
-            flag = torch.empty((), dtype=torch.bool, pin_memory=True)
-            flag.copy_(ok, non_blocking=True)
-            event = torch.cuda.Event()
-            event.record()
-            previous, self.pending = self.pending, (step, flag, event, diagnose)
-            if previous:
-                self._count(previous[0], previous[2].synchronize() or bool(previous[1]), previous[3])
-        else:
+        if ok.device.type != "cuda":
             self._count(step, bool(ok), diagnose)
+            return
+        flag = torch.empty((), dtype=torch.bool, pin_memory=True)
+        flag.copy_(ok, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        self.flush()                     # the previous step's flag: its copy finished while this step ran
+        self.pending = (step, flag, event, diagnose)
 
     def flush(self):
         if self.pending:
