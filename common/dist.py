@@ -153,6 +153,15 @@ def cpu_group():
     return _CPU_GROUP["gloo"]
 
 
+def all_reduce_sum(x):
+    """Sum of a tensor over ranks (evaluation counts)."""
+    if not is_dist():
+        return x
+    x = x.detach().clone()
+    dist.all_reduce(x)
+    return x
+
+
 def all_reduce_mean(x):
     """Mean of a tensor over ranks (for logging a loss that every rank computed)."""
     if not is_dist():

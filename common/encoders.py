@@ -312,14 +312,19 @@ class BertEncoder(nn.Module):
             x = x + self.token_type_embeddings.weight[0]
         return self.dropout(self.embed_norm(x))
 
-    def forward(self, ids, attention_mask=None, causal=False, context=None, context_mask=None, cache=None):
+    def forward(self, ids, attention_mask=None, causal=False, context=None, context_mask=None, cache=None, *,
+                start=0, end=None, hidden=None):
+        """`start`, `end`: run only layers [start, end); `hidden`: start from these hidden states
+        (B, L, D) instead of embedding `ids` (ALBEF: the text encoder is layers [0, fusion), the
+        fusion encoder layers [fusion, L) on the text encoder's output)."""
         offset = cache.length if cache is not None else 0
-        x = self.embed(ids, offset)                                           # (B, L, D)
+        x = self.embed(ids, offset) if hidden is None else hidden            # (B, L, D)
         # With a cache the queries are the last L of the keys; Attention places the triangle.
         mask = (padding_mask(attention_mask.bool(), causal and cache is None) if attention_mask is not None
                 else None)
         cmask = padding_mask(context_mask.bool()) if context_mask is not None else None
-        for i, layer in enumerate(self.layer):
+        for i in range(start, len(self.layer) if end is None else end):
+            layer = self.layer[i]
             if cache is not None:
                 x = layer(x, mask, causal, context, cmask, cache=cache.layers[i])
             elif self.grad_checkpointing and self.training:
@@ -508,6 +513,45 @@ def hf_bert_lm_head_map(ours, hf, tied_to=None):
     for p in ("weight", "bias"):
         m[f"{ours}.dense.{p}"] = f"{hf}.transform.dense.{p}"
         m[f"{ours}.LayerNorm.{p}"] = f"{hf}.transform.LayerNorm.{p}"
+    return m
+
+
+def timm_vit_map(ours, theirs, layers):
+    """Our VisionTransformer (no ln_pre, patch bias) at `ours` <- a timm / DeiT `VisionTransformer`
+    state dict at `theirs` ('' for a bare one; 'visual_encoder' in ALBEF, BLIP and LAVIS, which
+    keep timm's names): cls_token, pos_embed, patch_embed.proj, blocks.i.{norm1, attn.qkv,
+    attn.proj, norm2, mlp.fc1, mlp.fc2}, norm."""
+    pre = f"{theirs}." if theirs else ""
+    m = {f"{ours}.conv1.weight": f"{pre}patch_embed.proj.weight", f"{ours}.conv1.bias": f"{pre}patch_embed.proj.bias",
+         f"{ours}.class_embedding": f"{pre}cls_token", f"{ours}.positional_embedding": f"{pre}pos_embed"}
+    for p in ("weight", "bias"):
+        m[f"{ours}.ln_post.{p}"] = f"{pre}norm.{p}"
+        for i in range(layers):
+            o, t = f"{ours}.transformer.resblocks.{i}", f"{pre}blocks.{i}"
+            for a, b in (("ln_1", "norm1"), ("attn.qkv", "attn.qkv"), ("attn.proj", "attn.proj"), ("ln_2", "norm2"),
+                         ("mlp.fc", "mlp.fc1"), ("mlp.proj", "mlp.fc2")):
+                m[f"{o}.{a}.{p}"] = f"{t}.{b}.{p}"
+    return m
+
+
+def hf_vit_map(ours, hf, layers):
+    """Our VisionTransformer (no ln_pre, patch bias) at `ours` <- a transformers `ViTModel` at `hf`
+    ('' for a bare ViTModel, 'vit' inside ViTForImageClassification). q, k, v are fused."""
+    pre = f"{hf}." if hf else ""
+    m = {f"{ours}.conv1.weight": f"{pre}embeddings.patch_embeddings.projection.weight",
+         f"{ours}.conv1.bias": f"{pre}embeddings.patch_embeddings.projection.bias",
+         f"{ours}.class_embedding": f"{pre}embeddings.cls_token",
+         f"{ours}.positional_embedding": f"{pre}embeddings.position_embeddings"}
+    for p in ("weight", "bias"):
+        m[f"{ours}.ln_post.{p}"] = f"{pre}layernorm.{p}"
+        for i in range(layers):
+            o, h = f"{ours}.transformer.resblocks.{i}", f"{pre}encoder.layer.{i}"
+            m[f"{o}.ln_1.{p}"] = f"{h}.layernorm_before.{p}"
+            m[f"{o}.attn.qkv.{p}"] = tuple(f"{h}.attention.attention.{n}.{p}" for n in ("query", "key", "value"))
+            m[f"{o}.attn.proj.{p}"] = f"{h}.attention.output.dense.{p}"
+            m[f"{o}.ln_2.{p}"] = f"{h}.layernorm_after.{p}"
+            m[f"{o}.mlp.fc.{p}"] = f"{h}.intermediate.dense.{p}"
+            m[f"{o}.mlp.proj.{p}"] = f"{h}.output.dense.{p}"
     return m
 
 

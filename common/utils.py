@@ -194,14 +194,18 @@ def grad_norm_(model, max_norm=0.0):
     return torch.nn.utils.get_total_norm([p.grad for p in params])
 
 
-def cosine_schedule(optimizer, warmup_steps, total_steps):
+def cosine_schedule(optimizer, warmup_steps, total_steps, warmup_from=None, final=0.0):
     """Linear warm-up from lr/warmup to lr over `warmup_steps`, then cosine to 0 at `total_steps`
-    (open_clip scheduler.py: base * (step + 1) / warmup, then 0.5 * (1 + cos(pi * progress)))."""
+    (open_clip scheduler.py: base * (step + 1) / warmup, then 0.5 * (1 + cos(pi * progress))).
+    `warmup_from`, `final`: fractions of lr to warm up from and to end at (timm's warmup_lr and
+    min_lr, as ALBEF's scheduler: lr = min + (lr - min) * 0.5 * (1 + cos))."""
     def factor(step):
         if step < warmup_steps:
-            return (step + 1) / warmup_steps
+            if warmup_from is None:
+                return (step + 1) / warmup_steps
+            return warmup_from + (1 - warmup_from) * step / warmup_steps
         progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        return final + (1 - final) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 

@@ -17,21 +17,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import blip_train  # noqa: E402
 from tests.lavis import peer  # noqa: E402
-from common.encoders import hf_bert_lm_head_map, hf_bert_map, load_mapped  # noqa: E402
-
-
-def vit_map(ours, theirs, layers):
-    """LAVIS's timm-style VisionTransformerEncoder -> our VisionTransformer."""
-    m = {f"{ours}.conv1.weight": f"{theirs}.patch_embed.proj.weight", f"{ours}.conv1.bias": f"{theirs}.patch_embed.proj.bias",
-         f"{ours}.class_embedding": f"{theirs}.cls_token", f"{ours}.positional_embedding": f"{theirs}.pos_embed"}
-    for p in ("weight", "bias"):
-        m[f"{ours}.ln_post.{p}"] = f"{theirs}.norm.{p}"
-        for i in range(layers):
-            o, t = f"{ours}.transformer.resblocks.{i}", f"{theirs}.blocks.{i}"
-            for a, b in (("ln_1", "norm1"), ("attn.qkv", "attn.qkv"), ("attn.proj", "attn.proj"), ("ln_2", "norm2"),
-                         ("mlp.fc", "mlp.fc1"), ("mlp.proj", "mlp.fc2")):
-                m[f"{o}.{a}.{p}"] = f"{t}.{b}.{p}"
-    return m
+from common.encoders import hf_bert_lm_head_map, hf_bert_map, load_mapped, timm_vit_map  # noqa: E402
 
 
 def main():
@@ -45,8 +31,8 @@ def main():
     ours = blip_train.BLIP(cfg, cls_id=tok.cls_token_id, enc_id=tok.enc_token_id, dec_id=tok.bos_token_id,
                            sep_id=tok.sep_token_id, pad_id=tok.pad_token_id)
     L = cfg.text_layers
-    mapping = {**vit_map("visual_encoder", "visual_encoder", cfg.vision_layers),
-               **vit_map("visual_encoder_m", "visual_encoder_m", cfg.vision_layers),
+    mapping = {**timm_vit_map("visual_encoder", "visual_encoder", cfg.vision_layers),
+               **timm_vit_map("visual_encoder_m", "visual_encoder_m", cfg.vision_layers),
                **hf_bert_map("text_encoder", "text_encoder", L, cross_layers=range(L), token_types=False),
                **hf_bert_map("text_encoder_m", "text_encoder_m", L, cross_layers=range(L), token_types=False),
                **hf_bert_map("text_decoder", "text_decoder.bert", L, cross_layers=range(L), token_types=False),
