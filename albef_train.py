@@ -815,8 +815,9 @@ def evaluate(model, cfg, val, tokenizer, device, precision):
 
 # ---- training ----
 
-# Set by the run, not by the weights: an --init-from keeps the command line's (or preset's) values
-# for these (fine-tuning at 384 px from 256 px pretraining interpolates the position embeddings).
+# Set by the run, not by the weights: an --init-from of our checkpoint keeps the values the command
+# line or the task recipe gives these (fine-tuning at 384 px from 256 px pretraining interpolates the
+# position embeddings), and the checkpoint's otherwise.
 RUN_FIELDS = ("image_size", "queue_size")
 
 
@@ -830,7 +831,7 @@ def build_model(cfg, tokenizer, init=(None, None)):
         for k in MODEL_FIELDS:
             setattr(cfg, k, getattr(model.cfg, k))
     elif kind == "ours":
-        run = {k: getattr(cfg, k) for k in RUN_FIELDS}
+        run = {k: getattr(cfg, k) for k in RUN_FIELDS if k in getattr(cfg, "cli_keys", ()) or k in task_recipe(cfg)}
         for k in MODEL_FIELDS:
             setattr(cfg, k, saved["config"][k])
         cfg.__dict__.update(run)

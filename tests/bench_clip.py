@@ -20,7 +20,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 # --config compute: a compute-bound CPU configuration (the tiny preset mostly measures Python
-# overhead), the same as tests/bench_blip.py's: both towers width 384, 6 layers, 6 heads;
+# overhead), the same as tests/bench_lavis.py's: both towers width 384, 6 layers, 6 heads;
 # 96 px / patch 16 (36 patches); 32 text tokens; batch 32 on 2 threads.
 COMPUTE = dict(image_size=96, patch_size=16, vision_width=384, vision_layers=6, vision_heads=6, text_width=384,
                text_layers=6, text_heads=6, context_length=32, embed_dim=256)

@@ -1,17 +1,19 @@
-"""BLIP pretraining-step benchmark: our blip_train.BLIP against Salesforce LAVIS 1.0.2's
-BlipPretrain (built by tests/lavis/peer.py), same widths, depths, heads, image size, batch, text
-length, captions and thread count, alternating, each measurement in a fresh process. Not collected
-by pytest.
+"""Pretraining-step benchmark against Salesforce LAVIS 1.0.2: our blip_train.BLIP against
+BlipPretrain, our albef_train.ALBEF against AlbefPretrain (both built by tests/lavis/peer.py), same
+widths, depths, heads, image size, batch, text length, captions and thread count, alternating,
+each measurement in a fresh process. Not collected by pytest.
 
     bash tests/lavis/setup.sh                      # once: LAVIS in its own venv (~1 min)
-    python tests/bench_blip.py [--config tiny|compute --rounds 3 --steps 10]
+    python tests/bench_lavis.py blip|albef [--config tiny|compute --rounds 3 --steps 10]
 
 --config tiny: ViT 32 px / patch 8, width 64, 2 layers; MED width 64, 4 layers; batch 16, 1 thread
 (mostly Python overhead). --config compute: ViT 96 px / patch 16, width 384, 6 layers, 6 heads;
 MED width 384, 6 layers, 6 heads; 32 text tokens; batch 32, 2 threads.
 
-One step = forward (ITC with momentum distillation + queue, ITM with hard negatives, LM),
-backward and AdamW, as LAVIS's own timing loop. Peak memory is the process's peak RSS during
+ALBEF: the first half of the text layers are the text encoder, the rest the fusion encoder.
+
+One step = forward (ITC with momentum distillation + queue, ITM with hard negatives, and LM for
+BLIP or MLM with distillation for ALBEF), backward and AdamW, as LAVIS's own timing loop. Peak memory is the process's peak RSS during
 the timed steps (VmHWM after a reset), on CPU."""
 import argparse
 import json
@@ -36,7 +38,6 @@ def status_kb(field):
 
 def worker(args):
     import torch
-    import blip_train
     from common.data import Tokenizer
     from transformers import BertTokenizer
     torch.set_num_threads(args.threads)
@@ -45,12 +46,22 @@ def worker(args):
     BertTokenizer(vocab=peer.vocab_file()).save_pretrained(folder)       # LAVIS's vocabulary
     tok = Tokenizer(folder)
     assert tok.vocab_size > len(peer.WORDS), f"vocabulary not read: {tok.vocab_size} tokens"
-    cfg = blip_train.Config(**peer.config(args.config))
-    if args.image_size:
-        cfg.image_size = args.image_size
-    cfg.vocab_size = tok.vocab_size + 2
     torch.manual_seed(0)
-    model = blip_train.build_blip(cfg, tok)
+    if args.model == "blip":
+        import blip_train
+        cfg = blip_train.Config(**peer.config(args.config))
+        if args.image_size:
+            cfg.image_size = args.image_size
+        cfg.vocab_size = tok.vocab_size + 2
+        model = blip_train.build_blip(cfg, tok)
+    else:
+        import albef_train
+        c = peer.config(args.config)
+        cfg = albef_train.Config(**c, fusion_layer=int(c["text_layers"] * peer.ALBEF_FUSION_LAYER))
+        if args.image_size:
+            cfg.image_size = args.image_size
+        cfg.vocab_size = tok.vocab_size
+        model = albef_train.build_albef(cfg, tok)
     ids = tok(peer.captions(args.batch_size), cfg.max_length)
     mask = (ids != tok.pad_id).long()
     images = torch.randn(args.batch_size, 3, cfg.image_size, cfg.image_size)
@@ -60,8 +71,10 @@ def worker(args):
     from common.utils import adamw     # the training script's optimizer (fused kernel); LAVIS: torch's default
     opt = adamw([p for p in model.parameters() if p.requires_grad], lr=1e-4, weight_decay=0.05)
 
+    alpha = torch.tensor(0.4)
+
     def step(i):
-        losses = model(images, ids, mask, idx, alpha=0.4, task="pretrain")
+        losses = model(images, ids, mask, idx, alpha, task="pretrain")
         opt.zero_grad(set_to_none=True)
         sum(losses.values()).backward()
         opt.step()
@@ -81,7 +94,7 @@ def worker(args):
 
 def run_lavis(args):
     out = tempfile.mktemp(suffix=".json")
-    cmd = [args.lavis_python, os.path.join(ROOT, "tests", "lavis", "peer.py"), "blip", "--config", args.config,
+    cmd = [args.lavis_python, os.path.join(ROOT, "tests", "lavis", "peer.py"), args.model, "--config", args.config,
            "--batch-size", str(args.batch_size), "--steps", str(args.steps), "--warmup", str(args.warmup),
            "--threads", str(args.threads), "--json", out]
     if args.image_size:
@@ -95,6 +108,7 @@ def run_lavis(args):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model", choices=("blip", "albef"))
     p.add_argument("--config", default="tiny", choices=sorted(peer.CONFIGS))
     p.add_argument("--batch-size", type=int, help="default: 16 (tiny) or 32 (compute)")
     p.add_argument("--image-size", type=int, help="default: the configuration's")
