@@ -60,7 +60,8 @@ class Config:
     text_heads: int = 2             # BERT attention heads
     text_mlp_dim: int = 512         # BERT feed-forward width
     max_positions: int = 64         # BERT's 512
-    type_vocab_size: int = 2        # BERT's token types; row 0 is added to every token, as the official code
+    type_vocab_size: int = 2        # BERT's token types: row 0 is added to every token, as the official code
+                                    # (LAVIS's BERT has none, which changes the numbers of ALBEF.pth there)
     text_eps: float = 1e-12         # BERT LayerNorm epsilon
     dropout: float = 0.0            # BERT hidden/attention dropout (0.1 in config_bert.json; 0 for the tiny runs)
     vocab_size: int = 0             # 0: the tokenizer's
