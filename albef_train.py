@@ -337,8 +337,8 @@ class ALBEF(nn.Module):
         with torch.autocast(image_feat.device.type, enabled=False):
             image_keys, text_keys = image_keys.float(), text_keys.float()
             with torch.no_grad():
-                i2t_targets = alpha * F.softmax(image_feat_m.float() @ text_keys / self.temp, 1) + (1 - alpha) * targets
-                t2i_targets = alpha * F.softmax(text_feat_m.float() @ image_keys / self.temp, 1) + (1 - alpha) * targets
+                i2t_targets = alpha * pseudo_targets(image_feat_m.float() @ text_keys / self.temp) + (1 - alpha) * targets
+                t2i_targets = alpha * pseudo_targets(text_feat_m.float() @ image_keys / self.temp) + (1 - alpha) * targets
             sim_i2t = image_feat.float() @ text_keys / self.temp                          # (B, B + M)
             sim_t2i = text_feat.float() @ image_keys / self.temp
             loss_i2t = -(F.log_softmax(sim_i2t, 1) * i2t_targets).sum(1).mean()
@@ -380,7 +380,7 @@ class ALBEF(nn.Module):
                                          never=(self.pad_id, self.cls_id))
         logits = self.mlm_head(self.text_encoder(masked_ids, mask, context=image_embeds)).float()   # (B, L, V)
         with torch.no_grad():
-            soft = F.softmax(self.mlm_head_m(self.text_encoder_m(masked_ids, mask, context=image_embeds_m)).float(), -1)
+            soft = pseudo_targets(self.mlm_head_m(self.text_encoder_m(masked_ids, mask, context=image_embeds_m)))
         predicted = labels != -100
         # one cross-entropy against (1 - alpha) * one-hot + alpha * q = (1 - alpha) CE(y) + alpha CE(q)
         target = soft.mul_(alpha).scatter_add_(-1, labels.clamp(min=0)[..., None],
@@ -499,6 +499,12 @@ def check_vocab(cfg, tokenizer):
 def build_albef(cfg, tokenizer):
     check_vocab(cfg, tokenizer)
     return ALBEF(cfg, **special_ids(tokenizer))
+
+
+def pseudo_targets(logits_m):
+    """Momentum distillation's pseudo-targets q (Sec. 3.4): the momentum model's softmax over the
+    last dimension (ITC: the keys; MLM: the vocabulary), in fp32."""
+    return F.softmax(logits_m.float(), -1)
 
 
 def mask_tokens(ids, probability, mask_id, vocab_size, never, generator=None):
