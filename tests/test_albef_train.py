@@ -163,7 +163,8 @@ def test_retrieval_without_image_ids_groups_captions_by_image_file(tmp_path, sub
 def test_pretraining_learns_retrieval_and_mlm_far_above_chance(tmp_path):
     """The default tiny run, 250 steps (~1.5 min on 2 cores). Chance r_mean is 2.7 and the
     most-frequent-token baseline of MLM 14.5 %; measured r_mean 6.2 (ITC alone 6.0) and MLM
-    accuracy 34.3 %. With the ITC pairs rolled by one it fails (r_mean 1.7, ITC 2.3). Broken
+    accuracy 34.3 %. It fails with the ITC pairs rolled by one (r_mean 1.7, ITC 2.3) and with the
+    training MLM labels shifted to the neighbouring token (MLM accuracy 3.0 %). Broken
     distillation pseudo-targets do not show here: trained from scratch for 250 steps, the momentum
     model (m = 0.995) is still close to uniform, so test_albef.py and the LAVIS check pin q exactly."""
     m = albef_train.main(["--max-steps", "250", "--workers", "0", "--output-dir", str(tmp_path)])
