@@ -28,11 +28,11 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from common import dist
-from common.data import (ImageDataset, ImageTextDataset, ShardedSampler, eval_transform, load_tokenizer,
-                         read_annotations, retrieval_texts, tiny_data, train_transform)
+from common.data import (ImageDataset, ImageTextDataset, eval_transform, load_tokenizer, read_annotations,
+                         retrieval_texts, tiny_data, train_loader, train_transform)
 from common.encoders import (BertEncoder, BertLMHead, VisionTransformer, hf_bert_lm_head_map, hf_bert_map,
                              hf_vit_map, load_mapped, read_hf_checkpoint, resize_pos_embed, timm_vit_map)
-from common.metrics import retrieval_metrics
+from common.metrics import image_tokens, rerank_topk, retrieval_metrics
 from common.utils import (MetricLog, MissingFileError, NonFiniteGuard, Preemption, UserError, adamw, autocast,
                           check_finite, check_resume_position, cli, cosine_schedule, first_nonfinite_module,
                           grad_norm_, load_checkpoint, resolve_config, resolve_precision, rng_state,
@@ -665,20 +665,12 @@ def build_data(cfg, tokenizer, rank, world_size):
     # RandomResizedCrop(0.5-1), flips and RandAugment.
     train_set = ImageTextDataset(records, train_transform(cfg.image_size), tokenizer, cfg.max_length,
                                  skip_bad=cfg.skip_bad)
-    if cfg.batch_size * world_size > len(train_set):
-        raise UserError(f"--batch-size {cfg.batch_size} x {world_size} process(es) is larger than the "
-                         f"{len(train_set)} image-caption pairs of {train_file}; use a smaller --batch-size")
     # Image ids -> integers: positives in retrieval fine-tuning, exclusions for ITM negatives. An
     # entry without "image_id" uses its image path (read_annotations), so its captions share one id.
     ids = {}
     image_index = torch.tensor([ids.setdefault(r["image_id"], len(ids)) for r in records])
-    sampler = ShardedSampler(len(train_set), rank=rank, world_size=world_size, seed=cfg.seed)
-    loader = torch.utils.data.DataLoader(train_set, batch_size=cfg.batch_size, sampler=sampler, drop_last=True,
-                                         num_workers=cfg.workers, pin_memory=torch.cuda.is_available(),
-                                         persistent_workers=cfg.workers > 0,
-                                         # its own generator: starting an epoch (or a resume) must not
-                                         # consume the global RNG that masking / negative sampling use
-                                         generator=torch.Generator().manual_seed(cfg.seed))
+    loader, sampler = train_loader(train_set, batch_size=cfg.batch_size, workers=cfg.workers, seed=cfg.seed, rank=rank,
+                                   world_size=world_size, source=train_file)
     return loader, sampler, image_index, val
 
 
@@ -697,20 +689,6 @@ def check_config(cfg, world_size):
 
 
 # ---- evaluation (Sec. 4; Retrieval.py) ----
-
-def image_tokens(model, paths, cfg, device, precision):
-    """ViT tokens (n, 1 + P, Dv) of the given images (a rank's shard)."""
-    loader = torch.utils.data.DataLoader(ImageDataset(paths, eval_transform(cfg.image_size, crop=False)),
-                                         batch_size=cfg.batch_size, num_workers=cfg.workers)
-    out = []
-    for images, _ in loader:
-        with autocast(precision, device):
-            # kept in the autocast dtype: they are only read through linear layers that cast to it
-            out.append(model.image_features(images.to(device)).to(torch.get_autocast_dtype(device.type)
-                                                                  if precision != "fp32" else torch.float32))
-    return torch.cat(out) if out else torch.zeros(0, model.visual_encoder.grid ** 2 + 1, cfg.vision_width,
-                                                  device=device)
-
 
 @torch.no_grad()
 def evaluate_retrieval(model, cfg, val, tokenizer, device, precision):
@@ -740,7 +718,8 @@ def evaluate_retrieval(model, cfg, val, tokenizer, device, precision):
     text_feat = dist.gather_varlen(torch.cat(text_feat))                              # (n_txt, E)
     text_embeds = dist.gather_varlen(torch.cat(text_embeds))                          # (n_txt, L, Dt)
     i0, i1 = dist.shard_range(len(val))
-    tokens = image_tokens(model, [r["image"] for r in val[i0:i1]], cfg, device, precision)  # (mine, 1 + P, Dv)
+    tokens = image_tokens(model.image_features, [r["image"] for r in val[i0:i1]], cfg.image_size, cfg.batch_size,
+                          cfg.workers, device, precision)                                 # (mine, 1 + P, Dv)
     image_feat = [torch.zeros(0, cfg.embed_dim, device=device)]
     for i in range(0, len(tokens), cfg.batch_size):
         with autocast(precision, device):
@@ -748,32 +727,12 @@ def evaluate_retrieval(model, cfg, val, tokenizer, device, precision):
     image_feat = dist.gather_varlen(torch.cat(image_feat))                            # (n_img, E)
     sim = image_feat @ text_feat.T                                                      # (n_img, n_txt)
     k = min(cfg.k_test, len(texts), len(val))
-    with_itc = cfg.rerank_score == "itm+itc"
 
-    def itm(t, img):
+    def itm(t, i):              # ITM match logits of texts t (their text-encoder outputs) with this rank's images i
         with autocast(precision, device):
-            return model.itm_logits(text_embeds[t], mask[t], img)[:, 1].float()
-    # image -> text: this rank's rows
-    rows_i2t = torch.full_like(sim[i0:i1], -100.0)
-    if i1 > i0:
-        top_sim, top_txt = sim[i0:i1].topk(k, 1)                                      # (R, k)
-        per = max(1, cfg.itm_batch // k)
-        for r0 in range(0, i1 - i0, per):
-            r = torch.arange(r0, min(r0 + per, i1 - i0), device=device).repeat_interleave(k)
-            c = top_txt[r0:r0 + per].reshape(-1)
-            rows_i2t[r, c] = itm(c, tokens[r]) + (top_sim[r0:r0 + per].reshape(-1) if with_itc else 0)
-    # text -> image: the pairs whose image this rank holds
-    top_sim, top_img = sim.T.topk(k, 1)                                                # (n_txt, k)
-    t, j = ((top_img >= i0) & (top_img < i1)).nonzero(as_tuple=True)
-    scores = [torch.zeros(0, device=device)]
-    for b in range(0, len(t), cfg.itm_batch):
-        tb, ib = t[b:b + cfg.itm_batch], top_img[t[b:b + cfg.itm_batch], j[b:b + cfg.itm_batch]] - i0
-        scores.append(itm(tb, tokens[ib]))
-    score = torch.cat(scores) + (top_sim[t, j] if with_itc else 0)
-    pairs = dist.gather_varlen(torch.stack([t.float(), top_img[t, j].float(), score], 1))  # (k * n_txt, 3)
-    rows_t2i = torch.full_like(sim.T, -100.0)
-    rows_t2i[pairs[:, 0].long(), pairs[:, 1].long()] = pairs[:, 2]
-    metrics = retrieval_metrics(dist.gather_varlen(rows_i2t), txt2img, rows_t2i)
+            return model.itm_logits(text_embeds[t], mask[t], tokens[i])[:, 1].float()
+    rows_i2t, rows_t2i = rerank_topk(sim, (i0, i1), k, itm, cfg.itm_batch, add_similarity=cfg.rerank_score == "itm+itc")
+    metrics = retrieval_metrics(rows_i2t, txt2img, rows_t2i)
     metrics["itc_r_mean"] = retrieval_metrics(sim, txt2img)["r_mean"]             # before re-ranking
     return metrics, k * (len(texts) + len(val))
 
@@ -785,7 +744,8 @@ def evaluate_mlm(model, cfg, val, tokenizer, device, precision):
     accuracy of always predicting the most frequent masked token: the baseline a model that
     ignores its input reaches. Images are split across ranks; the counts are summed."""
     i0, i1 = dist.shard_range(len(val))
-    tokens = image_tokens(model, [r["image"] for r in val[i0:i1]], cfg, device, precision)
+    tokens = image_tokens(model.image_features, [r["image"] for r in val[i0:i1]], cfg.image_size, cfg.batch_size,
+                          cfg.workers, device, precision)
     g = torch.Generator(device=device).manual_seed(cfg.seed)
     correct, counts = torch.zeros((), device=device), torch.zeros(cfg.vocab_size, device=device)
     for i, rec in enumerate(val[i0:i1]):

@@ -25,12 +25,12 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from common import dist
-from common.data import (ImageDataset, ImageTextDataset, ShardedSampler, eval_transform, load_tokenizer,
-                         read_annotations, retrieval_texts, tiny_data, train_transform)
+from common.data import (ImageDataset, ImageTextDataset, eval_transform, load_tokenizer, read_annotations,
+                         retrieval_texts, tiny_data, train_loader, train_transform)
 from common.encoders import (BertEncoder, BertLMHead, KVCache, VisionTransformer, hf_bert_lm_head_map,
                              hf_bert_map, hf_blip_vision_map, load_mapped, read_hf_checkpoint, resize_pos_embed)
 from common.generation import beam_search, greedy_or_sample
-from common.metrics import caption_metrics, retrieval_metrics
+from common.metrics import caption_metrics, image_tokens, rerank_topk, retrieval_metrics
 from common.utils import (MetricLog, NonFiniteGuard, Preemption, UserError, adamw, autocast, check_finite,
                           check_resume_position, cli, cosine_schedule, first_nonfinite_module, grad_norm_,
                           load_checkpoint, param_groups, resolve_config, resolve_precision, rng_state,
@@ -538,20 +538,12 @@ def build_data(cfg, tokenizer, rank, world_size):
     # RandomResizedCrop(0.5-1), flips and RandAugment on COCO.
     train_set = ImageTextDataset(records, train_transform(cfg.image_size), tokenizer, cfg.max_length,
                                  skip_bad=cfg.skip_bad, prefix=prefix)
-    if cfg.batch_size * world_size > len(train_set):
-        raise UserError(f"--batch-size {cfg.batch_size} x {world_size} process(es) is larger than the "
-                         f"{len(train_set)} image-caption pairs of {train_file}; use a smaller --batch-size")
     # Image ids -> integers: positives in retrieval fine-tuning, exclusions for ITM negatives. An
     # entry without "image_id" uses its image path (read_annotations), so its captions share one id.
     ids = {}
     image_index = torch.tensor([ids.setdefault(r["image_id"], len(ids)) for r in records])
-    sampler = ShardedSampler(len(train_set), rank=rank, world_size=world_size, seed=cfg.seed)
-    loader = torch.utils.data.DataLoader(train_set, batch_size=cfg.batch_size, sampler=sampler, drop_last=True,
-                                         num_workers=cfg.workers, pin_memory=torch.cuda.is_available(),
-                                         persistent_workers=cfg.workers > 0,
-                                         # its own generator: starting an epoch (or a resume) must not
-                                         # consume the global RNG that dropout / negative sampling use
-                                         generator=torch.Generator().manual_seed(cfg.seed))
+    loader, sampler = train_loader(train_set, batch_size=cfg.batch_size, workers=cfg.workers, seed=cfg.seed, rank=rank,
+                                   world_size=world_size, source=train_file)
     return loader, sampler, image_index, val, records
 
 
@@ -579,20 +571,6 @@ def check_config(cfg, tokenizer, world_size):
 
 # ---- evaluation ----
 
-def image_tokens(model, paths, cfg, device, precision):
-    """ViT tokens (n, 1 + P, Dv) of the given images (a rank's shard)."""
-    loader = torch.utils.data.DataLoader(ImageDataset(paths, eval_transform(cfg.image_size, crop=False)),
-                                         batch_size=cfg.batch_size, num_workers=cfg.workers)
-    out = []
-    for images, _ in loader:
-        with autocast(precision, device):
-            # kept in the autocast dtype: they are only read through linear layers that cast to it
-            out.append(model.image_features(images.to(device)).to(torch.get_autocast_dtype(device.type)
-                                                                  if precision != "fp32" else torch.float32))
-    return torch.cat(out) if out else torch.zeros(0, model.visual_encoder.grid ** 2 + 1, cfg.vision_width,
-                                                  device=device)
-
-
 @torch.no_grad()
 def evaluate_retrieval(model, cfg, val, tokenizer, device, precision):
     """Sec. 5.1 / train_retrieval.py: ITC similarity for all pairs, then the ITM head re-ranks each
@@ -614,7 +592,8 @@ def evaluate_retrieval(model, cfg, val, tokenizer, device, precision):
             text_feat.append(model.text_embed(ids[i:j], mask[i:j]).float())
     text_feat = dist.gather_varlen(torch.cat(text_feat))                              # (n_txt, E)
     i0, i1 = dist.shard_range(len(val))
-    tokens = image_tokens(model, [r["image"] for r in val[i0:i1]], cfg, device, precision)  # (mine, 1 + P, Dv)
+    tokens = image_tokens(model.image_features, [r["image"] for r in val[i0:i1]], cfg.image_size, cfg.batch_size,
+                          cfg.workers, device, precision)                                 # (mine, 1 + P, Dv)
     image_feat = [torch.zeros(0, cfg.embed_dim, device=device)]
     for i in range(0, len(tokens), cfg.batch_size):
         with autocast(precision, device):
@@ -622,41 +601,14 @@ def evaluate_retrieval(model, cfg, val, tokenizer, device, precision):
     image_feat = dist.gather_varlen(torch.cat(image_feat))                            # (n_img, E)
     sim = image_feat @ text_feat.T                                                      # (n_img, n_txt)
     k = min(cfg.k_test, len(texts), len(val))
-    rows_i2t = rerank(model, sim[i0:i1], lambda r, c: (ids[c], mask[c], tokens[r]), k, cfg, device, precision)
-    # text -> image: the pairs whose image this rank holds
-    top_sim, top_img = sim.T.topk(k, 1)                                                # (n_txt, k)
-    t, j = ((top_img >= i0) & (top_img < i1)).nonzero(as_tuple=True)
-    pair_scores = [torch.zeros(0, device=device)]
-    for b in range(0, len(t), cfg.itm_batch):
-        tb, ib = t[b:b + cfg.itm_batch], top_img[t[b:b + cfg.itm_batch], j[b:b + cfg.itm_batch]] - i0
+
+    def itm(t, i):              # ITM match logits of texts t with this rank's images i
         with autocast(precision, device):
-            pair_scores.append(model.itm_logits(ids[tb], mask[tb], tokens[ib])[:, 1].float())
-    pairs = torch.stack([t.float(), top_img[t, j].float(), torch.cat(pair_scores) + top_sim[t, j]], 1)
-    pairs = dist.gather_varlen(pairs)                                                   # (k * n_txt, 3)
-    rows_t2i = torch.full_like(sim.T, -100.0)
-    rows_t2i[pairs[:, 0].long(), pairs[:, 1].long()] = pairs[:, 2]
-    metrics = retrieval_metrics(dist.gather_varlen(rows_i2t), txt2img, rows_t2i)
+            return model.itm_logits(ids[t], mask[t], tokens[i])[:, 1].float()
+    rows_i2t, rows_t2i = rerank_topk(sim, (i0, i1), k, itm, cfg.itm_batch, add_similarity=True)
+    metrics = retrieval_metrics(rows_i2t, txt2img, rows_t2i)
     metrics["itc_r_mean"] = retrieval_metrics(sim, txt2img)["r_mean"]             # before re-ranking
     return metrics, k * (len(texts) + len(val))
-
-
-def rerank(model, sim_rows, pairs, k, cfg, device, precision):
-    """sim_rows: (R, n_cols) ITC scores. For each row, ITM over its top-k columns, batched over
-    several rows at once. pairs(row_idx, col_idx) -> (text ids, mask, image tokens) per pair."""
-    R = sim_rows.shape[0]
-    scores = torch.full_like(sim_rows, -100.0)
-    if R == 0:
-        return scores
-    top_sim, top_idx = sim_rows.topk(k, 1)                                           # (R, k)
-    rows_per_batch = max(1, cfg.itm_batch // max(k, 1))
-    for r0 in range(0, R, rows_per_batch):
-        r = torch.arange(r0, min(r0 + rows_per_batch, R), device=device).repeat_interleave(k)
-        c = top_idx[r0:r0 + rows_per_batch].reshape(-1)
-        t_ids, t_mask, img = pairs(r, c)
-        with autocast(precision, device):
-            itm = model.itm_logits(t_ids, t_mask, img)[:, 1].float()
-        scores[r, c] = itm + top_sim[r0:r0 + rows_per_batch].reshape(-1)
-    return scores
 
 
 @torch.no_grad()

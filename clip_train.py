@@ -22,8 +22,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from common import dist
-from common.data import (ImageDataset, ImageTextDataset, ShardedSampler, eval_transform, image_folder,
-                         load_tokenizer, read_annotations, retrieval_texts, tiny_data, train_transform)
+from common.data import (ImageDataset, ImageTextDataset, eval_transform, image_folder, load_tokenizer,
+                         read_annotations, retrieval_texts, tiny_data, train_loader, train_transform)
 from common.encoders import (TextTransformer, VisionTransformer, hf_clip_text_map, hf_clip_vision_map,
                              load_mapped, read_hf_checkpoint, resize_pos_embed)
 from common.metrics import retrieval_metrics, zeroshot_classifier, zeroshot_metrics
@@ -217,16 +217,8 @@ def build_data(cfg, tokenizer, rank, world_size):
     train_file = cfg.train_data or os.path.join(tiny_data(), "train.json")
     train_set = ImageTextDataset(read_annotations(train_file, root, cfg.skip_bad), train_transform(cfg.image_size),
                                  tokenizer, cfg.context_length, skip_bad=cfg.skip_bad)
-    if cfg.batch_size * world_size > len(train_set):
-        raise UserError(f"--batch-size {cfg.batch_size} x {world_size} process(es) is larger than the "
-                         f"{len(train_set)} image-caption pairs of {train_file}; use a smaller --batch-size")
-    sampler = ShardedSampler(len(train_set), rank=rank, world_size=world_size, seed=cfg.seed)
-    loader = torch.utils.data.DataLoader(train_set, batch_size=cfg.batch_size, sampler=sampler, drop_last=True,
-                                         num_workers=cfg.workers, pin_memory=torch.cuda.is_available(),
-                                         persistent_workers=cfg.workers > 0,
-                                         # its own generator: starting an epoch (or a resume) must not
-                                         # consume the global RNG that dropout / negative sampling use
-                                         generator=torch.Generator().manual_seed(cfg.seed))
+    loader, sampler = train_loader(train_set, batch_size=cfg.batch_size, workers=cfg.workers, seed=cfg.seed, rank=rank,
+                                   world_size=world_size, source=train_file)
     return loader, sampler, val, zeroshot
 
 

@@ -388,6 +388,21 @@ class ShardedSampler(torch.utils.data.Sampler):
             yield i, int.from_bytes(digest, "little") & 0x7FFF_FFFF_FFFF_FFFF
 
 
+def train_loader(train_set, *, batch_size, workers, seed, rank, world_size, source):
+    """(DataLoader, ShardedSampler) of a training set: `batch_size` per rank, the last incomplete
+    batch dropped. The loader has its own seeded generator: starting an epoch (or a resume) must not
+    consume the global RNG that dropout, masking and negative sampling use. A global batch larger
+    than the data is an error naming `source` (the annotation file)."""
+    if batch_size * world_size > len(train_set):
+        raise UserError(f"--batch-size {batch_size} x {world_size} process(es) is larger than the "
+                        f"{len(train_set)} image-caption pairs of {source}; use a smaller --batch-size")
+    sampler = ShardedSampler(len(train_set), rank=rank, world_size=world_size, seed=seed)
+    loader = torch.utils.data.DataLoader(train_set, batch_size=batch_size, sampler=sampler, drop_last=True,
+                                         num_workers=workers, pin_memory=torch.cuda.is_available(),
+                                         persistent_workers=workers > 0, generator=torch.Generator().manual_seed(seed))
+    return loader, sampler
+
+
 # OpenAI's 80 prompt templates for zero-shot ImageNet (CLIP notebooks / open_clip zero_shot_metadata).
 OPENAI_IMAGENET_TEMPLATES = [
     "a bad photo of a {}.", "a photo of many {}.", "a sculpture of a {}.", "a photo of the hard to see {}.",

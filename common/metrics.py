@@ -5,6 +5,10 @@ Ties count against the model: a candidate scored equal to the ground truth ranks
 it. So a collapsed model that gives every pair the same score gets recall 0, never 100."""
 import torch
 
+from . import dist
+from .data import ImageDataset, eval_transform
+from .utils import autocast
+
 
 def _recall(ranks, ks=(1, 5, 10)):
     return [100.0 * (ranks < k).float().mean().item() for k in ks]
@@ -78,3 +82,54 @@ def caption_metrics(predictions, references):
     rouge, _ = Rouge().compute_score(gts, res)
     cider, _ = Cider().compute_score(gts, res)
     return {"bleu4": float(bleu[3]), "meteor": float(meteor_score), "rouge_l": float(rouge), "cider": float(cider)}
+
+
+# ---- retrieval with ITM re-ranking (ALBEF, BLIP, BLIP-2) ----
+
+@torch.no_grad()
+def image_tokens(encode, paths, image_size, batch_size, workers, device, precision):
+    """encode(images) -> (b, T, D) for the given image files (a rank's shard of an evaluation
+    split), resized to image_size x image_size without cropping (BLIP's and ALBEF's evaluation
+    transform), kept in the autocast dtype: they are only read through linear layers that cast to
+    it. An empty tensor when `paths` is empty."""
+    loader = torch.utils.data.DataLoader(ImageDataset(paths, eval_transform(image_size, crop=False)),
+                                         batch_size=batch_size, num_workers=workers)
+    dtype = torch.get_autocast_dtype(device.type) if precision != "fp32" else torch.float32
+    out = []
+    for images, _ in loader:
+        with autocast(precision, device):
+            out.append(encode(images.to(device)).to(dtype))
+    return torch.cat(out) if out else torch.zeros(0, device=device)
+
+
+@torch.no_grad()
+def rerank_topk(sim, image_range, k, score_pairs, batch, add_similarity):
+    """ITC retrieval re-ranked by an ITM head (ALBEF Retrieval.py, BLIP train_retrieval.py): each
+    image's top-k texts and each text's top-k images by the similarity `sim` (n_img, n_txt, the
+    same on every rank) get score_pairs(texts, images) -> (n,): the ITM score of texts[j] with this
+    rank's image images[j] (indices local to `image_range` = (i0, i1), the images this rank holds),
+    plus the similarity with `add_similarity` (BLIP); -100 outside the top k. Image->text rows are
+    this rank's images, `batch` pairs per call; each text->image pair is scored by the rank holding
+    the image. Returns the gathered (n_img, n_txt) and (n_txt, n_img) scores, the same everywhere."""
+    i0, i1 = image_range
+    device = sim.device
+    rows_i2t = torch.full_like(sim[i0:i1], -100.0)
+    if i1 > i0:
+        top_sim, top_txt = sim[i0:i1].topk(k, 1)                                     # (R, k)
+        per = max(1, batch // max(k, 1))
+        for r0 in range(0, i1 - i0, per):
+            r = torch.arange(r0, min(r0 + per, i1 - i0), device=device).repeat_interleave(k)
+            c = top_txt[r0:r0 + per].reshape(-1)
+            score = score_pairs(c, r)
+            rows_i2t[r, c] = score + top_sim[r0:r0 + per].reshape(-1) if add_similarity else score
+    top_sim, top_img = sim.T.topk(k, 1)                                               # (n_txt, k)
+    t, j = ((top_img >= i0) & (top_img < i1)).nonzero(as_tuple=True)
+    scores = [torch.zeros(0, device=device)]
+    for b in range(0, len(t), batch):
+        tb, jb = t[b:b + batch], j[b:b + batch]
+        scores.append(score_pairs(tb, top_img[tb, jb] - i0))
+    score = torch.cat(scores) + top_sim[t, j] if add_similarity else torch.cat(scores)
+    pairs = dist.gather_varlen(torch.stack([t.float(), top_img[t, j].float(), score], 1))   # (k * n_txt, 3)
+    rows_t2i = torch.full_like(sim.T, -100.0)
+    rows_t2i[pairs[:, 0].long(), pairs[:, 1].long()] = pairs[:, 2]
+    return dist.gather_varlen(rows_i2t), rows_t2i

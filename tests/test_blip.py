@@ -100,27 +100,6 @@ def test_itm_with_batch_of_one_or_duplicate_ids_does_not_crash():
     assert blip_train.sample_negatives(weights).shape == (2,)
 
 
-class _FakeITM:
-    """itm_logits returns a fixed match logit per (text, image) pair."""
-
-    def __init__(self, table):
-        self.table = table
-
-    def itm_logits(self, ids, mask, images):
-        match = torch.tensor([self.table[(int(t), int(i))] for t, i in zip(ids[:, 0], images[:, 0])])
-        return torch.stack([-match, match], 1)
-
-
-def test_rerank_changes_the_ranking_as_the_itm_head_says():
-    cfg = blip_train.Config(itm_batch=3)
-    sim = torch.tensor([[0.9, 0.8, 0.1, 0.0]])                           # one image, four texts
-    table = {(0, 0): -5.0, (1, 0): 5.0, (2, 0): 9.0, (3, 0): 9.0}           # ITM prefers text 1 over text 0
-    texts, image = torch.arange(4)[:, None], torch.zeros(1, 1)
-    scores = blip_train.rerank(_FakeITM(table), sim, lambda r, c: (texts[c], None, image[r]), 2, cfg, torch.device("cpu"), "fp32")
-    assert scores.tolist() == [[pytest.approx(-4.1), pytest.approx(5.8), -100.0, -100.0]]
-    assert scores.argmax().item() == 1 and sim.argmax().item() == 0     # the re-rank flipped the top-1
-
-
 def test_start_up_checks(tiny, tmp_path):
     base = ["--workers", "0", "--output-dir", str(tmp_path), "--max-steps", "1"]
     with pytest.raises(ValueError, match=r"--queue-size 100 is not a multiple of the global batch 8 x 1 = 8"):

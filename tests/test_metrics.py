@@ -1,4 +1,5 @@
 """Recall@K and zero-shot accuracy on hand-made cases whose answers are known."""
+import pytest
 import torch
 
 from common.metrics import retrieval_metrics, zeroshot_classifier, zeroshot_metrics
@@ -90,3 +91,15 @@ def test_caption_metrics_on_hand_made_captions():
     wrong = caption_metrics({1: "a dog runs in the park", 2: "people eat pizza at a table"}, refs)
     assert wrong["bleu4"] < 1e-3 and wrong["cider"] < 0.05 and wrong["rouge_l"] < 0.3
     # hand-checkable: identical captions give BLEU-4 = ROUGE-L = 1; no shared n-gram gives ~0
+
+
+def test_rerank_changes_the_ranking_as_the_itm_head_says():
+    """rerank_topk (ALBEF, BLIP): the top-2 texts of image 0 get ITM + similarity, the rest -100."""
+    from common.metrics import rerank_topk
+    sim = torch.tensor([[0.9, 0.8, 0.1, 0.0], [0.0, 0.1, 0.2, 0.3]])     # two images, four texts
+    table = {(0, 0): -5.0, (1, 0): 5.0, (2, 0): 9.0, (3, 0): 9.0}           # ITM prefers text 1 over text 0
+    table.update({(t, 1): 0.0 for t in range(4)})
+    itm = lambda texts, images: torch.tensor([table[(int(t), int(i))] for t, i in zip(texts, images)])  # noqa: E731
+    scores, _ = rerank_topk(sim, (0, 2), 2, itm, 3, add_similarity=True)
+    assert scores[:1].tolist() == [[pytest.approx(-4.1), pytest.approx(5.8), -100.0, -100.0]]
+    assert scores[0].argmax().item() == 1 and sim[0].argmax().item() == 0   # the re-rank flipped the top-1
