@@ -28,8 +28,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from common import dist
-from common.data import (ImageDataset, ImageTextDataset, eval_transform, load_tokenizer, read_annotations,
-                         retrieval_texts, tiny_data, train_loader, train_transform)
+from common.data import (ImageTextDataset, load_tokenizer, read_annotations, retrieval_texts, tiny_data,
+                         train_loader, train_transform)
 from common.encoders import (BertEncoder, BertLMHead, VisionTransformer, hf_bert_lm_head_map, hf_bert_map,
                              hf_vit_map, load_mapped, read_hf_checkpoint, resize_pos_embed, timm_vit_map)
 from common.metrics import image_tokens, rerank_topk, retrieval_metrics
@@ -408,10 +408,8 @@ class ALBEF(nn.Module):
         if cfg is not None:
             arch.pop("image_size")      # the run's: positions are interpolated to it
         cfg = dataclasses.replace(cfg or Config(), **arch)
-        if tokenizer is not None:
-            check_vocab(cfg, tokenizer)
-        model = ALBEF(cfg, **special_ids(tokenizer)) if tokenizer is not None else ALBEF(cfg, mask_id=103, pad_id=0,
-                                                                                          cls_id=101)
+        # without a tokenizer: bert-base-uncased's [MASK], [PAD], [CLS], which every release uses
+        model = build_albef(cfg, tokenizer) if tokenizer is not None else ALBEF(cfg, mask_id=103, pad_id=0, cls_id=101)
         L, f = cfg.text_layers, cfg.fusion_layer
         bert = "text_encoder.bert" if any(k.startswith("text_encoder.bert.") for k in state) else "text_encoder"
         grid = cfg.image_size // cfg.patch_size
@@ -456,7 +454,7 @@ class ALBEF(nn.Module):
 
 def read_official(path):
     """The state dict of an official ALBEF checkpoint ({'model': state_dict}, or a bare state dict)."""
-    state = read_state_file(path)
+    _, state = read_weights_file(path)
     if "visual_encoder.pos_embed" not in state:
         raise UserError(f"{path}: not an ALBEF checkpoint (no 'model' state dict with 'visual_encoder.pos_embed')")
     return dict(state)
@@ -554,24 +552,23 @@ def sample_negatives(weights):
 
 # ---- starting weights ----
 
-def read_state_file(path):
-    """A state dict from a .safetensors file or a torch file (bare, or under 'model' / 'state_dict')."""
-    if not os.path.isfile(path):
-        raise MissingFileError(f"{path} does not exist")
+def read_weights_file(path):
+    """(the file's object, its state dict) for a .safetensors file or a torch file read with
+    load_checkpoint (weights only), the state dict bare or under 'model' / 'state_dict'."""
     if path.endswith(".safetensors"):
+        if not os.path.isfile(path):
+            raise MissingFileError(f"{path} does not exist")
         from safetensors.torch import load_file
-        return load_file(path)
-    try:
-        saved = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise UserError(f"{path}: cannot read it as a PyTorch checkpoint of tensors ({type(e).__name__}: "
-                        f"{str(e).splitlines()[0][:200]})") from None
+        saved = load_file(path)
+    else:
+        saved = load_checkpoint(path)
+    state = saved
     for key in ("model", "state_dict"):
-        if isinstance(saved, dict) and isinstance(saved.get(key), dict):
-            saved = saved[key]
-    if not isinstance(saved, dict):
-        raise UserError(f"{path}: expected a state dict, found {type(saved).__name__}")
-    return saved
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict):
+        raise UserError(f"{path}: expected a state dict, found {type(state).__name__}")
+    return saved, state
 
 
 def load_vision_init(model, path, state=None):
@@ -592,7 +589,7 @@ def load_vision_init(model, path, state=None):
         mapping = hf_vit_map("visual_encoder", pre.rstrip("."), model.cfg.vision_layers)
         ignore = ("pooler.", "classifier.")
     else:
-        state = state if state is not None else read_state_file(path)
+        state = state if state is not None else read_weights_file(path)[1]
         if "dist_token" in state:
             raise UserError(f"{path}: a distilled DeiT (dist_token); ALBEF starts from the plain DeiT-B/16 "
                             f"(deit_base_patch16_224)")
@@ -603,10 +600,8 @@ def load_vision_init(model, path, state=None):
         raise UserError(f"{path}: no '{key}'; expected a timm/DeiT ViT state dict or a transformers ViTModel folder")
     state = dict(state)
     state[key] = resize_pos_embed(state[key].reshape(-1, state[key].shape[-1]), grid)
-    sub = {k: v for k, v in model.state_dict().items() if k.startswith("visual_encoder.")}
-    holder = nn.Module()
+    holder = nn.Module()                           # our keys 'visual_encoder.*' and nothing else
     holder.visual_encoder = ours
-    assert set(holder.state_dict()) == set(sub)
     load_mapped(holder, state, mapping, source=path, ignore=ignore)
 
 
@@ -637,11 +632,11 @@ def read_init(path):
     its state dict: ALBEF's layout), ('vit', a timm/DeiT state dict, or None for a transformers folder)."""
     if os.path.isdir(path):
         return "vit", None
-    state = read_state_file(path)
+    saved, state = read_weights_file(path)
     if "visual_encoder.pos_embed" in state:
         return "official", state
     if "visual_encoder.positional_embedding" in state:
-        return "ours", load_checkpoint(path)                  # our format's checks and messages
+        return "ours", saved
     if "pos_embed" in state or "cls_token" in state:
         return "vit", state
     raise UserError(f"--init-from {path}: neither an ALBEF checkpoint (official or ours) nor a timm/DeiT ViT "
@@ -690,8 +685,13 @@ def check_config(cfg, world_size):
 
 # ---- evaluation (Sec. 4; Retrieval.py) ----
 
+def shard_image_tokens(model, cfg, records, device, precision):
+    return image_tokens(model.image_features, [r["image"] for r in records], cfg.image_size, cfg.batch_size,
+                        cfg.workers, device, precision)
+
+
 @torch.no_grad()
-def evaluate_retrieval(model, cfg, val, tokenizer, device, precision):
+def evaluate_retrieval(model, cfg, val, tokenizer, device, precision, tokens=None):
     """ITC similarity for all pairs, then the ITM head re-ranks each row's top-k candidates
     (Sec. 4: "we first compute the feature similarity score s_itc for all image-text pairs. Then
     we take the top-k candidates and calculate their ITM score s_itm for ranking"). Score: the ITM
@@ -701,7 +701,8 @@ def evaluate_retrieval(model, cfg, val, tokenizer, device, precision):
     Every rank embeds its shard of the texts (keeping the text encoder's outputs, which the fusion
     encoder reads, gathered in the autocast dtype) and of the images (keeping only its images' ViT
     tokens). Image->text rows are this rank's images; each text->image pair is scored by the rank
-    that holds the image. Returns the metrics and the number of ITM forward passes."""
+    that holds the image (`tokens`: this rank's ViT tokens, when the caller has them). Returns the
+    metrics and the number of ITM forward passes."""
     texts, txt2img = retrieval_texts(val)
     ids = tokenizer(texts, cfg.max_length).to(device)
     mask = (ids != tokenizer.pad_id).long()
@@ -718,8 +719,8 @@ def evaluate_retrieval(model, cfg, val, tokenizer, device, precision):
     text_feat = dist.gather_varlen(torch.cat(text_feat))                              # (n_txt, E)
     text_embeds = dist.gather_varlen(torch.cat(text_embeds))                          # (n_txt, L, Dt)
     i0, i1 = dist.shard_range(len(val))
-    tokens = image_tokens(model.image_features, [r["image"] for r in val[i0:i1]], cfg.image_size, cfg.batch_size,
-                          cfg.workers, device, precision)                                 # (mine, 1 + P, Dv)
+    if tokens is None:
+        tokens = shard_image_tokens(model, cfg, val[i0:i1], device, precision)         # (mine, 1 + P, Dv)
     image_feat = [torch.zeros(0, cfg.embed_dim, device=device)]
     for i in range(0, len(tokens), cfg.batch_size):
         with autocast(precision, device):
@@ -738,27 +739,29 @@ def evaluate_retrieval(model, cfg, val, tokenizer, device, precision):
 
 
 @torch.no_grad()
-def evaluate_mlm(model, cfg, val, tokenizer, device, precision):
+def evaluate_mlm(model, cfg, val, tokenizer, device, precision, tokens=None):
     """MLM accuracy on the val captions with their images: the same masking as training, drawn
     from a fixed seed, top-1 prediction at the masked positions. `mlm_acc_majority` is the
     accuracy of always predicting the most frequent masked token: the baseline a model that
-    ignores its input reaches. Images are split across ranks; the counts are summed."""
-    i0, i1 = dist.shard_range(len(val))
-    tokens = image_tokens(model.image_features, [r["image"] for r in val[i0:i1]], cfg.image_size, cfg.batch_size,
-                          cfg.workers, device, precision)
-    g = torch.Generator(device=device).manual_seed(cfg.seed)
-    correct, counts = torch.zeros((), device=device), torch.zeros(cfg.vocab_size, device=device)
-    for i, rec in enumerate(val[i0:i1]):
-        ids = tokenizer(rec["captions"], cfg.max_length).to(device)
-        mask = (ids != tokenizer.pad_id).long()
-        masked, labels = mask_tokens(ids, cfg.mlm_probability, model.mask_id, cfg.vocab_size,
-                                     never=(model.pad_id, model.cls_id), generator=g)
+    ignores its input reaches. Images are split across ranks (`tokens`: this rank's ViT tokens,
+    when the caller has them); the counts are summed."""
+    recs = val[slice(*dist.shard_range(len(val)))]
+    if tokens is None:
+        tokens = shard_image_tokens(model, cfg, recs, device, precision)
+    ids = tokenizer([c for r in recs for c in r["captions"]], cfg.max_length).to(device)
+    image_of = torch.tensor([i for i, r in enumerate(recs) for _ in r["captions"]], dtype=torch.long, device=device)
+    masked, labels = mask_tokens(ids, cfg.mlm_probability, model.mask_id, cfg.vocab_size,
+                                 never=(model.pad_id, model.cls_id),
+                                 generator=torch.Generator(device=device).manual_seed(cfg.seed))
+    correct = torch.zeros((), device=device)
+    for a in range(0, len(ids), cfg.batch_size):
+        b = slice(a, a + cfg.batch_size)
         with autocast(precision, device):
-            h = model.text_encoder(masked, mask, context=tokens[i:i + 1].expand(len(ids), -1, -1))
+            h = model.text_encoder(masked[b], (ids[b] != tokenizer.pad_id).long(), context=tokens[image_of[b]])
             predicted = model.mlm_head(h).argmax(-1)
-        chosen = labels != -100
-        correct += (predicted[chosen] == labels[chosen]).sum()
-        counts += torch.bincount(labels[chosen], minlength=cfg.vocab_size).float()
+        chosen = labels[b] != -100
+        correct += (predicted[chosen] == labels[b][chosen]).sum()
+    counts = torch.bincount(labels[labels != -100], minlength=cfg.vocab_size).float()
     correct, counts = dist.all_reduce_sum(correct), dist.all_reduce_sum(counts)
     total = counts.sum().clamp(min=1)
     return {"mlm_acc": float(100 * correct / total), "mlm_acc_majority": float(100 * counts.max() / total),
@@ -772,10 +775,11 @@ def evaluate(model, cfg, val, tokenizer, device, precision):
     was_training = model.training
     model.eval()
     tick = time.time()
-    metrics, n_itm = evaluate_retrieval(model, cfg, val, tokenizer, device, precision)
+    tokens = shard_image_tokens(model, cfg, val[slice(*dist.shard_range(len(val)))], device, precision)  # ViT once
+    metrics, n_itm = evaluate_retrieval(model, cfg, val, tokenizer, device, precision, tokens)
     metrics.update(itm_pairs=n_itm, retrieval_eval_s=time.time() - tick)
     if cfg.task == "pretrain":
-        metrics.update(evaluate_mlm(model, cfg, val, tokenizer, device, precision))
+        metrics.update(evaluate_mlm(model, cfg, val, tokenizer, device, precision, tokens))
     model.train(was_training)
     return metrics
 
