@@ -9,7 +9,7 @@ import torch
 import blip_train
 from tests.dist_fixtures import BLIP_SMALL_ARGS
 from tests.test_clip_train import read_metrics, subset  # noqa: F401  (fixture)
-from tests.test_distributed import torchrun
+from tests.test_distributed import sigterm_mid_run, torchrun
 
 SMALL = [*BLIP_SMALL_ARGS, "--workers", "0", "--warmup-steps", "2", "--log-every", "1"]
 
@@ -127,31 +127,13 @@ def test_sigterm_saves_the_step_and_resumes_to_the_same_losses(tmp_path, subset)
     an uninterrupted run. That needs the momentum encoders, the queues and each rank's RNG
     (hard-negative sampling, dropout) restored exactly. No --save-every: nothing but the signal
     writes the mid-run checkpoint."""
-    import signal
-    import subprocess
-    import sys
-    import time
     from tests.test_clip_train import train_losses
-    from tests.test_distributed import ROOT
     args = [*SMALL, *data_args(subset), "--max-steps", "30", "--dropout", "0.1"]
     ref = str(tmp_path / "ref")
     proc = torchrun(["blip_train.py", *args, "--output-dir", ref], timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = str(tmp_path / "stopped")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
-    log = open(tmp_path / "stdout.txt", "w")
-    victim = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                               "blip_train.py", *args, "--output-dir", out], cwd=ROOT, env=env,
-                              stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    deadline = time.time() + 300
-    while time.time() < deadline and victim.poll() is None:
-        if os.path.isfile(os.path.join(out, "metrics.jsonl")) and max(train_losses(out), default=0) >= 9:
-            break
-        time.sleep(0.02)
-    victim.send_signal(signal.SIGTERM)
-    victim.wait(timeout=120)
-    log.close()
-    stdout = (tmp_path / "stdout.txt").read_text()
+    stdout = sigterm_mid_run("blip_train.py", args, out, 9, tmp_path / "stdout.txt")
     last = max(train_losses(out))
     assert 9 <= last < 30, f"the run was not stopped mid-way (last step {last})"
     saved = torch.load(os.path.join(out, "checkpoint_last.pt"), weights_only=True)["step"]

@@ -19,6 +19,29 @@ def torchrun(args, nproc=2, **kw):
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, **kw)
 
 
+def sigterm_mid_run(script, args, out, stop_at, log_path, timeout=300):
+    """Start `torchrun --nproc_per_node 2 script args --output-dir out` and send it SIGTERM (torchrun
+    forwards it to both workers, as SLURM or Kubernetes would) once its metrics.jsonl has a train
+    step >= stop_at; wait for it to exit. Returns its combined stdout and stderr."""
+    import signal
+    import time
+    from tests.test_clip_train import train_losses
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
+    with open(log_path, "w") as log:
+        victim = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                                   script, *args, "--output-dir", out], cwd=ROOT, env=env,
+                                  stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.time() + timeout
+        while time.time() < deadline and victim.poll() is None:
+            if os.path.isfile(os.path.join(out, "metrics.jsonl")) and max(train_losses(out), default=0) >= stop_at:
+                break
+            time.sleep(0.02)
+        victim.send_signal(signal.SIGTERM)
+        victim.wait(timeout=120)
+    with open(log_path) as f:
+        return f.read()
+
+
 def test_two_ranks_match_one_process(tmp_path):
     out = tmp_path / "dist.pt"
     proc = torchrun([os.path.join(ROOT, "tests", "dist_clip_worker.py"), str(out)], timeout=300)
