@@ -123,8 +123,9 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(dim, eps=eps)
         self.mlp = MLP(dim, int(dim * mlp_ratio), act)
 
-    def forward(self, x, mask=None, causal=False):
-        x = x + self.attn(self.ln_1(x), mask=mask, causal=causal)
+    def forward(self, x, mask=None, causal=False, cache=None):
+        """`cache`: this block's self-attention dict of a `KVCache` (generation), or None."""
+        x = x + self.attn(self.ln_1(x), mask=mask, causal=causal, cache=cache)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -138,9 +139,13 @@ class Transformer(nn.Module):
                                        for _ in range(layers))
         self.grad_checkpointing = False
 
-    def forward(self, x, mask=None, causal=False):
-        for block in self.resblocks:
-            if self.grad_checkpointing and self.training:
+    def forward(self, x, mask=None, causal=False, caches=None):
+        """`caches`: one self-attention dict of a `KVCache` per block (generation: x holds only the
+        tokens after the cached ones), or None."""
+        for i, block in enumerate(self.resblocks):
+            if caches is not None:
+                x = block(x, mask=mask, causal=causal, cache=caches[i])
+            elif self.grad_checkpointing and self.training:
                 x = checkpoint(block, x, mask, causal, use_reentrant=False)
             else:
                 x = block(x, mask=mask, causal=causal)
@@ -176,11 +181,12 @@ def resize_pos_embed(pos, new_grid):
 
 class VisionTransformer(nn.Module):
     """ViT (Dosovitskiy et al. 2021): conv patch embedding, class token, learned positions,
-    optional pre-norm (`ln_pre`, CLIP only) and a final norm on every token (`ln_post`).
+    optional pre-norm (`ln_pre`, CLIP only) and a final norm on every token (`ln_post`; CoCa's
+    attentional pooler normalises its own keys instead: `post_norm=False`).
     Returns all tokens (B, 1 + P, D); token 0 is the class token."""
 
     def __init__(self, *, image_size, patch_size, width, layers, heads, mlp_ratio=4.0,
-                 act="gelu", eps=1e-5, pre_norm=True, patch_bias=False):
+                 act="gelu", eps=1e-5, pre_norm=True, patch_bias=False, post_norm=True):
         super().__init__()
         assert image_size % patch_size == 0, f"image size {image_size} is not a multiple of patch {patch_size}"
         self.image_size, self.patch_size = image_size, patch_size
@@ -194,7 +200,7 @@ class VisionTransformer(nn.Module):
         self.positional_embedding = nn.Parameter(scale * torch.randn(self.grid ** 2 + 1, width))
         self.ln_pre = nn.LayerNorm(width, eps=eps) if pre_norm else nn.Identity()
         self.transformer = Transformer(width, layers, heads, mlp_ratio=mlp_ratio, act=act, eps=eps)
-        self.ln_post = nn.LayerNorm(width, eps=eps)
+        self.ln_post = nn.LayerNorm(width, eps=eps) if post_norm else nn.Identity()
 
     def forward(self, images):                                       # (B, 3, H, W)
         x = self.conv1(images).flatten(2).transpose(1, 2)            # (B, P, D)
@@ -572,3 +578,59 @@ def hf_blip_vision_map(ours, hf, layers):
             m[f"{o}.mlp.fc.{p}"] = f"{h}.mlp.fc1.{p}"
             m[f"{o}.mlp.proj.{p}"] = f"{h}.mlp.fc2.{p}"
     return m
+
+
+# ---- open_clip checkpoints (OpenAI CLIP's module names) ----
+
+def open_clip_blocks_map(ours, theirs, layers):
+    """Our Transformer at `ours` <- an open_clip / OpenAI CLIP `Transformer` at `theirs`:
+    resblocks.i.{ln_1, attn.in_proj_weight/bias (q, k, v fused, as ours), attn.out_proj, ln_2,
+    mlp.c_fc, mlp.c_proj}."""
+    m = {}
+    for i in range(layers):
+        o, t = f"{ours}.resblocks.{i}", f"{theirs}.resblocks.{i}"
+        for p in ("weight", "bias"):
+            m[f"{o}.attn.qkv.{p}"] = f"{t}.attn.in_proj_{p}"
+            for a, b in (("ln_1", "ln_1"), ("attn.proj", "attn.out_proj"), ("ln_2", "ln_2"), ("mlp.fc", "mlp.c_fc"),
+                         ("mlp.proj", "mlp.c_proj")):
+                m[f"{o}.{a}.{p}"] = f"{t}.{b}.{p}"
+    return m
+
+
+def open_clip_vision_map(ours, theirs, layers):
+    """Our VisionTransformer (CLIP layout: ln_pre, no patch bias) at `ours` <- open_clip's
+    `VisionTransformer` at `theirs` ('visual'), without `ln_post` and `proj` (the caller's: CLIP
+    normalises the class token, CoCa its pooler's output)."""
+    m = {f"{ours}.conv1.weight": f"{theirs}.conv1.weight", f"{ours}.class_embedding": f"{theirs}.class_embedding",
+         f"{ours}.positional_embedding": f"{theirs}.positional_embedding",
+         f"{ours}.ln_pre.weight": f"{theirs}.ln_pre.weight", f"{ours}.ln_pre.bias": f"{theirs}.ln_pre.bias"}
+    m.update(open_clip_blocks_map(f"{ours}.transformer", f"{theirs}.transformer", layers))
+    return m
+
+
+def split_mha_in_proj(state, prefix, dim):
+    """`nn.MultiheadAttention` at `prefix` keeps q, k, v in one `in_proj_weight` (3D, D), or in
+    `q_proj_weight`, `k_proj_weight`, `v_proj_weight` when the keys' width differs; one
+    `in_proj_bias` (3D) either way. Our cross-attention has `q` (D, D) and a fused `kv` (2D, Dkv):
+    returns `state` with those keys replaced by `{prefix}.in_proj[q].{weight,bias}` and
+    `{prefix}.in_proj[kv].{weight,bias}` for a key map to name (a missing key stays missing)."""
+    state = dict(state)
+    if f"{prefix}.in_proj_weight" in state:
+        w = state.pop(f"{prefix}.in_proj_weight")
+        state[f"{prefix}.in_proj[q].weight"], state[f"{prefix}.in_proj[kv].weight"] = w[:dim], w[dim:]
+    elif f"{prefix}.q_proj_weight" in state:
+        state[f"{prefix}.in_proj[q].weight"] = state.pop(f"{prefix}.q_proj_weight")
+        if f"{prefix}.k_proj_weight" in state and f"{prefix}.v_proj_weight" in state:
+            state[f"{prefix}.in_proj[kv].weight"] = torch.cat([state.pop(f"{prefix}.k_proj_weight"),
+                                                               state.pop(f"{prefix}.v_proj_weight")], 0)
+    if f"{prefix}.in_proj_bias" in state:
+        b = state.pop(f"{prefix}.in_proj_bias")
+        state[f"{prefix}.in_proj[q].bias"], state[f"{prefix}.in_proj[kv].bias"] = b[:dim], b[dim:]
+    return state
+
+
+def open_clip_cross_attention_map(ours, theirs):
+    """Our cross-attention `Attention` (q, kv, proj) at `ours` <- a `nn.MultiheadAttention` at
+    `theirs` after `split_mha_in_proj(state, theirs, dim)`."""
+    return {f"{ours}.{a}.{p}": f"{theirs}.{b}.{p}" for p in ("weight", "bias")
+            for a, b in (("q", "in_proj[q]"), ("kv", "in_proj[kv]"), ("proj", "out_proj"))}
