@@ -273,7 +273,10 @@ def trim_padding(ids, pad_id, multiple=8):
     the last position embedding whatever the length, so no output changes; the text towers and
     the vocabulary projection then run on the captions' length instead of the context's (COCO's
     captions are ~15 of open_clip's 76 tokens). On the host, before the copy to the GPU."""
-    longest = int((ids != pad_id).sum(1).max()) if ids.numel() else 0
+    # the column after each row's last real token (a pad id inside a caption, e.g. CLIP BPE's "!"
+    # = 0 in open_clip, does not end it)
+    position = torch.arange(1, ids.shape[1] + 1)
+    longest = int(((ids != pad_id) * position).max()) if ids.numel() else 0
     keep = min(ids.shape[1], -(-(longest + 1) // multiple) * multiple)
     return ids[:, :keep]
 
@@ -723,7 +726,7 @@ def build_model(cfg, tokenizer, init=None):
     kind, payload = init or (None, None)
     if kind == "open_clip":
         mask = cfg.cls_mask if "cls_mask" in cfg.cli_keys else "legacy"
-        model = CoCa.from_open_clip(cfg.init_from, cfg.preset if cfg.preset in PRESETS else None, pad_id=cfg.pad_id,
+        model = CoCa.from_open_clip(cfg.init_from, cfg.preset if cfg.preset != "tiny" else None, pad_id=cfg.pad_id,
                                     eos_id=tokenizer.eos_id, cls_mask=mask, state=payload)
         image_size = cfg.image_size if "image_size" in cfg.cli_keys else None
         for k in MODEL_FIELDS:

@@ -251,3 +251,42 @@ def test_paper_pooler_shapes_and_gradients():
     img, txt, scale, logits = model(images(2), ids)
     (contrastive_loss(img, txt, scale) + logits.sum() * 0).backward()
     assert model.attn_pool_contrastive.query.grad.abs().sum() > 0
+
+
+SMALL = dict(image_size=32, patch_size=8, vision_width=48, vision_layers=2, vision_heads=2, n_queries=6, pooler_heads=2,
+             text_width=32, text_layers=2, text_heads=2, decoder_layers=2, context_length=CTX, vocab_size=VOCAB,
+             embed_dim=32, pad_id=PAD)
+
+
+def dist_batch():
+    """8 pairs; rank 0's half has short captions, rank 1's long ones (unequal caption-token counts)."""
+    return images(8, seed=11), torch.cat([padded_ids((1, 2, 1, 3), seed=12), padded_ids((9, 10, 8, 10), seed=13)])
+
+
+def test_two_ranks_give_the_loss_and_gradients_of_one_process(tmp_path):
+    """Contrastive (negatives gathered with gradient) and captioning (token mean over the global
+    batch) losses and their gradients under torchrun x2 equal one process on the whole batch."""
+    from tests.test_distributed import torchrun
+    out = str(tmp_path / "dist.pt")
+    proc = torchrun(["tests/dist_coca_worker.py", out], timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = torch.load(out, weights_only=True)
+    assert got["world"] == 2 and got["length"] == 6          # rank 0 trimmed its padding: 5 tokens + 1 of 12 columns
+    cfg = coca_train.Config(**SMALL)
+    torch.manual_seed(0)
+    model = CoCa(cfg, pad_id=PAD, eos_id=EOT)
+    x, ids = dist_batch()
+    positions, targets = caption_positions(ids, PAD)
+    loss, losses = coca_train.compute_losses(model, cfg, x, ids, positions, targets, x.device)
+    loss.backward()
+    for k, v in {"loss": loss, **losses}.items():
+        torch.testing.assert_close(got["values"][k], v.detach(), atol=1e-5, rtol=1e-5, msg=k)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(got["grads"][n], p.grad, atol=1e-5, rtol=1e-4, msg=n)
+    # the per-rank token mean (open_clip's) would not be one process's loss on this batch
+    with torch.no_grad():
+        halves = []
+        for half in (slice(0, 4), slice(4, 8)):
+            pos, tgt = caption_positions(ids[half], PAD)
+            halves.append(F.cross_entropy(model(x[half], ids[half], pos)[3], tgt))
+    assert abs(float(sum(halves) / 2 - losses["loss_caption"])) > 1e-2
