@@ -92,6 +92,25 @@ def test_compiled_albef_step_equals_eager(tiny):
     _compiled_matches_eager(model, step)
 
 
+def test_compiled_coca_step_equals_eager():
+    """The CoCa step compiles as one graph: the caption positions and their targets are selected on
+    the host (index_select of a given index, no boolean mask), the losses are the training loop's."""
+    import coca_train
+    from tests.test_coca import SMALL, dist_batch
+    cfg = coca_train.Config(**SMALL)
+    torch.manual_seed(0)
+    model = coca_train.CoCa(cfg, pad_id=0, eos_id=63)
+    images, ids = dist_batch()
+    ids = coca_train.trim_padding(ids, 0)
+    positions, targets = coca_train.caption_positions(ids, 0)
+
+    def step(m, _):
+        loss, losses = coca_train.compute_losses(m, cfg, images, ids, positions, targets, images.device)
+        loss.backward()
+        return torch.stack([losses[k].detach() for k in sorted(losses)])
+    _compiled_matches_eager(model, step)
+
+
 # ---- --help and user errors ----
 
 @pytest.mark.parametrize("script", [clip_train, blip_train])
