@@ -722,7 +722,6 @@ def build_model(cfg, tokenizer, init=None):
     # tokenizer pads with [EOT]: padding must differ from [EOT], which the caption loss trains.
     if cfg.pad_id < 0:
         cfg.pad_id = 0 if tokenizer.pad_id == tokenizer.eos_id else tokenizer.pad_id
-    tokenizer.pad_id = cfg.pad_id
     kind, payload = init or (None, None)
     if kind == "open_clip":
         mask = cfg.cls_mask if "cls_mask" in cfg.cli_keys else "legacy"
@@ -736,14 +735,15 @@ def build_model(cfg, tokenizer, init=None):
             grid = image_size // cfg.patch_size
             model.visual.positional_embedding = nn.Parameter(resize_pos_embed(model.visual.positional_embedding.data, grid))
             model.visual.image_size = cfg.image_size = image_size
-        return model
-    if kind == "ours":
-        for k in MODEL_FIELDS:
-            setattr(cfg, k, payload["config"][k])
-    cfg.vocab_size = cfg.vocab_size or tokenizer.vocab_size
-    model = CoCa(cfg, pad_id=cfg.pad_id, eos_id=tokenizer.eos_id)
-    if kind == "ours":
-        model.load_state_dict(payload["model"])
+    else:
+        if kind == "ours":
+            for k in MODEL_FIELDS:
+                setattr(cfg, k, payload["config"][k])
+        cfg.vocab_size = cfg.vocab_size or tokenizer.vocab_size
+        model = CoCa(cfg, pad_id=cfg.pad_id, eos_id=tokenizer.eos_id)
+        if kind == "ours":
+            model.load_state_dict(payload["model"])
+    tokenizer.pad_id = cfg.pad_id            # the data pipeline pads with the model's padding id
     return model
 
 
