@@ -711,30 +711,38 @@ def check_config(cfg, tokenizer):
         raise UserError(f"--min-gen-length {cfg.min_gen_length} must be below --max-gen-length {cfg.max_gen_length}")
     if cfg.contrastive_weight == 0 and cfg.caption_weight == 0:
         raise UserError("--contrastive-weight and --caption-weight are both 0: nothing to train")
+    if cfg.num_beams < 1:
+        raise UserError(f"--num-beams must be at least 1 (1: greedy), not {cfg.num_beams}")
+    if cfg.pooler == "open_clip" and cfg.n_queries < 2:
+        raise UserError(f"--n-queries {cfg.n_queries}: the open_clip pooler's first query is the contrastive "
+                        f"embedding, so the decoder needs at least 2")
+    if cfg.image_size % cfg.patch_size:
+        raise UserError(f"--image-size {cfg.image_size} is not a multiple of --patch-size {cfg.patch_size}")
+    if cfg.pad_id == tokenizer.eos_id:
+        raise UserError(f"--pad-id {cfg.pad_id} is the end-of-text id: the caption loss would never learn to stop")
 
 
 def build_model(cfg, tokenizer, init=None):
     """A fresh model, or one initialised from open_clip weights / our checkpoint (`init`: read_init's
-    result). The architecture comes from the weights; an --image-size on the command line
-    interpolates the position embeddings, and --cls-mask on the command line overrides the
-    weights' (open_clip's: legacy)."""
+    result). The architecture comes from the weights (our checkpoint: its config, CLS mask
+    included); an --image-size on the command line interpolates the position embeddings; for
+    open_clip weights, --cls-mask on the command line overrides the mask they were trained with
+    (legacy)."""
     # open_clip pads CLIP's BPE with 0 (its tokenizer.py; CoCa's pad_id), where transformers' CLIP
     # tokenizer pads with [EOT]: padding must differ from [EOT], which the caption loss trains.
     if cfg.pad_id < 0:
         cfg.pad_id = 0 if tokenizer.pad_id == tokenizer.eos_id else tokenizer.pad_id
     kind, payload = init or (None, None)
+    image_size = cfg.image_size if "image_size" in cfg.cli_keys else None
+    if not kind and cfg.image_size % cfg.patch_size:
+        raise UserError(f"--image-size {cfg.image_size} is not a multiple of --patch-size {cfg.patch_size}")
     if kind == "open_clip":
         mask = cfg.cls_mask if "cls_mask" in cfg.cli_keys else "legacy"
         model = CoCa.from_open_clip(cfg.init_from, cfg.preset if cfg.preset != "tiny" else None, pad_id=cfg.pad_id,
                                     eos_id=tokenizer.eos_id, cls_mask=mask, state=payload)
-        image_size = cfg.image_size if "image_size" in cfg.cli_keys else None
         for k in MODEL_FIELDS:
             setattr(cfg, k, getattr(model.cfg, k))
         model.cfg = cfg
-        if image_size and image_size != cfg.image_size:
-            grid = image_size // cfg.patch_size
-            model.visual.positional_embedding = nn.Parameter(resize_pos_embed(model.visual.positional_embedding.data, grid))
-            model.visual.image_size = cfg.image_size = image_size
     else:
         if kind == "ours":
             for k in MODEL_FIELDS:
@@ -743,6 +751,12 @@ def build_model(cfg, tokenizer, init=None):
         model = CoCa(cfg, pad_id=cfg.pad_id, eos_id=tokenizer.eos_id)
         if kind == "ours":
             model.load_state_dict(payload["model"])
+    if kind and image_size and image_size % cfg.patch_size:
+        raise UserError(f"--image-size {image_size} is not a multiple of the weights' patch size {cfg.patch_size}")
+    if kind and image_size and image_size != cfg.image_size:      # serve another size: interpolate the grid
+        grid = image_size // cfg.patch_size
+        model.visual.positional_embedding = nn.Parameter(resize_pos_embed(model.visual.positional_embedding.data, grid))
+        model.visual.image_size, model.visual.grid, cfg.image_size = image_size, grid, image_size
     tokenizer.pad_id = cfg.pad_id            # the data pipeline pads with the model's padding id
     return model
 

@@ -124,5 +124,7 @@ def beam_search(step, prompt, cache=None, reorder=None, *, num_beams, max_length
         cache = reorder(cache, (row0 + beam.gather(1, keep)).view(-1))           # each survivor's parent row
         logits, cache = step(seqs[:, -1:], cache)
     out = finished[:, 0]
-    length = int((out != pad_id).sum(1).max())       # trailing padding removed, as generate crops
+    # trailing padding removed, as generate crops: up to the last non-padding token of any row (a
+    # padding id inside a caption, CLIP BPE's "!" = 0 in open_clip, does not shorten it)
+    length = int(((out != pad_id) * torch.arange(1, out.shape[1] + 1, device=dev)).max())
     return out[:, :max(length, Lp)]

@@ -99,6 +99,12 @@ def test_caption_finetuning_from_open_clip_weights_then_eval_only(tmp_path, subs
     again = coca_train.main([*flags, *subset[2:], "--eval-only", "--init-from", os.path.join(ft, "checkpoint_last.pt"),
                              "--output-dir", str(tmp_path / "ev")])
     assert again == pytest.approx(m, abs=1e-5)
+    # our checkpoint at another image size: its architecture and mask, the positions interpolated
+    coca_train.main([*flags, *subset, "--init-from", os.path.join(ft, "checkpoint_last.pt"), "--image-size", "48",
+                     "--max-steps", "1", "--output-dir", str(tmp_path / "ft2")])
+    ckpt = torch.load(tmp_path / "ft2" / "checkpoint_last.pt", weights_only=True)
+    assert ckpt["model"]["visual.positional_embedding"].shape == (1 + 36, 48)
+    assert (ckpt["config"]["image_size"], ckpt["config"]["cls_mask"]) == (48, "legacy")
 
 
 @pytest.mark.parametrize("flags", [["--precision", "bf16", "--grad-checkpointing"], ["--precision", "fp16"],
@@ -115,6 +121,11 @@ def test_bad_input_is_a_clear_error(tmp_path, subset):  # noqa: F811
     out = str(tmp_path / "bad")
     with pytest.raises(UserError, match="--max-gen-length 40 exceeds the context of 32"):
         coca_train.main([*SMALL, *subset, "--max-gen-length", "40", "--output-dir", out])
+    for flags, message in ((["--num-beams", "0"], "--num-beams must be at least 1"),
+                           (["--n-queries", "1"], "--n-queries 1"),
+                           (["--image-size", "36"], "--image-size 36 is not a multiple of --patch-size 8")):
+        with pytest.raises(UserError, match=message):
+            coca_train.main([*SMALL, *subset, *flags, "--output-dir", out])
     with pytest.raises(UserError, match="both 0"):
         coca_train.main([*SMALL, *subset, "--contrastive-weight", "0", "--caption-weight", "0", "--output-dir", out])
     records = json.load(open(subset[1]))[:4]

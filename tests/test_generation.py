@@ -206,6 +206,21 @@ def test_min_length_eos_and_padding():
         assert out.tolist() == [[20, 9, 7, EOS, PAD, PAD], [21, 9, 7, 7, 7, EOS], [22, 9, 7, 7, 7, 7]], decode
 
 
+def test_beam_search_keeps_padding_ids_inside_a_caption():
+    """A caption may contain the padding id (open_clip pads CLIP BPE with 0, which is "!"): the
+    final crop keeps every token up to the last non-padding one."""
+    seq = [4, PAD, PAD, 5, 6, EOS]
+
+    def step(tokens, seqs):
+        seqs = tokens if seqs is None else torch.cat([seqs, tokens], 1)
+        nxt = seq[min(seqs.shape[1] - 1, len(seq) - 1)]
+        return torch.full((seqs.shape[0], 8), -10.0).index_fill(1, torch.tensor([nxt]), 0.0), seqs
+
+    out = beam_search(step, torch.tensor([[9]]), None, lambda s, i: s[i], num_beams=2, max_length=10, eos_id=EOS,
+                      pad_id=PAD)
+    assert out.tolist() == [[9] + seq]
+
+
 def test_sampling_pads_finished_rows_and_stops_when_all_are_done():
     m = Scripted(eos_at=[3, 4])
     torch.manual_seed(0)
