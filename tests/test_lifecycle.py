@@ -113,8 +113,10 @@ def test_compiled_coca_step_equals_eager():
 
 # ---- --help and user errors ----
 
-@pytest.mark.parametrize("script", [clip_train, blip_train])
+@pytest.mark.parametrize("script", ["clip_train", "blip_train", "albef_train", "coca_train"])
 def test_help_documents_every_flag_default_preset_and_task(script):
+    import importlib
+    script = importlib.import_module(script)
     text = utils.build_parser(script.Config, script.PRESETS, choices={"task": getattr(script, "TASKS", None)},
                               recipes_doc=getattr(script, "RECIPES_DOC", "")).format_help()
     helps = utils.field_help(script.Config)
@@ -124,6 +126,8 @@ def test_help_documents_every_flag_default_preset_and_task(script):
     assert all(f"  {name}:" in text for name in script.PRESETS)
     if script is blip_train:
         assert "{pretrain,retrieval,caption,capfilt}" in text and "retrieval: image_size=384" in text
+    if script.__name__ == "coca_train":
+        assert "{pretrain,caption}" in text and "contrastive_weight=0.0" in text
 
 
 @pytest.mark.parametrize("args, culprit", [
@@ -131,6 +135,7 @@ def test_help_documents_every_flag_default_preset_and_task(script):
      "annotation file no/such/train.json does not exist"),
     (["clip_train.py", "--train-data", "no/such/train.json"], "no tokenizer: pass --tokenizer"),
     (["blip_train.py", "--batch-size", "8", "--queue-size", "100"], "--queue-size 100 is not a multiple"),
+    (["coca_train.py", "--max-gen-length", "40"], "--max-gen-length 40 exceeds the context of 32"),
 ])
 def test_user_mistake_prints_one_line_and_exits_2(tmp_path, tiny, args, culprit):
     args = [os.path.join(tiny, "tokenizer") if a == "TINY" else a for a in args]
