@@ -36,8 +36,8 @@ from tqdm import tqdm
 from common import dist
 from common.data import (ImageDataset, ImageTextDataset, eval_transform, image_folder, load_tokenizer,
                          read_annotations, retrieval_texts, tiny_data, train_loader, train_transform)
-from common.encoders import (MLP, Attention, Block, KVCache, TextTransformer, VisionTransformer, load_mapped,
-                             open_clip_blocks_map, open_clip_cross_attention_map, open_clip_vision_map,
+from common.encoders import (MLP, Attention, Block, KVCache, TextTransformer, VisionTransformer, blocks_map,
+                             load_mapped, open_clip_blocks_map, open_clip_cross_attention_map, open_clip_vision_map,
                              resize_pos_embed, split_mha_in_proj)
 from common.generation import beam_search, greedy_or_sample
 from common.metrics import caption_metrics, retrieval_metrics, zeroshot_classifier, zeroshot_metrics
@@ -454,13 +454,10 @@ class CoCa(nn.Module):
             m.update({f"attn_pool.ln_q.{p}": f"visual.attn_pool.ln_q.{p}", f"attn_pool.ln_k.{p}": f"visual.attn_pool.ln_k.{p}",
                       f"ln_post.{p}": f"visual.ln_post.{p}", f"text.ln_final.{p}": f"text.ln_final.{p}",
                       f"text_decoder.ln_final.{p}": f"text_decoder.ln_final.{p}"})
-            for i in range(Ld):
-                o = f"text_decoder.cross_attn.{i}"
-                for a, b in (("ln_1", "ln_1"), ("ln_1_kv", "ln_1_kv"), ("ln_2", "ln_2"), ("mlp.fc", "mlp.c_fc"),
-                             ("mlp.proj", "mlp.c_proj")):
-                    m[f"{o}.{a}.{p}"] = f"{o}.{b}.{p}"
-        for i in range(Ld):
-            m.update(open_clip_cross_attention_map(f"text_decoder.cross_attn.{i}.attn", f"text_decoder.cross_attn.{i}.attn"))
+        # the decoder's cross-attention blocks (their q / kv split by split_mha_in_proj above)
+        m.update(blocks_map("text_decoder.cross_attn", "text_decoder.cross_attn.{}", Ld, {
+            "ln_1": "ln_1", "ln_1_kv": "ln_1_kv", "attn.q": "attn.in_proj[q]", "attn.kv": "attn.in_proj[kv]",
+            "attn.proj": "attn.out_proj", "ln_2": "ln_2", "mlp.fc": "mlp.c_fc", "mlp.proj": "mlp.c_proj"}))
         load_mapped(model, state, m, source=path)
         return model
 

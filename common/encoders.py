@@ -448,19 +448,24 @@ def load_mapped(module, hf_state, mapping, *, source, ignore=(), keep_init=()):
     module.load_state_dict(new_state, strict=True)
 
 
-def hf_clip_layers_map(ours, hf, layers):
-    """Pre-LN blocks: our `resblocks.i` <- HF CLIP `encoder.layers.i`."""
+def blocks_map(ours, theirs, layers, table):
+    """Our pre-LN blocks `{ours}.i` (i < layers) <- a checkpoint's blocks `theirs.format(i)`; `table`
+    {our sub-module: theirs, or a tuple of theirs to concatenate (separate q, k, v)} for both the
+    weight and the bias. The one shape of every block map below."""
     m = {}
     for i in range(layers):
-        o, h = f"{ours}.resblocks.{i}", f"{hf}.layers.{i}"
+        o, t = f"{ours}.{i}", theirs.format(i)
         for p in ("weight", "bias"):
-            m[f"{o}.ln_1.{p}"] = f"{h}.layer_norm1.{p}"
-            m[f"{o}.attn.qkv.{p}"] = tuple(f"{h}.self_attn.{n}_proj.{p}" for n in "qkv")
-            m[f"{o}.attn.proj.{p}"] = f"{h}.self_attn.out_proj.{p}"
-            m[f"{o}.ln_2.{p}"] = f"{h}.layer_norm2.{p}"
-            m[f"{o}.mlp.fc.{p}"] = f"{h}.mlp.fc1.{p}"
-            m[f"{o}.mlp.proj.{p}"] = f"{h}.mlp.fc2.{p}"
+            for a, b in table.items():
+                m[f"{o}.{a}.{p}"] = tuple(f"{t}.{x}.{p}" for x in b) if isinstance(b, tuple) else f"{t}.{b}.{p}"
     return m
+
+
+def hf_clip_layers_map(ours, hf, layers):
+    """Pre-LN blocks: our `resblocks.i` <- HF CLIP `encoder.layers.i`."""
+    return blocks_map(f"{ours}.resblocks", f"{hf}.layers.{{}}", layers, {
+        "ln_1": "layer_norm1", "attn.qkv": tuple(f"self_attn.{n}_proj" for n in "qkv"), "attn.proj": "self_attn.out_proj",
+        "ln_2": "layer_norm2", "mlp.fc": "mlp.fc1", "mlp.proj": "mlp.fc2"})
 
 
 def hf_clip_vision_map(ours, hf, layers):
@@ -522,62 +527,51 @@ def hf_bert_lm_head_map(ours, hf, tied_to=None):
     return m
 
 
+def _vit_map(ours, embeddings, final_norm, blocks):
+    """Our VisionTransformer (no ln_pre, patch bias) at `ours` <- `embeddings` {our conv1.weight,
+    conv1.bias, class_embedding, positional_embedding: theirs}, the final norm and the blocks."""
+    m = {f"{ours}.{k}": v for k, v in embeddings.items()}
+    m.update({f"{ours}.ln_post.{p}": f"{final_norm}.{p}" for p in ("weight", "bias")})
+    m.update(blocks)
+    return m
+
+
 def timm_vit_map(ours, theirs, layers):
     """Our VisionTransformer (no ln_pre, patch bias) at `ours` <- a timm / DeiT `VisionTransformer`
     state dict at `theirs` ('' for a bare one; 'visual_encoder' in ALBEF, BLIP and LAVIS, which
     keep timm's names): cls_token, pos_embed, patch_embed.proj, blocks.i.{norm1, attn.qkv,
     attn.proj, norm2, mlp.fc1, mlp.fc2}, norm."""
     pre = f"{theirs}." if theirs else ""
-    m = {f"{ours}.conv1.weight": f"{pre}patch_embed.proj.weight", f"{ours}.conv1.bias": f"{pre}patch_embed.proj.bias",
-         f"{ours}.class_embedding": f"{pre}cls_token", f"{ours}.positional_embedding": f"{pre}pos_embed"}
-    for p in ("weight", "bias"):
-        m[f"{ours}.ln_post.{p}"] = f"{pre}norm.{p}"
-        for i in range(layers):
-            o, t = f"{ours}.transformer.resblocks.{i}", f"{pre}blocks.{i}"
-            for a, b in (("ln_1", "norm1"), ("attn.qkv", "attn.qkv"), ("attn.proj", "attn.proj"), ("ln_2", "norm2"),
-                         ("mlp.fc", "mlp.fc1"), ("mlp.proj", "mlp.fc2")):
-                m[f"{o}.{a}.{p}"] = f"{t}.{b}.{p}"
-    return m
+    return _vit_map(ours, {"conv1.weight": f"{pre}patch_embed.proj.weight", "conv1.bias": f"{pre}patch_embed.proj.bias",
+                           "class_embedding": f"{pre}cls_token", "positional_embedding": f"{pre}pos_embed"},
+                    f"{pre}norm", blocks_map(f"{ours}.transformer.resblocks", f"{pre}blocks.{{}}", layers, {
+                        "ln_1": "norm1", "attn.qkv": "attn.qkv", "attn.proj": "attn.proj", "ln_2": "norm2",
+                        "mlp.fc": "mlp.fc1", "mlp.proj": "mlp.fc2"}))
 
 
 def hf_vit_map(ours, hf, layers):
     """Our VisionTransformer (no ln_pre, patch bias) at `ours` <- a transformers `ViTModel` at `hf`
     ('' for a bare ViTModel, 'vit' inside ViTForImageClassification). q, k, v are fused."""
     pre = f"{hf}." if hf else ""
-    m = {f"{ours}.conv1.weight": f"{pre}embeddings.patch_embeddings.projection.weight",
-         f"{ours}.conv1.bias": f"{pre}embeddings.patch_embeddings.projection.bias",
-         f"{ours}.class_embedding": f"{pre}embeddings.cls_token",
-         f"{ours}.positional_embedding": f"{pre}embeddings.position_embeddings"}
-    for p in ("weight", "bias"):
-        m[f"{ours}.ln_post.{p}"] = f"{pre}layernorm.{p}"
-        for i in range(layers):
-            o, h = f"{ours}.transformer.resblocks.{i}", f"{pre}encoder.layer.{i}"
-            m[f"{o}.ln_1.{p}"] = f"{h}.layernorm_before.{p}"
-            m[f"{o}.attn.qkv.{p}"] = tuple(f"{h}.attention.attention.{n}.{p}" for n in ("query", "key", "value"))
-            m[f"{o}.attn.proj.{p}"] = f"{h}.attention.output.dense.{p}"
-            m[f"{o}.ln_2.{p}"] = f"{h}.layernorm_after.{p}"
-            m[f"{o}.mlp.fc.{p}"] = f"{h}.intermediate.dense.{p}"
-            m[f"{o}.mlp.proj.{p}"] = f"{h}.output.dense.{p}"
-    return m
+    e = f"{pre}embeddings"
+    return _vit_map(ours, {"conv1.weight": f"{e}.patch_embeddings.projection.weight",
+                           "conv1.bias": f"{e}.patch_embeddings.projection.bias", "class_embedding": f"{e}.cls_token",
+                           "positional_embedding": f"{e}.position_embeddings"},
+                    f"{pre}layernorm", blocks_map(f"{ours}.transformer.resblocks", f"{pre}encoder.layer.{{}}", layers, {
+                        "ln_1": "layernorm_before",
+                        "attn.qkv": tuple(f"attention.attention.{n}" for n in ("query", "key", "value")),
+                        "attn.proj": "attention.output.dense", "ln_2": "layernorm_after", "mlp.fc": "intermediate.dense",
+                        "mlp.proj": "output.dense"}))
 
 
 def hf_blip_vision_map(ours, hf, layers):
     """Our VisionTransformer (no ln_pre, patch bias) at `ours` <- HF `BlipVisionModel` at `hf`."""
-    m = {f"{ours}.conv1.weight": f"{hf}.embeddings.patch_embedding.weight",
-         f"{ours}.conv1.bias": f"{hf}.embeddings.patch_embedding.bias",
-         f"{ours}.class_embedding": f"{hf}.embeddings.class_embedding",
-         f"{ours}.positional_embedding": f"{hf}.embeddings.position_embedding"}
-    for p in ("weight", "bias"):
-        m[f"{ours}.ln_post.{p}"] = f"{hf}.post_layernorm.{p}"
-        for i in range(layers):
-            o, h = f"{ours}.transformer.resblocks.{i}", f"{hf}.encoder.layers.{i}"
-            m[f"{o}.ln_1.{p}"] = f"{h}.layer_norm1.{p}"
-            m[f"{o}.attn.qkv.{p}"] = f"{h}.self_attn.qkv.{p}"
-            m[f"{o}.attn.proj.{p}"] = f"{h}.self_attn.projection.{p}"
-            m[f"{o}.ln_2.{p}"] = f"{h}.layer_norm2.{p}"
-            m[f"{o}.mlp.fc.{p}"] = f"{h}.mlp.fc1.{p}"
-            m[f"{o}.mlp.proj.{p}"] = f"{h}.mlp.fc2.{p}"
-    return m
+    e = f"{hf}.embeddings"
+    return _vit_map(ours, {"conv1.weight": f"{e}.patch_embedding.weight", "conv1.bias": f"{e}.patch_embedding.bias",
+                           "class_embedding": f"{e}.class_embedding", "positional_embedding": f"{e}.position_embedding"},
+                    f"{hf}.post_layernorm", blocks_map(f"{ours}.transformer.resblocks", f"{hf}.encoder.layers.{{}}", layers, {
+                        "ln_1": "layer_norm1", "attn.qkv": "self_attn.qkv", "attn.proj": "self_attn.projection",
+                        "ln_2": "layer_norm2", "mlp.fc": "mlp.fc1", "mlp.proj": "mlp.fc2"}))
 
 
 # ---- open_clip checkpoints (OpenAI CLIP's module names) ----
@@ -586,14 +580,10 @@ def open_clip_blocks_map(ours, theirs, layers):
     """Our Transformer at `ours` <- an open_clip / OpenAI CLIP `Transformer` at `theirs`:
     resblocks.i.{ln_1, attn.in_proj_weight/bias (q, k, v fused, as ours), attn.out_proj, ln_2,
     mlp.c_fc, mlp.c_proj}."""
-    m = {}
-    for i in range(layers):
-        o, t = f"{ours}.resblocks.{i}", f"{theirs}.resblocks.{i}"
-        for p in ("weight", "bias"):
-            m[f"{o}.attn.qkv.{p}"] = f"{t}.attn.in_proj_{p}"
-            for a, b in (("ln_1", "ln_1"), ("attn.proj", "attn.out_proj"), ("ln_2", "ln_2"), ("mlp.fc", "mlp.c_fc"),
-                         ("mlp.proj", "mlp.c_proj")):
-                m[f"{o}.{a}.{p}"] = f"{t}.{b}.{p}"
+    m = blocks_map(f"{ours}.resblocks", f"{theirs}.resblocks.{{}}", layers, {
+        "ln_1": "ln_1", "attn.proj": "attn.out_proj", "ln_2": "ln_2", "mlp.fc": "mlp.c_fc", "mlp.proj": "mlp.c_proj"})
+    m.update({f"{ours}.resblocks.{i}.attn.qkv.{p}": f"{theirs}.resblocks.{i}.attn.in_proj_{p}"
+              for i in range(layers) for p in ("weight", "bias")})      # in_proj_weight, not in_proj.weight
     return m
 
 

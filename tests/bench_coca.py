@@ -60,9 +60,7 @@ PAD = 0
 N_BATCHES = 4           # caption batches used in turn (trimming sees each batch's own longest caption)
 
 
-def rss_mb():
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+from tests.bench_clip import rss_mb  # noqa: E402  (peak RSS in MB, the same measure as the CLIP benchmark)
 
 
 def make_config(args):
