@@ -26,7 +26,7 @@ from common.data import (ImageDataset, ImageTextDataset, eval_transform, image_f
                          read_annotations, retrieval_texts, tiny_data, train_loader, train_transform)
 from common.encoders import (TextTransformer, VisionTransformer, hf_clip_text_map, hf_clip_vision_map,
                              load_mapped, read_hf_checkpoint, resize_pos_embed)
-from common.metrics import retrieval_metrics, zeroshot_classifier, zeroshot_metrics
+from common.metrics import embed_texts, retrieval_metrics, zeroshot_classifier_sharded, zeroshot_metrics
 from common.utils import (MetricLog, NonFiniteGuard, Preemption, UserError, adamw, autocast, check_finite,
                           check_resume_position, cli, cosine_schedule, first_nonfinite_module, grad_norm_,
                           load_checkpoint, param_groups, resolve_config, resolve_precision, rng_state,
@@ -238,17 +238,6 @@ def embed_images(model, paths, cfg, device, precision):
 
 
 @torch.no_grad()
-def embed_texts(model, texts, tokenizer, cfg, device, precision):
-    start, end = dist.shard_range(len(texts))
-    feats = [torch.zeros(0, cfg.embed_dim, device=device)]
-    for i in range(start, end, cfg.batch_size):
-        ids = tokenizer(texts[i:min(i + cfg.batch_size, end)], cfg.context_length).to(device)
-        with autocast(precision, device):
-            feats.append(model.encode_text(ids).float())
-    return dist.gather_varlen(torch.cat(feats))
-
-
-@torch.no_grad()
 def evaluate(model, cfg, val, zeroshot, tokenizer, device, precision):
     """Retrieval recall@K on the val split and zero-shot top-1/top-5; every rank embeds its
     shard, the features are gathered, and every rank computes the same metrics."""
@@ -258,17 +247,13 @@ def evaluate(model, cfg, val, zeroshot, tokenizer, device, precision):
     if val is not None:
         texts, txt2img = retrieval_texts(val)
         image_emb = embed_images(model, [r["image"] for r in val], cfg, device, precision)
-        text_emb = embed_texts(model, texts, tokenizer, cfg, device, precision)
+        tokenize = lambda t: tokenizer(t, cfg.context_length)  # noqa: E731
+        text_emb = embed_texts(model.encode_text, texts, tokenize, cfg.batch_size, cfg.embed_dim, device, precision)
         metrics.update(retrieval_metrics(image_emb @ text_emb.T, txt2img))
     if zeroshot is not None:
         paths, labels, classnames, templates = zeroshot
-        start, end = dist.shard_range(len(classnames))      # more ranks than classes: empty shards
-        classifier = torch.zeros(0, cfg.embed_dim, device=device)
-        if end > start:
-            with autocast(precision, device):
-                classifier = zeroshot_classifier(model.encode_text, tokenizer, classnames[start:end], templates,
-                                                 cfg.context_length, device).float()
-        classifier = dist.gather_varlen(classifier)                                 # (n_classes, E)
+        classifier = zeroshot_classifier_sharded(model.encode_text, tokenizer, classnames, templates,
+                                                 cfg.context_length, cfg.embed_dim, device, precision)
         image_emb = embed_images(model, paths, cfg, device, precision)
         metrics.update(zeroshot_metrics(image_emb @ classifier.T, labels))
     model.train(was_training)

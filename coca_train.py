@@ -40,7 +40,8 @@ from common.encoders import (MLP, Attention, Block, KVCache, TextTransformer, Vi
                              load_mapped, open_clip_blocks_map, open_clip_cross_attention_map, open_clip_vision_map,
                              resize_pos_embed, split_mha_in_proj)
 from common.generation import beam_search, greedy_or_sample
-from common.metrics import caption_metrics, retrieval_metrics, zeroshot_classifier, zeroshot_metrics
+from common.metrics import (caption_metrics, embed_texts, retrieval_metrics, zeroshot_classifier_sharded,
+                            zeroshot_metrics)
 from common.utils import (MetricLog, MissingFileError, NonFiniteGuard, Preemption, UserError, adamw, autocast,
                           check_finite, check_resume_position, cli, cosine_schedule, first_nonfinite_module,
                           grad_norm_, load_checkpoint, param_groups, resolve_config, resolve_precision, rng_state,
@@ -629,17 +630,6 @@ def embed_images(model, paths, cfg, device, precision, captions=None):
     return dist.gather_varlen(torch.cat(feats))
 
 
-@torch.no_grad()
-def embed_texts(model, texts, tokenizer, cfg, device, precision):
-    start, end = dist.shard_range(len(texts))
-    feats = [torch.zeros(0, cfg.embed_dim, device=device)]
-    for i in range(start, end, cfg.batch_size):
-        ids = trim_padding(tokenizer(texts[i:min(i + cfg.batch_size, end)], cfg.context_length), cfg.pad_id)
-        with autocast(precision, device):
-            feats.append(model.encode_text(ids.to(device)).float())
-    return dist.gather_varlen(torch.cat(feats))
-
-
 def decode_caption(tokenizer, seq, eos_id):
     """Text of a generated row: the tokens after [SOT] up to [EOT] (what follows is padding)."""
     seq = seq[1:]
@@ -659,7 +649,8 @@ def evaluate(model, cfg, val, zeroshot, tokenizer, device, precision, output_dir
         texts, txt2img = retrieval_texts(val)
         captions = {"tokens": [], "ids": dict(sot_id=tokenizer.bos_id, eos_id=tokenizer.eos_id)}
         image_emb = embed_images(model, [r["image"] for r in val], cfg, device, precision, captions)
-        text_emb = embed_texts(model, texts, tokenizer, cfg, device, precision)
+        tokenize = lambda t: trim_padding(tokenizer(t, cfg.context_length), cfg.pad_id)  # noqa: E731  (on the host)
+        text_emb = embed_texts(model.encode_text, texts, tokenize, cfg.batch_size, cfg.embed_dim, device, precision)
         metrics.update(retrieval_metrics(image_emb @ text_emb.T, txt2img))
         mine = [decode_caption(tokenizer, s, tokenizer.eos_id) for s in captions["tokens"]]
         predictions = dict(enumerate(c for part in dist.gather_objects(mine) for c in part))
@@ -671,13 +662,8 @@ def evaluate(model, cfg, val, zeroshot, tokenizer, device, precision, output_dir
                            for i, c in predictions.items()], f, indent=1)
     if zeroshot is not None:
         paths, labels, classnames, templates = zeroshot
-        start, end = dist.shard_range(len(classnames))      # more ranks than classes: empty shards
-        classifier = torch.zeros(0, cfg.embed_dim, device=device)
-        if end > start:
-            with autocast(precision, device):
-                classifier = zeroshot_classifier(model.encode_text, tokenizer, classnames[start:end], templates,
-                                                 cfg.context_length, device).float()
-        classifier = dist.gather_varlen(classifier)                                 # (n_classes, E)
+        classifier = zeroshot_classifier_sharded(model.encode_text, tokenizer, classnames, templates,
+                                                 cfg.context_length, cfg.embed_dim, device, precision)
         image_emb = embed_images(model, paths, cfg, device, precision)
         metrics.update(zeroshot_metrics(image_emb @ classifier.T, labels))
     model.train(was_training)

@@ -464,8 +464,8 @@ def blocks_map(ours, theirs, layers, table):
 def hf_clip_layers_map(ours, hf, layers):
     """Pre-LN blocks: our `resblocks.i` <- HF CLIP `encoder.layers.i`."""
     return blocks_map(f"{ours}.resblocks", f"{hf}.layers.{{}}", layers, {
-        "ln_1": "layer_norm1", "attn.qkv": tuple(f"self_attn.{n}_proj" for n in "qkv"), "attn.proj": "self_attn.out_proj",
-        "ln_2": "layer_norm2", "mlp.fc": "mlp.fc1", "mlp.proj": "mlp.fc2"})
+        "ln_1": "layer_norm1", "attn.qkv": tuple(f"self_attn.{n}_proj" for n in "qkv"),
+        "attn.proj": "self_attn.out_proj", "ln_2": "layer_norm2", "mlp.fc": "mlp.fc1", "mlp.proj": "mlp.fc2"})
 
 
 def hf_clip_vision_map(ours, hf, layers):
@@ -542,11 +542,12 @@ def timm_vit_map(ours, theirs, layers):
     keep timm's names): cls_token, pos_embed, patch_embed.proj, blocks.i.{norm1, attn.qkv,
     attn.proj, norm2, mlp.fc1, mlp.fc2}, norm."""
     pre = f"{theirs}." if theirs else ""
+    blocks = blocks_map(f"{ours}.transformer.resblocks", f"{pre}blocks.{{}}", layers, {
+        "ln_1": "norm1", "attn.qkv": "attn.qkv", "attn.proj": "attn.proj", "ln_2": "norm2", "mlp.fc": "mlp.fc1",
+        "mlp.proj": "mlp.fc2"})
     return _vit_map(ours, {"conv1.weight": f"{pre}patch_embed.proj.weight", "conv1.bias": f"{pre}patch_embed.proj.bias",
                            "class_embedding": f"{pre}cls_token", "positional_embedding": f"{pre}pos_embed"},
-                    f"{pre}norm", blocks_map(f"{ours}.transformer.resblocks", f"{pre}blocks.{{}}", layers, {
-                        "ln_1": "norm1", "attn.qkv": "attn.qkv", "attn.proj": "attn.proj", "ln_2": "norm2",
-                        "mlp.fc": "mlp.fc1", "mlp.proj": "mlp.fc2"}))
+                    f"{pre}norm", blocks)
 
 
 def hf_vit_map(ours, hf, layers):
@@ -554,24 +555,24 @@ def hf_vit_map(ours, hf, layers):
     ('' for a bare ViTModel, 'vit' inside ViTForImageClassification). q, k, v are fused."""
     pre = f"{hf}." if hf else ""
     e = f"{pre}embeddings"
+    blocks = blocks_map(f"{ours}.transformer.resblocks", f"{pre}encoder.layer.{{}}", layers, {
+        "ln_1": "layernorm_before", "attn.qkv": tuple(f"attention.attention.{n}" for n in ("query", "key", "value")),
+        "attn.proj": "attention.output.dense", "ln_2": "layernorm_after", "mlp.fc": "intermediate.dense",
+        "mlp.proj": "output.dense"})
     return _vit_map(ours, {"conv1.weight": f"{e}.patch_embeddings.projection.weight",
                            "conv1.bias": f"{e}.patch_embeddings.projection.bias", "class_embedding": f"{e}.cls_token",
-                           "positional_embedding": f"{e}.position_embeddings"},
-                    f"{pre}layernorm", blocks_map(f"{ours}.transformer.resblocks", f"{pre}encoder.layer.{{}}", layers, {
-                        "ln_1": "layernorm_before",
-                        "attn.qkv": tuple(f"attention.attention.{n}" for n in ("query", "key", "value")),
-                        "attn.proj": "attention.output.dense", "ln_2": "layernorm_after", "mlp.fc": "intermediate.dense",
-                        "mlp.proj": "output.dense"}))
+                           "positional_embedding": f"{e}.position_embeddings"}, f"{pre}layernorm", blocks)
 
 
 def hf_blip_vision_map(ours, hf, layers):
     """Our VisionTransformer (no ln_pre, patch bias) at `ours` <- HF `BlipVisionModel` at `hf`."""
     e = f"{hf}.embeddings"
+    blocks = blocks_map(f"{ours}.transformer.resblocks", f"{hf}.encoder.layers.{{}}", layers, {
+        "ln_1": "layer_norm1", "attn.qkv": "self_attn.qkv", "attn.proj": "self_attn.projection", "ln_2": "layer_norm2",
+        "mlp.fc": "mlp.fc1", "mlp.proj": "mlp.fc2"})
     return _vit_map(ours, {"conv1.weight": f"{e}.patch_embedding.weight", "conv1.bias": f"{e}.patch_embedding.bias",
-                           "class_embedding": f"{e}.class_embedding", "positional_embedding": f"{e}.position_embedding"},
-                    f"{hf}.post_layernorm", blocks_map(f"{ours}.transformer.resblocks", f"{hf}.encoder.layers.{{}}", layers, {
-                        "ln_1": "layer_norm1", "attn.qkv": "self_attn.qkv", "attn.proj": "self_attn.projection",
-                        "ln_2": "layer_norm2", "mlp.fc": "mlp.fc1", "mlp.proj": "mlp.fc2"}))
+                           "class_embedding": f"{e}.class_embedding",
+                           "positional_embedding": f"{e}.position_embedding"}, f"{hf}.post_layernorm", blocks)
 
 
 # ---- open_clip checkpoints (OpenAI CLIP's module names) ----

@@ -62,6 +62,32 @@ def zeroshot_classifier(encode_text, tokenizer, classnames, templates, context_l
     return torch.stack(weights, 0)
 
 
+@torch.no_grad()
+def zeroshot_classifier_sharded(encode_text, tokenizer, classnames, templates, context_length, dim, device, precision):
+    """zeroshot_classifier with the classes split over the ranks (more ranks than classes: empty
+    shards) and gathered in order: (n_classes, dim), the same on every rank."""
+    start, end = dist.shard_range(len(classnames))
+    classifier = torch.zeros(0, dim, device=device)
+    if end > start:
+        with autocast(precision, device):
+            classifier = zeroshot_classifier(encode_text, tokenizer, classnames[start:end], templates, context_length,
+                                             device).float()
+    return dist.gather_varlen(classifier)
+
+
+@torch.no_grad()
+def embed_texts(encode_text, texts, tokenize, batch_size, dim, device, precision):
+    """(n_texts, dim) embeddings: this rank encodes its contiguous shard of `texts`, `batch_size` at a
+    time (tokenize(list of str) -> ids on the host), and the shards are gathered in order."""
+    start, end = dist.shard_range(len(texts))
+    feats = [torch.zeros(0, dim, device=device)]
+    for i in range(start, end, batch_size):
+        ids = tokenize(texts[i:min(i + batch_size, end)]).to(device)
+        with autocast(precision, device):
+            feats.append(encode_text(ids).float())
+    return dist.gather_varlen(torch.cat(feats))
+
+
 def caption_metrics(predictions, references):
     """BLEU-4, METEOR, ROUGE-L and CIDEr with pycocoevalcap (the COCO caption evaluation), after
     its PTB tokenizer. predictions: {image_id: str}; references: {image_id: [str, ...]}.
