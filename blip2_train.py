@@ -1,0 +1,1106 @@
+"""BLIP-2 (Li et al. 2023, arXiv:2301.12597): a Q-Former's 32 learned queries read a frozen
+image encoder; stage 1 trains them with ITC + ITM + ITG (Sec. 3.2), each through its own
+self-attention mask over [queries; text], so that the queries learn to extract the visual
+features most relevant to the text; stage 2 feeds them to a frozen language model as a soft
+prompt (Sec. 3.3; the next issue of this repository: `--stage 2` is refused until then).
+
+    python blip2_train.py                                        # tiny built-in data, stage 1, CPU
+    torchrun --nproc_per_node 8 blip2_train.py --preset vit-g --vision-weights eva_vit_g.pth \\
+        --init-text bert-base-uncased/ --train-data laion_129m.json --val-data coco_karpathy_test.json
+    torchrun --nproc_per_node 8 blip2_train.py --preset vit-g --task retrieval --init-from blip2_pretrained.pth \\
+        --vision-weights eva_vit_g.pth --tokenizer bert-base-uncased --train-data coco_karpathy_train.json \\
+        --val-data coco_karpathy_test.json
+    python blip2_train.py --preset vit-g --eval-only --init-from Salesforce/blip2-itm-vit-g/ \\
+        --val-data coco_karpathy_test.json --k-test 128                   # transformers' published weights
+"""
+import dataclasses
+import json
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.checkpoint import checkpoint as recompute
+from tqdm import tqdm
+
+from common import dist
+from common.data import ImageTextDataset, load_tokenizer, read_annotations, retrieval_texts, tiny_data, \
+    train_loader, train_transform
+from common.encoders import (BertAttention, BertLMHead, VisionTransformer, _bert_init, hf_bert_lm_head_map,
+                             hf_bert_map, hf_blip_vision_map, hf_clip_vision_map, load_mapped, open_clip_vision_map,
+                             read_hf_checkpoint, resize_pos_embed, timm_vit_map)
+from common.metrics import image_tokens, rerank_topk, retrieval_metrics
+from common.utils import (MetricLog, MissingFileError, NonFiniteGuard, Preemption, UserError, adamw, autocast,
+                          check_finite, check_resume_position, cli, cosine_schedule, first_nonfinite_module,
+                          grad_norm_, load_checkpoint, resolve_config, resolve_precision, rng_state,
+                          save_checkpoint, save_config, seed_everything, set_rng_state)
+
+
+# ---- config ----
+
+@dataclass
+class Config:
+    preset: str = "tiny"            # tiny (the built-in data, CPU) or a paper configuration; see the list below
+    stage: int = 1                  # 1: the Q-Former with ITC + ITM + ITG (Sec. 3.2); 2 (Sec. 3.3): the next issue
+    task: str = "pretrain"          # pretrain (ITC + ITM + ITG) | retrieval (fine-tuning, positives by image id)
+    # frozen image encoder (Sec. 3.1)
+    vision: str = "eva"             # eva: EVA's ViT layout (no pre-norm, q/v biases with a zero k bias, exact GELU,
+                                    # LayerNorm eps 1e-6), sized by the fields below (ViT-g/14 in vit-g, the last of
+                                    # its 40 layers dropped) | clip-l: CLIP ViT-L/14 up to its penultimate layer
+                                    # (LAVIS's clip_L: 23 of 24 layers, sets the vision fields itself)
+    vision_weights: str = ""        # the frozen encoder's weights: eva: LAVIS's eva_vit_g.pth or a transformers BLIP-2
+                                    # folder; clip-l: a transformers CLIP folder or OpenAI's/LAVIS's clip_vit_L.pth.
+                                    # Empty: random, built from vision_seed (the tiny preset; see the README)
+    vision_seed: int = 0            # seed of a random frozen encoder: its source, rebuilt on resume
+    freeze_vision: bool = True      # stage 1 keeps the image encoder frozen (Sec. 3.1); retrieval fine-tuning trains it
+    image_size: int = 64            # pixels (224 in stage 1, 364 in fine-tuning)
+    patch_size: int = 8             # pixels per patch side (14)
+    vision_width: int = 128         # 1408 for ViT-g
+    vision_layers: int = 4          # 39 for ViT-g (its 40th is dropped, Sec. 3.1)
+    vision_heads: int = 2           # 16
+    vision_mlp_ratio: float = 4.3637  # EVA ViT-g's MLP width 6144 / 1408
+    ln_vision_eps: float = 1e-5     # the trainable LayerNorm after the encoder: LAVIS's nn.LayerNorm default
+                                    # (transformers' post_layernorm uses the ViT's 1e-6; from_hf takes that)
+    # Q-Former (Sec. 3.1): a bert-base, cross-attention every cross_attention_freq layers, queries with own FFNs
+    num_query_tokens: int = 8       # learned queries (32 in the paper)
+    qformer_width: int = 128        # 768
+    qformer_layers: int = 4         # 12
+    qformer_heads: int = 2          # 12
+    qformer_mlp_dim: int = 512      # 3072
+    cross_attention_freq: int = 2   # cross-attention in layers with layer % freq == 0 (6 of 12)
+    max_positions: int = 64         # BERT's 512
+    qformer_eps: float = 1e-12      # BERT LayerNorm epsilon
+    dropout: float = 0.0            # BERT hidden/attention dropout (0.1 in bert-base; 0 for the tiny runs)
+    vocab_size: int = 0             # 0: the tokenizer's (bert-base-uncased + [DEC]: 30523)
+    max_length: int = 32            # text tokens, [CLS] and [SEP] included (max_txt_len 32)
+    embed_dim: int = 64             # ITC space (256)
+    # method
+    temp: float = 0.07              # ITC temperature, learnable and not clamped (as LAVIS)
+    label_smoothing: float = 0.1    # ITC and ITG targets (blip2_qformer.py, Qformer.py)
+    k_test: int = 16                # ITM re-ranking candidates per query (128 in LAVIS's COCO evaluation)
+    itm_batch: int = 256            # (image, text) pairs per ITM forward when re-ranking
+    # data
+    train_data: str = ""            # annotation file (JSON or CSV); empty: the built-in tiny set
+    val_data: str = ""              # retrieval evaluation split; empty with tiny: its val split
+    image_root: str = ""            # folder relative image paths start from (default: the annotation file's)
+    tokenizer: str = ""             # transformers folder or name (bert-base-uncased); [DEC] is added. Empty: tiny's
+    skip_bad: bool = False          # skip (and count) unreadable images and empty captions in training data
+    workers: int = 2                # data-loading processes per rank
+    # optimisation
+    epochs: int = 1                 # passes over the training data
+    max_steps: int = 0              # >0: train exactly this many steps (overrides epochs)
+    batch_size: int = 32            # per process (100 in stage 1)
+    lr: float = 3e-4                # peak learning rate (1e-4 in stage 1)
+    warmup_lr: float = 0.0          # warm-up starts here (1e-6); 0: lr / warmup_steps
+    min_lr: float = 0.0             # the cosine ends here (1e-5)
+    weight_decay: float = 0.05      # AdamW decoupled weight decay (not on biases and 1-D tensors)
+    layer_decay: float = 1.0        # image encoder layer-wise lr decay when it trains (0.95 in fine-tuning)
+    warmup_steps: int = 30          # linear warm-up steps, then cosine to min_lr (5,000 in stage 1)
+    grad_clip_norm: float = 0.0     # clip the global gradient norm to this (0: off, as LAVIS)
+    seed: int = 0                   # weights start from `seed` on every rank; rank r trains with seed + r
+    precision: str = "auto"         # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16 (GradScaler)
+    max_bad_steps: int = 10         # abort after this many non-finite steps in a row (each one is skipped)
+    grad_checkpointing: bool = False  # recompute the Q-Former's (and a trained encoder's) activations in backward
+    compile: bool = False           # torch.compile the model
+    # run
+    output_dir: str = "runs/blip2"  # metrics.jsonl, config.json and checkpoints go here
+    resume: str = ""                # checkpoint path, or "auto": output_dir/checkpoint_last.pt if present
+    init_from: str = ""             # transformers BLIP-2 folder (Blip2ForImageTextRetrieval, Blip2ForConditionalGeneration),
+                                    # LAVIS's blip2_pretrained.pth (the encoder then from --vision-weights), or ours
+    init_text: str = ""             # BERT to start the Q-Former from (bert-base-uncased folder); cross-attention stays new
+    eval_only: bool = False         # evaluate the --init-from / --resume weights and exit
+    save_every: int = 1000          # steps between checkpoint_last.pt saves (and at every epoch end)
+    log_every: int = 10             # steps between train records in metrics.jsonl
+
+
+VIT_G = dict(vision="eva", image_size=224, patch_size=14, vision_width=1408, vision_layers=39, vision_heads=16,
+             vision_mlp_ratio=4.3637)
+QFORMER_BASE = dict(num_query_tokens=32, qformer_width=768, qformer_layers=12, qformer_heads=12, qformer_mlp_dim=3072,
+                    max_positions=512, dropout=0.1, embed_dim=256, tokenizer="bert-base-uncased")
+# LAVIS projects/blip2/train/pretrain_stage1.yaml: batch 100/GPU, AdamW lr 1e-4, wd 0.05, warm-up 5,000
+# steps from 1e-6, cosine to 1e-5, 10 epochs, 224 px, the ViT frozen.
+STAGE1 = dict(batch_size=100, lr=1e-4, warmup_lr=1e-6, min_lr=1e-5, weight_decay=0.05, warmup_steps=5000, epochs=10,
+              workers=8, k_test=128)
+PRESETS = {
+    "tiny": {},
+    "vit-g": {**VIT_G, **QFORMER_BASE, **STAGE1},
+    "vit-l": {**VIT_G, **QFORMER_BASE, **STAGE1, "vision": "clip-l"},   # LAVIS's pretrain_vitL
+}
+# CLIP ViT-L/14 (LAVIS clip_vit.py create_clip_vit_L): OpenAI's layout up to the penultimate layer.
+CLIP_L = dict(patch_size=14, vision_width=1024, vision_layers=23, vision_heads=16, vision_mlp_ratio=4.0)
+# Retrieval fine-tuning of a paper preset (the paper, Sec. 4.4: "we finetune the image encoder together
+# with Q-Former on COCO using the same objectives"; LAVIS released no recipe, these are its
+# ret_coco config's resolution and layer decay and the paper's Table 13): applied unless the command
+# line sets the field.
+FINETUNE = {
+    "retrieval": dict(image_size=364, freeze_vision=False, layer_decay=0.95, lr=1e-5, warmup_lr=1e-6, min_lr=0.0,
+                      warmup_steps=1000, epochs=5, batch_size=14, k_test=128, grad_checkpointing=True),
+}
+TASKS = ("pretrain", "retrieval")
+
+
+def task_recipe(cfg):
+    """The fine-tuning recipe of a paper preset for --task retrieval (under the command line, over
+    the preset). The tiny preset has none."""
+    return FINETUNE.get(cfg.task, {}) if cfg.preset != "tiny" else {}
+
+
+RECIPES_DOC = ("task recipes (--task retrieval with a paper preset; the command line overrides them):\n"
+               + "\n".join(f"  {task}: " + ", ".join(f"{k}={v}" for k, v in values.items())
+                           for task, values in FINETUNE.items()))
+
+MODEL_FIELDS = ("vision", "image_size", "patch_size", "vision_width", "vision_layers", "vision_heads",
+                "vision_mlp_ratio", "ln_vision_eps", "num_query_tokens", "qformer_width", "qformer_layers",
+                "qformer_heads", "qformer_mlp_dim", "cross_attention_freq", "max_positions", "qformer_eps",
+                "vocab_size", "embed_dim")
+
+
+# ---- model: the frozen image encoder (Sec. 3.1) ----
+
+def image_encoder(cfg):
+    """EVA ViT-g's layout (LAVIS eva_vit.py, transformers' Blip2VisionModel): patch embedding with
+    a bias, no pre-norm, exact GELU, LayerNorm eps 1e-6, no final norm (BLIP-2's ln_vision follows);
+    or CLIP ViT-L/14's (pre-norm, QuickGELU, eps 1e-5), its last layer dropped. Both return every
+    token (B, 1 + P, Dv)."""
+    clip = cfg.vision == "clip-l"
+    vit = VisionTransformer(image_size=cfg.image_size, patch_size=cfg.patch_size, width=cfg.vision_width,
+                            layers=cfg.vision_layers, heads=cfg.vision_heads, mlp_ratio=cfg.vision_mlp_ratio,
+                            act="quick_gelu" if clip else "gelu", eps=1e-5 if clip else 1e-6, pre_norm=clip,
+                            patch_bias=not clip, post_norm=False)
+    if not clip:
+        # EVA has separate q and v biases and no k bias: the k third of our fused bias is 0 and
+        # stays 0 when the encoder trains (its gradient is zeroed).
+        for block in vit.transformer.resblocks:
+            bias = block.attn.qkv.bias
+            with torch.no_grad():
+                bias[cfg.vision_width: 2 * cfg.vision_width] = 0
+            keep = torch.ones_like(bias)
+            keep[cfg.vision_width: 2 * cfg.vision_width] = 0
+            bias.register_hook(lambda grad, keep=keep: grad * keep.to(grad.device, grad.dtype))
+    return vit
+
+
+def fingerprint(module):
+    """A number that changes when any weight does: the frozen encoder is not saved in our
+    checkpoints but rebuilt from its source, and this checks the rebuilt one is the same."""
+    with torch.no_grad():
+        return float(sum(p.double().square().sum() + p.double().sum() for p in module.parameters()))
+
+
+# ---- model: the Q-Former (Sec. 3.1, Fig. 2) ----
+
+class QFormerLayer(nn.Module):
+    """One BERT layer of the Q-Former: self-attention over [queries; text] (the mask decides who
+    sees whom), cross-attention to the image features for the query positions only (in every
+    other layer), and separate feed-forward layers for the queries and for the text. Each sub-layer
+    is post-LN, as BERT. Names follow LAVIS's Qformer.py (intermediate_query, output_query)."""
+
+    def __init__(self, cfg, cross):
+        super().__init__()
+        D, eps, p = cfg.qformer_width, cfg.qformer_eps, cfg.dropout
+        self.attention = BertAttention(D, cfg.qformer_heads, eps=eps, dropout=p)
+        self.crossattention = (BertAttention(D, cfg.qformer_heads, kv_dim=cfg.vision_width, eps=eps, dropout=p)
+                               if cross else None)
+        self.intermediate, self.output = nn.Linear(D, cfg.qformer_mlp_dim), nn.Linear(cfg.qformer_mlp_dim, D)
+        self.output_norm = nn.LayerNorm(D, eps=eps)
+        self.intermediate_query, self.output_query = nn.Linear(D, cfg.qformer_mlp_dim), nn.Linear(cfg.qformer_mlp_dim, D)
+        self.output_query_norm = nn.LayerNorm(D, eps=eps)
+        self.dropout = nn.Dropout(p)
+
+    def forward(self, x, n_query, mask=None, image=None, past=None):
+        """x (B, S, D) with the queries in its first n_query rows; mask (B, 1, S, S') bool, True =
+        attend; past: the (k, v) of this layer's self-attention over queries computed earlier (ITG
+        reuses the ITC pass's: the queries' outputs do not depend on the text there). Returns the
+        new x and the (k, v) of x's own rows."""
+        cache = {} if past is None else {"kv": past}
+        x = self.attention(x, mask=mask, cache=cache)
+        kv = cache["kv"]
+        queries, text = x[:, :n_query], x[:, n_query:]
+        if n_query and self.crossattention is not None and image is not None:
+            queries = self.crossattention(queries, context=image)          # queries only read the image
+        out = []
+        if n_query:
+            out.append(self.output_query_norm(queries + self.dropout(
+                self.output_query(F.gelu(self.intermediate_query(queries))))))
+        if text.shape[1]:
+            out.append(self.output_norm(text + self.dropout(self.output(F.gelu(self.intermediate(text))))))
+        return torch.cat(out, 1) if len(out) > 1 else out[0], kv
+
+
+class QFormer(nn.Module):
+    """BERT embeddings (words + absolute positions, no token types) and QFormerLayers. The
+    embedding LayerNorm normalises [queries; text embeddings] together (LAVIS BertEmbeddings);
+    text positions start at 0 whether or not queries precede them."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.word_embeddings = nn.Embedding(cfg.vocab_size, cfg.qformer_width)
+        self.position_embeddings = nn.Embedding(cfg.max_positions, cfg.qformer_width)
+        self.embed_norm = nn.LayerNorm(cfg.qformer_width, eps=cfg.qformer_eps)
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.layer = nn.ModuleList(QFormerLayer(cfg, cross=i % cfg.cross_attention_freq == 0)
+                                   for i in range(cfg.qformer_layers))
+        self.grad_checkpointing = False
+        self.apply(_bert_init)
+
+    def forward(self, queries=None, ids=None, mask=None, image=None, past=None):
+        """queries (B, Q, D) or None; ids (B, L) or None; mask (B, 1, S, S') bool or None (all
+        attend); image (B, 1 + P, Dv): cross-attention context of the queries; past: per layer the
+        queries' (k, v) of an earlier pass, which the new rows also attend to. Returns the hidden
+        states (B, S, D) and per layer the (k, v) of the rows run here."""
+        parts = [] if queries is None else [queries]
+        if ids is not None:
+            parts.append(self.word_embeddings(ids) + self.position_embeddings.weight[:ids.shape[1]])
+        x = self.dropout(self.embed_norm(torch.cat(parts, 1) if len(parts) > 1 else parts[0]))
+        n_query = 0 if queries is None else queries.shape[1]
+        kvs = []
+        for i, layer in enumerate(self.layer):
+            p = None if past is None else past[i]
+            if self.grad_checkpointing and self.training:
+                x, kv = recompute(layer, x, n_query, mask, image, p, use_reentrant=False)
+            else:
+                x, kv = layer(x, n_query, mask, image, p)
+            kvs.append(kv)
+        return x, kvs
+
+
+def attention_masks(text_mask, n_query):
+    """The three self-attention masks of Fig. 2 (right) over [Q queries; L text tokens],
+    (B, Q + L, Q + L) bool, True = row may attend to column. A padding token is never attended to.
+
+      uni-modal (ITC):            Q sees Q, T sees T          (two encoders that share weights)
+      bi-directional (ITM):       Q and T see everything      (queries capture the pair)
+      multi-modal causal (ITG):   Q sees Q, T sees Q and the T up to itself (text is generated
+                                  from what the queries extracted, never the other way)
+    """
+    B, L = text_mask.shape
+    S = n_query + L
+    is_query = torch.arange(S, device=text_mask.device) < n_query
+    key = torch.cat([torch.ones(B, n_query, dtype=torch.bool, device=text_mask.device), text_mask.bool()], 1)
+    key = key[:, None, :]                                                        # (B, 1, S): not padding
+    same_side = is_query[:, None] == is_query[None, :]
+    earlier = torch.ones(S, S, dtype=torch.bool, device=text_mask.device).tril()
+    causal = is_query[None, :] | (~is_query[:, None] & earlier)                 # column a query, or earlier text
+    return {"unimodal": same_side & key, "bidirectional": key.expand(B, S, S), "multimodal_causal": causal & key}
+
+
+# ---- model: BLIP-2 stage 1 ----
+
+class BLIP2(nn.Module):
+    """Fig. 2: frozen image encoder -> ln_vision -> Q-Former (queries + text) with the ITC
+    projections, the ITM head and the ITG language-model head (BertLMHead tied to the word
+    embeddings, as LAVIS's BertLMHeadModel)."""
+
+    def __init__(self, cfg, *, dec_id, pad_id):
+        super().__init__()
+        self.cfg = cfg
+        self.dec_id, self.pad_id = dec_id, pad_id
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.vision_seed)                 # a random encoder is a function of its seed
+            self.visual_encoder = image_encoder(cfg)
+        self.ln_vision = nn.LayerNorm(cfg.vision_width, eps=cfg.ln_vision_eps)
+        self.query_tokens = nn.Parameter(torch.randn(1, cfg.num_query_tokens, cfg.qformer_width) * 0.02)
+        self.qformer = QFormer(cfg)
+        self.lm_head = BertLMHead(cfg.qformer_width, cfg.vocab_size, eps=cfg.qformer_eps)
+        self.lm_head.decoder.weight = self.qformer.word_embeddings.weight
+        self.vision_proj = nn.Linear(cfg.qformer_width, cfg.embed_dim)           # 768 -> 256
+        self.text_proj = nn.Linear(cfg.qformer_width, cfg.embed_dim)
+        self.itm_head = nn.Linear(cfg.qformer_width, 2)
+        self.temp = nn.Parameter(torch.tensor(cfg.temp))
+        self.set_frozen(cfg.freeze_vision)
+
+    def set_frozen(self, frozen):
+        """Sec. 3.1: the image encoder is frozen: no gradient, no optimizer state, eval mode
+        (train() keeps it there), run under no_grad."""
+        self.vision_frozen = frozen
+        self.visual_encoder.requires_grad_(not frozen)
+        self.visual_encoder.train(self.training and not frozen)
+
+    def train(self, mode=True):
+        super().train(mode)
+        self.visual_encoder.train(mode and not self.vision_frozen)
+        return self
+
+    def set_grad_checkpointing(self, enabled=True):
+        self.qformer.grad_checkpointing = enabled
+        self.visual_encoder.transformer.grad_checkpointing = enabled and not self.vision_frozen
+
+    def trainable_state_dict(self):
+        """What our checkpoints keep: everything but a frozen encoder, which is rebuilt from its source."""
+        return {k: v for k, v in self.state_dict().items()
+                if not (self.vision_frozen and k.startswith("visual_encoder."))}
+
+    # -- encoders --
+
+    def image_features(self, images):
+        """ln_vision(frozen ViT(images)): (B, 1 + P, Dv) in fp32. Computed once per step and read by
+        all three losses; the frozen encoder runs without a graph in its own (half on GPU) dtype."""
+        vit = self.visual_encoder
+        dtype = vit.conv1.weight.dtype
+        if self.vision_frozen:
+            with torch.no_grad():
+                feats = vit(images.to(dtype))
+        else:
+            feats = vit(images)
+        return self.ln_vision(feats.float())
+
+    def query_pass(self, image_embeds):
+        """The queries alone, reading the image (ITC's image side, Fig. 2 uni-modal): (B, Q, D)
+        outputs and every layer's self-attention (k, v), which ITG reuses."""
+        queries = self.query_tokens.expand(image_embeds.shape[0], -1, -1)
+        return self.qformer(queries, image=image_embeds)
+
+    def text_pass(self, ids, mask):
+        """The text alone (ITC's text side, Fig. 2 uni-modal): (B, L, D); padding is never a key."""
+        return self.qformer(ids=ids, mask=attention_masks(mask, 0)["unimodal"][:, None])[0]
+
+    def image_embed(self, query_output):                             # (B, Q, E): one embedding per query
+        return F.normalize(self.vision_proj(query_output), dim=-1)
+
+    def text_embed(self, text_output):                               # (B, E): the [CLS] token's
+        return F.normalize(self.text_proj(text_output[:, 0]), dim=-1)
+
+    def itm_logits(self, ids, mask, image_embeds):
+        """ITM (Fig. 2 bi-directional): [queries; text] attend to each other, the queries read the
+        image; the head scores every query output and the Q logits are averaged. (n, 2)."""
+        Q = self.cfg.num_query_tokens
+        queries = self.query_tokens.expand(ids.shape[0], -1, -1)
+        h, _ = self.qformer(queries, ids, attention_masks(mask, Q)["bidirectional"][:, None], image_embeds)
+        return self.itm_head(h[:, :Q]).mean(1)
+
+    def encode_image(self, images):
+        return self.image_embed(self.query_pass(self.image_features(images))[0])
+
+    def encode_text(self, ids, mask):
+        return self.text_embed(self.text_pass(ids, mask))
+
+    def forward(self, images, ids, mask, idx, task="pretrain"):
+        """The three losses of one step (Sec. 3.2), sharing one image-encoder pass and one query
+        pass. idx: (B,) image ids (positives share one in retrieval fine-tuning)."""
+        image_embeds = self.image_features(images)                    # (B, 1 + P, Dv)
+        query_output, query_kv = self.query_pass(image_embeds)        # (B, Q, D)
+        image_feats = self.image_embed(query_output)                  # (B, Q, E)
+        text_feat = self.text_embed(self.text_pass(ids, mask))        # (B, E)
+        losses = {}
+        # --- ITC: image-text contrastive learning (uni-modal mask) ---
+        losses["loss_itc"], sim_i2t, sim_t2i, idx_all = self.loss_itc(image_feats, text_feat, idx, task)
+        # --- ITM: image-text matching with hard negatives (bi-directional mask) ---
+        losses["loss_itm"] = self.loss_itm(image_embeds, ids, mask, idx, idx_all, sim_i2t, sim_t2i)
+        # --- ITG: image-grounded text generation (multi-modal causal mask) ---
+        losses["loss_lm"] = self.loss_lm(ids, mask, query_kv)
+        return losses
+
+    # ---- losses ----
+
+    def loss_itc(self, image_feats, text_feat, idx, task):
+        """Sec. 3.2 ITC: the similarity of an image and a text is the highest of the Q query-text
+        similarities, over temperature; negatives are every other pair of the global batch. Targets:
+        the diagonal (pretraining) or every pair with the same image id (retrieval fine-tuning),
+        smoothed by 0.1 (F.cross_entropy's label_smoothing for one positive).
+
+        Both sides are gathered *with* gradient (dist.gather_with_grad): with each rank's loss
+        the mean of its own rows, DDP's average is the gradient of the global loss. LAVIS gathers
+        without gradient (concat_all_gather), so there the i2t term updates only the image side
+        and t2i only the text side, on one GPU too (tests/check_lavis_blip2.py shows the
+        difference). Returns the loss, the similarities (B, N) without gradient and the gathered ids."""
+        image_all, text_all = dist.gather_with_grad(image_feats), dist.gather_with_grad(text_feat)  # (N, Q, E), (N, E)
+        idx_all = dist.gather_no_grad(idx)
+        B, N = idx.shape[0], idx_all.shape[0]
+        # fp32 similarities: at temperature 0.07 bf16's spacing would blur the logits that matter
+        with torch.autocast(image_feats.device.type, enabled=False):
+            sim_i2t = torch.einsum("bqe,ne->bnq", image_feats.float(), text_all.float()).amax(-1) / self.temp
+            sim_t2i = torch.einsum("be,nqe->bnq", text_feat.float(), image_all.float()).amax(-1) / self.temp
+            if task == "retrieval":
+                positive = (idx[:, None] == idx_all[None, :]).float()
+            else:
+                positive = F.one_hot(torch.arange(B, device=idx.device) + dist.rank() * B, N).float()
+            s = self.cfg.label_smoothing
+            targets = (1 - s) * positive / positive.sum(1, keepdim=True) + s / N
+            loss = (-(F.log_softmax(sim_i2t, 1) * targets).sum(1).mean()
+                    - (F.log_softmax(sim_t2i, 1) * targets).sum(1).mean()) / 2
+        return loss, sim_i2t.detach(), sim_t2i.detach(), idx_all
+
+    def loss_itm(self, image_embeds, ids, mask, idx, idx_all, sim_i2t, sim_t2i):
+        """Sec. 3.2 ITM, with the hard-negative mining of ALBEF: every positive pair, plus for each
+        text a negative image and for each image a negative text, drawn from the softmax of the ITC
+        similarities over the *global* batch, never one with the same image id.
+
+        The image features never leave their rank (the frozen encoder's output is the largest
+        tensor of the step: LAVIS gathers it, with gradient): a pair with another rank's image is
+        scored *there*, with the text's token ids sent instead. Every rank divides its sum by its
+        3B pairs, so DDP's average is the mean over all 3N pairs: the same loss and gradient."""
+        B, rank = ids.shape[0], dist.rank()
+        with torch.no_grad():
+            same = idx[:, None] == idx_all[None, :]
+            neg_image = sample_negatives(F.softmax(sim_t2i, 1).masked_fill(same, 0))     # (B,) into the N images
+            neg_text = sample_negatives(F.softmax(sim_i2t, 1).masked_fill(same, 0))      # (B,) into the N texts
+        ids_all, mask_all = dist.gather_no_grad(ids), dist.gather_no_grad(mask)
+        mine = torch.arange(B, device=ids.device)
+        # pairs of this rank's images: (text, image, is a match)
+        texts = [mine + rank * B, neg_text]
+        images = [mine, mine]
+        # each text of the global batch with its negative image, where that image lives here
+        neg_image_all = dist.gather_no_grad(neg_image)                                     # (N,)
+        if dist.world_size() > 1:
+            text_of = (neg_image_all // B == rank).nonzero()[:, 0]                         # (n,) one host sync
+            texts.append(text_of)
+            images.append(neg_image_all[text_of] - rank * B)
+        else:
+            texts.append(mine)
+            images.append(neg_image_all)
+        texts, images = torch.cat(texts), torch.cat(images)
+        labels = (idx_all[texts] == idx[images]).long()   # a "negative" sharing the image id (no valid one) matches
+        logits = self.itm_logits(ids_all[texts], mask_all[texts], image_embeds[images])
+        return F.cross_entropy(logits.float(), labels, reduction="sum") / (3 * B)
+
+    def loss_lm(self, ids, mask, query_kv):
+        """Sec. 3.2 ITG: generate the text from the queries (Fig. 2 multi-modal causal mask): [DEC]
+        replaces [CLS] as the first token, each token predicts the next, label smoothing 0.1. Only
+        the text rows are run: the query rows of this mask are those of the ITC query pass (queries
+        see only queries), whose keys and values are reused. Averaged over the text tokens of the
+        global batch (each rank's sum over the global count / world size), LAVIS per rank."""
+        Q = self.cfg.num_query_tokens
+        dec = ids.clone()
+        dec[:, 0] = self.dec_id
+        text_rows = attention_masks(mask, Q)["multimodal_causal"][:, None, Q:]            # (B, 1, L, Q + L)
+        h, _ = self.qformer(ids=dec, mask=text_rows, past=query_kv)
+        logits = self.lm_head(h[:, :-1]).float()                                          # (B, L - 1, V)
+        labels = dec[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
+        count = dist.all_reduce_sum((labels != -100).sum().float())
+        loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum",
+                               label_smoothing=self.cfg.label_smoothing)
+        return loss * dist.world_size() / count.clamp(min=1)
+
+    # ---- weights ----
+
+    @classmethod
+    def from_hf(cls, path, cfg=None, tokenizer=None):
+        """Build from a transformers BLIP-2 folder: Blip2ForImageTextRetrieval (vision, Q-Former
+        with its text FFNs, text embeddings, both projections and the ITM head) or
+        Blip2ForConditionalGeneration / Blip2Model (vision and Q-Former; the language side is
+        stage 2's). The architecture comes from its config.json. Every key is mapped and
+        shape-checked; what the folder lacks (ITG's LM head, which transformers does not have, and
+        for ConditionalGeneration the text side) keeps its initialisation and is named."""
+        config, state = read_hf_checkpoint(path)
+        arch = hf_architecture(config, state, path)
+        if cfg is not None and "image_size" in getattr(cfg, "cli_keys", ()):
+            arch.pop("image_size")                       # the run's: positions are interpolated to it
+        cfg = dataclasses.replace(cfg or Config(), **arch)
+        cfg.vision = "eva"
+        model = build_blip2(cfg, tokenizer) if tokenizer is not None else BLIP2(cfg, dec_id=cfg.vocab_size - 1, pad_id=0)
+        state = check_eva_k_bias(dict(state), "vision_model.encoder.layers.{}.self_attn.qkv.bias", cfg, path)
+        state["vision_model.embeddings.position_embedding"] = resize_pos_embed(
+            state["vision_model.embeddings.position_embedding"][0], cfg.image_size // cfg.patch_size)
+        mapping = eva_hf_map(cfg)
+        text = "embeddings.word_embeddings.weight" in state
+        mapping.update(qformer_map(cfg, "qformer", text_ffn=text, hf=True))
+        mapping["query_tokens"] = "query_tokens"
+        keep = ["lm_head.", "temp"]
+        if text:
+            mapping.update({"qformer.word_embeddings.weight": "embeddings.word_embeddings.weight",
+                            "qformer.position_embeddings.weight": "embeddings.position_embeddings.weight"})
+            mapping.update({f"{a}.{p}": f"{b}.{p}" for p in ("weight", "bias") for a, b in
+                            (("vision_proj", "vision_projection"), ("text_proj", "text_projection"),
+                             ("itm_head", "itm_head"))})
+        else:
+            keep += ["qformer.word_embeddings.", "qformer.position_embeddings.", "vision_proj.", "text_proj.",
+                     "itm_head."] + [f"qformer.layer.{i}.{m}" for i in range(cfg.qformer_layers)
+                                     for m in ("intermediate.", "output.", "output_norm.")]
+        load_mapped(model, state, mapping, source=path, keep_init=keep,
+                    ignore=("position_ids", "language_projection.", "language_model."))
+        if dist.is_main():
+            lacking = "ITG's LM head" + ("" if text else ", the text side (embeddings, text FFNs, projections, ITM)")
+            print(f"{path}: loaded every image-side and Q-Former weight; not in a transformers folder: {lacking}")
+        return model
+
+    @classmethod
+    def from_lavis(cls, path, cfg=None, tokenizer=None, state=None):
+        """Build from LAVIS's stage-1 checkpoint (blip2_pretrained.pth, blip2_pretrained_vitL.pth:
+        {'model': ...} with Qformer.bert.*, Qformer.cls.*, query_tokens, ln_vision, vision_proj,
+        text_proj, itm_head, temp; no image encoder: LAVIS saves only what trains). The encoder comes
+        from cfg.vision_weights. Every key is mapped and shape-checked."""
+        state = dict(state) if state is not None else read_weights_file(path)[1]
+        cfg = dataclasses.replace(cfg or Config(), **lavis_architecture(state, path))
+        model = build_blip2(cfg, tokenizer) if tokenizer is not None else BLIP2(cfg, dec_id=cfg.vocab_size - 1, pad_id=0)
+        if not torch.equal(state["Qformer.cls.predictions.decoder.weight"],
+                           state["Qformer.bert.embeddings.word_embeddings.weight"]):
+            raise UserError(f"{path}: the ITG decoder is not tied to the word embeddings, as LAVIS's always is")
+        mapping = qformer_map(cfg, "Qformer.bert", text_ffn=True, hf=False)
+        mapping.update(hf_bert_lm_head_map("lm_head", "Qformer.cls.predictions",
+                                           tied_to="Qformer.bert.embeddings.word_embeddings.weight"))
+        mapping.update({f"{n}.{p}": f"{n}.{p}" for n in ("ln_vision", "vision_proj", "text_proj", "itm_head")
+                        for p in ("weight", "bias")})
+        mapping.update(query_tokens="query_tokens", temp="temp")
+        load_mapped(model, state, mapping, source=path, keep_init=("visual_encoder.",),
+                    ignore=("position_ids", "Qformer.cls.predictions.decoder.weight"))
+        load_vision(model, cfg)
+        if dist.is_main():
+            print(f"{path}: loaded every Q-Former weight; the image encoder from {cfg.vision_weights or 'its seed'}")
+        return model
+
+
+def build_blip2(cfg, tokenizer):
+    """The model for a tokenizer: [DEC] is added (the ITG BOS, LAVIS's Blip2Base.init_tokenizer)."""
+    (dec_id,) = tokenizer.add_special_tokens(["[DEC]"])
+    cfg.vocab_size = cfg.vocab_size or tokenizer.vocab_size
+    if cfg.vocab_size < tokenizer.vocab_size:
+        raise UserError(f"model vocabulary {cfg.vocab_size} is smaller than the tokenizer's {tokenizer.vocab_size} "
+                        f"(with [DEC])")
+    return BLIP2(cfg, dec_id=dec_id, pad_id=tokenizer.pad_id)
+
+
+def sample_negatives(weights):
+    """One index per row, drawn with probability proportional to `weights` (B, N), by the
+    exponential trick: argmax_j w_j / E_j with E_j ~ Exp(1) picks j with probability w_j / sum(w),
+    torch.multinomial's distribution without its host syncs. A row with no mass left (every
+    candidate sharing the image id, NaN similarities: LAVIS's "invalid multinomial distribution")
+    draws uniformly instead."""
+    weights = torch.nan_to_num(weights.float(), nan=0.0, posinf=0.0, neginf=0.0).clamp_(min=0)
+    weights = torch.where(weights.sum(1, keepdim=True) > 0, weights, 1.0)      # no boolean indexing: no sync
+    noise = torch.empty_like(weights).exponential_().clamp_(min=1e-30)
+    return (weights / noise).argmax(1)
+
+
+# ---- weights: key maps and files ----
+
+def qformer_map(cfg, prefix, *, text_ffn, hf):
+    """Our QFormer <- LAVIS's Qformer.bert (BERT names: attention.self.*, embeddings.LayerNorm) or
+    transformers' qformer (attention.attention.*, the embedding norm as qformer.layernorm, the word
+    and position embeddings outside it: the caller maps those). Query FFNs: intermediate_query,
+    output_query. Without `text_ffn` the text FFNs are left out (a stage-2 Q-Former has none)."""
+    L = cfg.qformer_layers
+    m = hf_bert_map("qformer", prefix, L, cross_layers=range(0, L, cfg.cross_attention_freq), token_types=False)
+    for p in ("weight", "bias"):
+        for i in range(L):
+            o, t = f"qformer.layer.{i}", f"{prefix}.encoder.layer.{i}"
+            m[f"{o}.intermediate_query.{p}"] = f"{t}.intermediate_query.dense.{p}"
+            m[f"{o}.output_query.{p}"] = f"{t}.output_query.dense.{p}"
+            m[f"{o}.output_query_norm.{p}"] = f"{t}.output_query.LayerNorm.{p}"
+            if not text_ffn:
+                for name in ("intermediate", "output", "output_norm"):
+                    del m[f"{o}.{name}.{p}"]
+    if hf:   # transformers' renames (convert_blip_2_original_to_pytorch.py)
+        m = {k: tuple(x.replace(".self.", ".attention.") for x in v) if isinstance(v, tuple)
+             else v.replace(".self.", ".attention.") for k, v in m.items()}
+        for p in ("weight", "bias"):
+            m[f"qformer.embed_norm.{p}"] = f"{prefix}.layernorm.{p}"
+        del m["qformer.word_embeddings.weight"], m["qformer.position_embeddings.weight"]
+    return m
+
+
+def eva_hf_map(cfg):
+    """visual_encoder + ln_vision <- transformers' Blip2VisionModel ('vision_model': BLIP's vision
+    names; its post_layernorm is LAVIS's ln_vision)."""
+    m = hf_blip_vision_map("visual_encoder", "vision_model", cfg.vision_layers)
+    for p in ("weight", "bias"):
+        m[f"ln_vision.{p}"] = m.pop(f"visual_encoder.ln_post.{p}")
+    return m
+
+
+def check_eva_k_bias(state, key, cfg, source):
+    """EVA has no k bias: transformers folds q, 0, v into one qkv bias; its k third must be zero."""
+    D = cfg.vision_width
+    for i in range(cfg.vision_layers):
+        k_bias = state[key.format(i)][D:2 * D]
+        if k_bias.abs().max() > 0:
+            raise UserError(f"{source}: '{key.format(i)}' has a non-zero k bias (max |b| {float(k_bias.abs().max()):.3g}); "
+                            f"EVA's attention has none, so this is not an EVA encoder")
+    return state
+
+
+def hf_architecture(config, state, path):
+    """Config fields of a transformers BLIP-2 folder (config.json: vision_config, qformer_config)."""
+    try:
+        v, q = config["vision_config"], config["qformer_config"]
+        D = v["hidden_size"]
+        if v.get("hidden_act", "gelu") != "gelu":
+            raise UserError(f"{path}: vision hidden_act {v['hidden_act']!r}; EVA uses exact GELU")
+        words = state.get("embeddings.word_embeddings.weight")
+        return dict(image_size=v.get("image_size", 224), patch_size=v.get("patch_size", 14), vision_width=D,
+                    vision_layers=v.get("num_hidden_layers", 39), vision_heads=v.get("num_attention_heads", 16),
+                    vision_mlp_ratio=v.get("intermediate_size", 6144) / D, ln_vision_eps=v.get("layer_norm_eps", 1e-6),
+                    num_query_tokens=config.get("num_query_tokens", 32), qformer_width=q.get("hidden_size", 768),
+                    qformer_layers=q.get("num_hidden_layers", 12), qformer_heads=q.get("num_attention_heads", 12),
+                    qformer_mlp_dim=q.get("intermediate_size", 3072),
+                    cross_attention_freq=q.get("cross_attention_frequency", 2),
+                    max_positions=q.get("max_position_embeddings", 512), qformer_eps=q.get("layer_norm_eps", 1e-12),
+                    vocab_size=words.shape[0] if words is not None else q.get("vocab_size", 30522),
+                    embed_dim=config.get("image_text_hidden_size", 256))
+    except (KeyError, TypeError) as e:
+        raise UserError(f"{path}: not a transformers BLIP-2 config ({type(e).__name__}: {e})") from None
+
+
+def lavis_architecture(state, path):
+    """Q-Former fields of a LAVIS checkpoint, read off its shapes (heads = width / 64, as bert-base)."""
+    b = "Qformer.bert."
+    try:
+        vocab, D = state[b + "embeddings.word_embeddings.weight"].shape
+        layers = 1 + max(int(k[len(b):].split(".")[2]) for k in state if k.startswith(b + "encoder.layer."))
+        cross = sorted({int(k[len(b):].split(".")[2]) for k in state if ".crossattention." in k})
+        return dict(num_query_tokens=state["query_tokens"].shape[1], qformer_width=D, qformer_layers=layers,
+                    qformer_heads=max(1, D // 64), qformer_mlp_dim=state[b + "encoder.layer.0.intermediate.dense.weight"].shape[0],
+                    cross_attention_freq=cross[1] - cross[0] if len(cross) > 1 else layers,
+                    max_positions=state[b + "embeddings.position_embeddings.weight"].shape[0], vocab_size=vocab,
+                    embed_dim=state["vision_proj.weight"].shape[0],
+                    vision_width=state[b + "encoder.layer.0.crossattention.self.key.weight"].shape[1])
+    except (KeyError, ValueError, IndexError) as e:
+        raise UserError(f"{path}: not in LAVIS's Blip2Qformer key layout ({type(e).__name__}: {e})") from None
+
+
+def read_weights_file(path):
+    """(the file's object, its state dict) for a .safetensors file or a torch file read with
+    load_checkpoint (weights only), the state dict bare or under 'model' / 'state_dict'."""
+    if path.endswith(".safetensors"):
+        if not os.path.isfile(path):
+            raise MissingFileError(f"{path} does not exist")
+        from safetensors.torch import load_file
+        saved = load_file(path)
+    else:
+        saved = load_checkpoint(path)
+    state = saved
+    for key in ("model", "state_dict"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict):
+        raise UserError(f"{path}: expected a state dict, found {type(state).__name__}")
+    return saved, state
+
+
+def load_vision(model, cfg):
+    """The frozen encoder from cfg.vision_weights (nothing: it stays the random one of its seed).
+    eva: LAVIS's eva_vit_g.pth (timm names, separate q_bias / v_bias, 40 blocks of which the last
+    is dropped) or a transformers BLIP-2 folder; clip-l: a transformers CLIP folder or an OpenAI-
+    format state dict (clip_vit_L.pth, bare or under 'visual.'), without its last layer and ln_post.
+    Positions are interpolated to the run's image size; every weight of ours must be in the file;
+    what is left over (the dropped layer, heads) is named."""
+    path, L, grid = cfg.vision_weights, cfg.vision_layers, cfg.image_size // cfg.patch_size
+    if not path:
+        return
+    holder = nn.Module()                           # our keys 'visual_encoder.*' and nothing else
+    holder.visual_encoder = model.visual_encoder
+    if os.path.isdir(path):
+        _, state = read_hf_checkpoint(path)
+        state = dict(state)
+        if cfg.vision == "eva":
+            pos = "vision_model.embeddings.position_embedding"
+            state = check_eva_k_bias(state, "vision_model.encoder.layers.{}.self_attn.qkv.bias", cfg, path)
+            mapping = eva_hf_map(cfg)
+            del mapping["ln_vision.weight"], mapping["ln_vision.bias"]
+        else:
+            pos = "vision_model.embeddings.position_embedding.weight"
+            mapping = hf_clip_vision_map("visual_encoder", "vision_model", L)
+            del mapping["visual_encoder.ln_post.weight"], mapping["visual_encoder.ln_post.bias"]
+    else:
+        state = dict(read_weights_file(path)[1])
+        if cfg.vision == "eva":
+            pos = "pos_embed"
+            for i in range(L):
+                q, v = state.get(f"blocks.{i}.attn.q_bias"), state.get(f"blocks.{i}.attn.v_bias")
+                if q is None or v is None:
+                    raise UserError(f"{path}: no 'blocks.{i}.attn.q_bias' / 'v_bias': not an EVA ViT (eva_vit_g.pth)")
+                state[f"blocks.{i}.attn.qkv.bias"] = torch.cat([q, torch.zeros_like(q), v])
+            mapping = timm_vit_map("visual_encoder", "", L)
+            del mapping["visual_encoder.ln_post.weight"], mapping["visual_encoder.ln_post.bias"]
+        else:
+            prefix = "visual" if "visual.conv1.weight" in state else ""
+            pos = f"{prefix}.positional_embedding" if prefix else "positional_embedding"
+            mapping = open_clip_vision_map("visual_encoder", prefix, L)
+            if not prefix:
+                mapping = {k: v.lstrip(".") if isinstance(v, str) else tuple(x.lstrip(".") for x in v)
+                           for k, v in mapping.items()}
+    if pos not in state:
+        raise UserError(f"--vision-weights {path}: no '{pos}'; not a {cfg.vision} encoder in a format we read")
+    state[pos] = resize_pos_embed(state[pos].reshape(-1, state[pos].shape[-1]), grid)
+    used = {x for v in mapping.values() for x in (v if isinstance(v, tuple) else (v,))}
+    left = sorted(k for k in state if k not in used)
+    load_mapped(holder, state, mapping, source=path, ignore=tuple(left))
+    if left and dist.is_main():
+        print(f"--vision-weights {path}: {len(left)} key(s) not used (the dropped last layer, norms, heads, "
+              f"the text side): {', '.join(left[:4])}{', ...' if len(left) > 4 else ''}")
+
+
+def load_text_init(model, path):
+    """--init-text: a transformers BERT folder (bert-base-uncased) into the Q-Former's embeddings,
+    self-attention and text FFNs, and the query FFNs too ("initialised from the text ones", as
+    LAVIS's init_Qformer); cross-attention keeps its initialisation, and the LM head comes from
+    cls.predictions when there is one. [DEC]'s row (one past BERT's vocabulary) stays new."""
+    _, state = read_hf_checkpoint(path)
+    cfg = model.cfg
+    pre = "bert" if any(k.startswith("bert.") for k in state) else ""
+    dot = f"{pre}." if pre else ""
+    L = cfg.qformer_layers
+    mapping = hf_bert_map("qformer", pre, L, token_types=False)
+    for i in range(L):
+        for p in ("weight", "bias"):
+            o = f"qformer.layer.{i}"
+            mapping.update({f"{o}.intermediate_query.{p}": mapping[f"{o}.intermediate.{p}"],
+                            f"{o}.output_query.{p}": mapping[f"{o}.output.{p}"],
+                            f"{o}.output_query_norm.{p}": mapping[f"{o}.output_norm.{p}"]})
+    state = dict(state)
+    words = f"{dot}embeddings.word_embeddings.weight"
+    ours_words = model.qformer.word_embeddings.weight.detach()
+    n = state[words].shape[0]
+    if n < ours_words.shape[0]:                     # BERT's 30522 + our [DEC]: the new rows stay ours
+        state[words] = torch.cat([state[words], ours_words[n:]])
+    keep = [f"qformer.layer.{i}.crossattention." for i in range(0, L, cfg.cross_attention_freq)]
+    holder = nn.Module()
+    holder.qformer, holder.lm_head = model.qformer, model.lm_head
+    if "cls.predictions.bias" in state:
+        bias = state["cls.predictions.bias"]
+        state["cls.predictions.bias"] = torch.cat([bias, torch.zeros(ours_words.shape[0] - bias.shape[0])])
+        mapping.update(hf_bert_lm_head_map("lm_head", "cls.predictions", tied_to=words))
+    else:
+        mapping["lm_head.decoder.weight"] = words
+        keep += ["lm_head.dense.", "lm_head.LayerNorm.", "lm_head.decoder.bias"]
+    load_mapped(holder, state, mapping, source=path, keep_init=keep,
+                ignore=("position_ids", "pooler.", "token_type_embeddings", "cls.seq_relationship.",
+                        "cls.predictions.decoder."))
+
+
+def read_init(path):
+    """What an --init-from is, read once: ('hf', None) for a transformers folder, ('lavis', its
+    state dict) for LAVIS's stage-1 file, ('ours', our checkpoint)."""
+    if os.path.isdir(path):
+        return "hf", None
+    saved, state = read_weights_file(path)
+    if "Qformer.bert.embeddings.LayerNorm.weight" in state:
+        return "lavis", state
+    if isinstance(saved, dict) and "config" in saved and "qformer.embed_norm.weight" in state:
+        return "ours", saved
+    raise UserError(f"--init-from {path}: neither a transformers BLIP-2 folder, LAVIS's blip2_pretrained.pth nor one "
+                    f"of our BLIP-2 checkpoints (its keys start {sorted(state)[:3]})")
+
+
+# ---- data ----
+
+def build_data(cfg, tokenizer, rank, world_size):
+    """Training loader (none with --eval-only), image-id index, val records. With neither
+    --train-data nor --val-data, the built-in tiny set."""
+    tiny = None if (cfg.train_data or cfg.val_data) else tiny_data()
+    val_file = cfg.val_data or (os.path.join(tiny, "val.json") if tiny else "")
+    root = cfg.image_root or None
+    val = read_annotations(val_file, root) if val_file else None
+    if cfg.eval_only:
+        return None, None, None, val
+    train_file = cfg.train_data or os.path.join(tiny_data(), "train.json")
+    records = read_annotations(train_file, root, cfg.skip_bad)
+    train_set = ImageTextDataset(records, train_transform(cfg.image_size), tokenizer, cfg.max_length,
+                                 skip_bad=cfg.skip_bad)
+    # Image ids -> integers: positives in retrieval fine-tuning, exclusions for ITM negatives.
+    ids = {}
+    image_index = torch.tensor([ids.setdefault(r["image_id"], len(ids)) for r in records])
+    loader, sampler = train_loader(train_set, batch_size=cfg.batch_size, workers=cfg.workers, seed=cfg.seed, rank=rank,
+                                   world_size=world_size, source=train_file)
+    return loader, sampler, image_index, val
+
+
+def trim_padding(ids, pad_id):
+    """Drop the padding columns no caption reaches (LAVIS pads every caption to 32 tokens). Exact:
+    padding is never attended to and never a target, and text positions start at 0 either way.
+    On the host, before the copy to the GPU."""
+    longest = int((ids != pad_id).sum(1).max()) if ids.numel() else 0
+    return ids[:, :max(longest, 2)]
+
+
+def check_config(cfg):
+    """Start-up checks with clear messages (instead of an assert deep in the first step)."""
+    if cfg.stage != 1:
+        raise UserError(f"--stage {cfg.stage}: this version trains stage 1 (the Q-Former); stage 2 (a frozen "
+                        f"language model, Sec. 3.3) is not implemented yet")
+    if cfg.max_length > cfg.max_positions:
+        raise UserError(f"--max-length {cfg.max_length} exceeds the {cfg.max_positions} position embeddings")
+    if cfg.max_length < 2:
+        raise UserError(f"--max-length {cfg.max_length}: ITG needs at least [DEC] and one token")
+    if cfg.cross_attention_freq < 1:
+        raise UserError(f"--cross-attention-freq {cfg.cross_attention_freq} must be at least 1")
+    if cfg.num_query_tokens < 1:
+        raise UserError(f"--num-query-tokens {cfg.num_query_tokens} must be at least 1")
+    if cfg.image_size % cfg.patch_size:
+        raise UserError(f"--image-size {cfg.image_size} is not a multiple of --patch-size {cfg.patch_size}")
+    if not 0 <= cfg.label_smoothing < 1:
+        raise UserError(f"--label-smoothing {cfg.label_smoothing} must be in [0, 1)")
+
+
+# ---- evaluation (Sec. 4.4; LAVIS blip2.py compute_sim_matrix) ----
+
+def shard_image_tokens(model, cfg, records, device, precision):
+    return image_tokens(model.image_features, [r["image"] for r in records], cfg.image_size, cfg.batch_size,
+                        cfg.workers, device, precision)
+
+
+@torch.no_grad()
+def evaluate(model, cfg, val, tokenizer, device, precision):
+    """ITC for all pairs (the highest query-text cosine), then the ITM head re-ranks each row's top
+    k; score = the ITM match logit averaged over the queries + the ITC cosine (LAVIS#645), -100
+    outside the top k. Each rank embeds its shard of the texts and of the images and keeps its
+    images' encoder features for the ITM passes."""
+    if val is None:
+        return {}
+    was_training = model.training
+    model.eval()
+    tick = time.time()
+    texts, txt2img = retrieval_texts(val)
+    ids = tokenizer(texts, cfg.max_length).to(device)
+    mask = (ids != tokenizer.pad_id).long()
+    t0, t1 = dist.shard_range(len(texts))
+    text_feat = [torch.zeros(0, cfg.embed_dim, device=device)]
+    for i in range(t0, t1, cfg.batch_size):
+        j = min(i + cfg.batch_size, t1)
+        with autocast(precision, device):
+            text_feat.append(model.encode_text(ids[i:j], mask[i:j]).float())
+    text_feat = dist.gather_varlen(torch.cat(text_feat))                              # (n_txt, E)
+    i0, i1 = dist.shard_range(len(val))
+    tokens = shard_image_tokens(model, cfg, val[i0:i1], device, precision)             # (mine, 1 + P, Dv)
+    Q = cfg.num_query_tokens
+    image_feats = [torch.zeros(0, Q, cfg.embed_dim, device=device)]
+    for i in range(0, len(tokens), cfg.batch_size):
+        with autocast(precision, device):
+            image_feats.append(model.image_embed(model.query_pass(tokens[i:i + cfg.batch_size])[0]).float())
+    image_feats = dist.gather_varlen(torch.cat(image_feats))                         # (n_img, Q, E)
+    # the highest of the Q cosines, a block of images at a time (n_img x Q x n_txt would not fit)
+    sim = torch.cat([torch.einsum("iqe,te->itq", image_feats[a:a + 64], text_feat).amax(-1)
+                     for a in range(0, len(image_feats), 64)]) if len(image_feats) else image_feats.new_zeros(0, len(texts))
+    k = min(cfg.k_test, len(texts), len(val))
+
+    def itm(t, i):              # ITM match logits of texts t with this rank's images i
+        with autocast(precision, device):
+            return model.itm_logits(ids[t], mask[t], tokens[i])[:, 1].float()
+    rows_i2t, rows_t2i = rerank_topk(sim, (i0, i1), k, itm, cfg.itm_batch, add_similarity=True)
+    metrics = retrieval_metrics(rows_i2t, txt2img, rows_t2i)
+    metrics["itc_r_mean"] = retrieval_metrics(sim, txt2img)["r_mean"]             # before re-ranking
+    metrics.update(itm_pairs=k * (len(texts) + len(val)), retrieval_eval_s=time.time() - tick)
+    model.train(was_training)
+    return metrics
+
+
+# ---- training ----
+
+# Set by the run, not by the weights: an --init-from of our checkpoint keeps these from the command
+# line or the task recipe (fine-tuning at 364 px from 224 px interpolates the encoder's positions).
+RUN_FIELDS = ("image_size",)
+
+
+def build_model(cfg, tokenizer, init=(None, None)):
+    """Fresh model (its encoder from --vision-weights); or --init-from a transformers folder,
+    LAVIS's stage-1 file, or one of our checkpoints (its encoder rebuilt from the source it
+    records, unless --vision-weights names another); then --init-text a BERT."""
+    kind, saved = init
+    if kind in ("hf", "lavis"):
+        model = (BLIP2.from_hf(cfg.init_from, cfg, tokenizer) if kind == "hf" else
+                 BLIP2.from_lavis(cfg.init_from, cfg, tokenizer, state=saved))
+        for k in MODEL_FIELDS:
+            setattr(cfg, k, getattr(model.cfg, k))
+    if kind == "hf":
+        cfg.vision_weights = cfg.vision_weights or cfg.init_from
+        if cfg.vision_weights != cfg.init_from:
+            load_vision(model, model.cfg)
+    elif kind == "ours":
+        run = {k: getattr(cfg, k) for k in RUN_FIELDS if k in getattr(cfg, "cli_keys", ()) or k in task_recipe(cfg)}
+        for k in MODEL_FIELDS:
+            setattr(cfg, k, saved["config"][k])
+        cfg.__dict__.update(run)
+        if "vision_weights" not in getattr(cfg, "cli_keys", ()):
+            cfg.vision_weights, cfg.vision_seed = saved["config"]["vision_weights"], saved["config"]["vision_seed"]
+        model = build_blip2(cfg, tokenizer)
+        load_vision(model, cfg)
+        load_trainable(model, saved, cfg.init_from, check_vision="vision_weights" not in getattr(cfg, "cli_keys", ()))
+    else:
+        model = build_blip2(cfg, tokenizer)
+        load_vision(model, cfg)
+    if cfg.init_text:
+        if kind:
+            raise UserError(f"--init-text starts the Q-Former from a BERT; --init-from {cfg.init_from} already holds one")
+        load_text_init(model, cfg.init_text)
+    model.cfg = cfg
+    model.set_frozen(cfg.freeze_vision)
+    return model, cfg
+
+
+def load_trainable(model, saved, source, check_vision=True):
+    """Our checkpoint's weights (all but a frozen encoder) into `model`; its encoder must be the
+    one the checkpoint was trained with (same fingerprint), unless another was asked for."""
+    state = dict(saved["model"])
+    key = "visual_encoder.positional_embedding"
+    if key in state:
+        state[key] = resize_pos_embed(state[key], model.cfg.image_size // model.cfg.patch_size)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.startswith("visual_encoder.")]
+    if missing or unexpected:
+        raise UserError(f"{source}: keys {(missing or unexpected)[:4]} do not match this model")
+    if check_vision and not any(k.startswith("visual_encoder.") for k in state) and saved.get("vision_fingerprint"):
+        now = fingerprint(model.visual_encoder)
+        if abs(now - saved["vision_fingerprint"]) > 1e-6 * abs(saved["vision_fingerprint"]):
+            raise UserError(f"{source}: the frozen image encoder rebuilt from {model.cfg.vision_weights or 'its seed'} "
+                            f"is not the one this checkpoint was trained with (fingerprint {now:.6g} vs "
+                            f"{saved['vision_fingerprint']:.6g})")
+
+
+def param_groups(model, cfg):
+    """AdamW groups: no decay on biases and 1-D tensors (LayerNorms, temp: LAVIS decays the 0-d
+    temp, which we do not); a trained encoder's layer i gets lr x layer_decay^(L + 1 - i)
+    (LAVIS's get_optimizer_params: embeddings as layer 0)."""
+    L, groups = cfg.vision_layers, {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        decay = p.ndim >= 2 and not name.endswith(".bias")
+        scale = 1.0
+        if name.startswith("visual_encoder."):
+            layer = int(name.split(".")[3]) + 1 if ".resblocks." in name else 0
+            scale = cfg.layer_decay ** (L + 1 - layer)
+        group = groups.setdefault((decay, scale), {"params": [], "weight_decay": cfg.weight_decay if decay else 0.0,
+                                                   "lr": cfg.lr * scale})
+        group["params"].append(p)
+    return list(groups.values())
+
+
+def main(argv=None):
+    rank, local_rank, world_size, device = dist.setup()
+    cfg, ckpt = resolve_config(Config, PRESETS, argv, description=__doc__, recipe=task_recipe, recipes_doc=RECIPES_DOC,
+                               choices={"task": TASKS, "vision": ("eva", "clip-l"), "stage": (1, 2)},
+                               resume_mutable=("k_test", "itm_batch"))
+    if cfg.vision == "clip-l":
+        cfg.__dict__.update(CLIP_L)
+    check_config(cfg)
+    precision = resolve_precision(cfg.precision, device)
+    seed_everything(cfg.seed)                     # the same initial weights on every rank
+    os.makedirs(cfg.output_dir, exist_ok=True)
+    init = read_init(cfg.init_from) if cfg.init_from else (None, None)
+    if init[0] == "ours":
+        cfg.tokenizer = cfg.tokenizer or init[1]["config"]["tokenizer"]
+    tokenizer = load_tokenizer(cfg.tokenizer, cfg.init_text or (cfg.init_from if init[0] == "hf" else ""),
+                               use_tiny=not (cfg.train_data or cfg.val_data))
+    cfg.tokenizer = tokenizer.name
+    if ckpt:                                      # the resumed run's own encoder source and trainable weights
+        cfg.init_from = ""
+    model, cfg = build_model(cfg, tokenizer, init)
+    del init
+    vision_fingerprint = fingerprint(model.visual_encoder)
+    if ckpt:
+        load_trainable(model, ckpt, cfg.resume)
+    model.to(device)
+    if model.vision_frozen and device.type == "cuda" and precision != "fp32":
+        # Sec. 3.1: the frozen encoder in half precision on GPU (LAVIS: fp16); ln_vision stays fp32
+        model.visual_encoder.to(torch.bfloat16 if precision == "bf16" else torch.float16)
+    if cfg.grad_checkpointing:
+        model.set_grad_checkpointing()
+    loader, sampler, image_index, val = build_data(cfg, tokenizer, rank, world_size)
+    save_config(cfg, cfg.output_dir)
+    log = MetricLog(cfg.output_dir)
+    if cfg.eval_only:
+        metrics = evaluate(model, cfg, val, tokenizer, device, precision)
+        log.write({"step": ckpt["step"] if ckpt else 0, "epoch": 0, "split": "val", **metrics})
+        if dist.is_main():
+            print(json.dumps(metrics))
+        dist.cleanup()
+        return metrics
+
+    groups = param_groups(model, cfg)
+    optimizer = adamw(groups, lr=cfg.lr)
+    steps_per_epoch = len(loader)
+    check_resume_position(ckpt, steps_per_epoch)
+    total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
+    # Warm-up from warmup_lr, then cosine to min_lr, per step (LAVIS: warm-up over the first
+    # steps of epoch 0, then a per-epoch cosine), each group from its own (layer-decayed) lr.
+    scheduler = cosine_schedule(optimizer, cfg.warmup_steps, total_steps,
+                                warmup_from=cfg.warmup_lr / cfg.lr if cfg.warmup_lr else None, final=cfg.min_lr / cfg.lr)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    guard = NonFiniteGuard(cfg.max_bad_steps)
+    seed_everything(cfg.seed + rank)              # each rank its own stream from here (negatives, dropout)
+    step, best = 0, -1.0
+    if ckpt:
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        scaler.load_state_dict(ckpt["scaler"])
+        step, best, guard.total = ckpt["step"], ckpt["best"], ckpt["bad_steps"]
+        set_rng_state(ckpt["rng"][rank])
+        if dist.is_main():
+            print(f"resumed from {cfg.resume} at step {step}")
+    del ckpt
+    ddp_model = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None) if world_size > 1 else model
+    if cfg.compile:
+        ddp_model = torch.compile(ddp_model)
+
+    def checkpoint(name):
+        check_finite(model)
+        state = {"model": model.trainable_state_dict(), "optimizer": optimizer.state_dict(),
+                 "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "step": step,
+                 "epoch": step // steps_per_epoch, "best": best, "bad_steps": guard.total,
+                 "steps_per_epoch": steps_per_epoch, "world_size": world_size, "config": dataclasses.asdict(cfg),
+                 "vision_fingerprint": vision_fingerprint, "rng": dist.gather_objects(rng_state())}
+        if dist.is_main():
+            save_checkpoint(os.path.join(cfg.output_dir, name), state)
+
+    pbar = tqdm(total=total_steps, initial=step, disable=not dist.is_main(), dynamic_ncols=True)
+    metrics, tick, tick_step, stopped = {}, time.time(), step, False
+    with Preemption() as preemption:
+        while step < total_steps and not stopped:
+            epoch = step // steps_per_epoch
+            sampler.set_epoch(epoch, skip=(step % steps_per_epoch) * cfg.batch_size)
+            for images, ids, r in loader:
+                ids = trim_padding(ids, tokenizer.pad_id) if not cfg.compile else ids
+                images, ids = images.to(device, non_blocking=True), ids.to(device, non_blocking=True)
+                idx = image_index[r].to(device, non_blocking=True)          # looked up on the host: no sync
+                mask = (ids != tokenizer.pad_id).long()
+                with autocast(precision, device):
+                    losses = ddp_model(images, ids, mask, idx, cfg.task)
+                loss = sum(losses.values())                     # L = L_itc + L_itm + L_itg (LAVIS: unweighted)
+                scaler.scale(loss).backward()
+                scaler.unscale_(optimizer)
+                grad_norm = grad_norm_(model, cfg.grad_clip_norm)
+                ok = guard.check(loss, grad_norm, scaler)        # a non-finite step is skipped on the device
+                guard.step(optimizer, scaler, ok)
+                optimizer.zero_grad(set_to_none=True)
+                scheduler.step()
+                step += 1
+                pbar.update(1)
+                guard.account(step, ok, lambda b=(images, ids, mask, idx): first_nonfinite_module(
+                    model, {"images": b[0]}, lambda: model(*b, cfg.task)))
+                if step % cfg.log_every == 0 or step == total_steps:
+                    values = {k: dist.all_reduce_mean(v).item() for k, v in {"loss": loss, **losses}.items()}
+                    speed = (step - tick_step) * cfg.batch_size * world_size / (time.time() - tick)
+                    tick, tick_step = time.time(), step
+                    lr = max(g["lr"] for g in optimizer.param_groups)       # the Q-Former's
+                    pbar.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{lr:.2e}", samples_s=f"{speed:.0f}")
+                    log.write({"step": step, "epoch": epoch, "split": "train", **values, "lr": lr,
+                               "temp": model.temp.item(), "samples_per_s": speed, "grad_norm": grad_norm.item(),
+                               "bad_steps": guard.total})
+                if preemption.requested():   # SIGTERM / SIGUSR1 on any rank: save this step and leave
+                    guard.flush()
+                    checkpoint("checkpoint_last.pt")
+                    if dist.is_main():
+                        print(f"{preemption.received or 'a signal on another rank'}: stopped after step {step}, "
+                              f"saved {os.path.join(cfg.output_dir, 'checkpoint_last.pt')}; --resume auto continues",
+                              flush=True)
+                    stopped = True
+                    break
+                if step % cfg.save_every == 0 and step % steps_per_epoch:
+                    checkpoint("checkpoint_last.pt")
+                if step >= total_steps:
+                    break
+            if stopped:
+                break
+            guard.flush()
+            metrics = evaluate(model, cfg, val, tokenizer, device, precision)
+            log.write({"step": step, "epoch": epoch, "split": "val", **metrics})
+            if metrics and dist.is_main():
+                tqdm.write(f"epoch {epoch} step {step}: " + " ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
+            if dist.gather_objects(metrics.get("r_mean", -1.0) > best)[0]:   # rank 0 decides for all
+                best = metrics["r_mean"]
+                checkpoint("checkpoint_best.pt")
+            checkpoint("checkpoint_last.pt")
+            tick, tick_step = time.time(), step
+    pbar.close()
+    if not metrics and not stopped:   # resumed a finished run: evaluate its weights again
+        metrics = evaluate(model, cfg, val, tokenizer, device, precision)
+    if dist.is_main():
+        print(json.dumps(metrics or {"step": step}))
+    dist.cleanup()
+    return metrics
+
+
+if __name__ == "__main__":
+    cli(main)
