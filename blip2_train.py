@@ -456,19 +456,24 @@ class BLIP2(nn.Module):
         logits = self.itm_logits(ids_all[texts], mask_all[texts], image_embeds[images])
         return F.cross_entropy(logits.float(), labels, reduction="sum") / (3 * B)
 
-    def loss_lm(self, ids, mask, query_kv):
-        """Sec. 3.2 ITG: generate the text from the queries (Fig. 2 multi-modal causal mask): [DEC]
-        replaces [CLS] as the first token, each token predicts the next, label smoothing 0.1. Only
-        the text rows are run: the query rows of this mask are those of the ITC query pass (queries
-        see only queries), whose keys and values are reused. Averaged over the text tokens of the
-        global batch (each rank's sum over the global count / world size), LAVIS per rank."""
+    def itg_logits(self, ids, mask, query_kv):
+        """ITG's next-token logits (B, L - 1, V) and labels (B, L - 1), -100 at padding: [DEC]
+        replaces [CLS] as the first token and each token predicts the next (Fig. 2 multi-modal
+        causal mask). Only the text rows are run: the query rows of this mask are those of the ITC
+        query pass (queries see only queries), whose keys and values `query_kv` are reused."""
         Q = self.cfg.num_query_tokens
         dec = ids.clone()
         dec[:, 0] = self.dec_id
         text_rows = attention_masks(mask, Q)["multimodal_causal"][:, None, Q:]            # (B, 1, L, Q + L)
         h, _ = self.qformer(ids=dec, mask=text_rows, past=query_kv)
-        logits = self.lm_head(h[:, :-1]).float()                                          # (B, L - 1, V)
-        labels = dec[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
+        return self.lm_head(h[:, :-1]).float(), dec[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
+
+    def loss_lm(self, ids, mask, query_kv):
+        """Sec. 3.2 ITG: generate the text from the queries, cross-entropy of the next token with
+        label smoothing 0.1. Averaged over the text tokens of the global batch (each rank's sum
+        over the global count / world size, so that DDP's average is one process's mean); LAVIS
+        averages per rank."""
+        logits, labels = self.itg_logits(ids, mask, query_kv)
         count = dist.all_reduce_sum((labels != -100).sum().float())
         loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum",
                                label_smoothing=self.cfg.label_smoothing)
@@ -697,6 +702,9 @@ def load_vision(model, cfg):
         state = dict(read_weights_file(path)[1])
         if cfg.vision == "eva":
             pos = "pos_embed"
+            blocks = {int(k.split(".")[1]) for k in state if k.startswith("blocks.")}
+            if blocks and len(blocks) < L:
+                raise UserError(f"--vision-weights {path}: {len(blocks)} blocks, the encoder needs {L} (--vision-layers)")
             for i in range(L):
                 q, v = state.get(f"blocks.{i}.attn.q_bias"), state.get(f"blocks.{i}.attn.v_bias")
                 if q is None or v is None:
@@ -715,8 +723,9 @@ def load_vision(model, cfg):
         raise UserError(f"--vision-weights {path}: no '{pos}'; not a {cfg.vision} encoder in a format we read")
     state[pos] = resize_pos_embed(state[pos].reshape(-1, state[pos].shape[-1]), grid)
     used = {x for v in mapping.values() for x in (v if isinstance(v, tuple) else (v,))}
-    left = sorted(k for k in state if k not in used)
-    load_mapped(holder, state, mapping, source=path, ignore=tuple(left))
+    merged = {k for k in state if k.endswith((".attn.q_bias", ".attn.v_bias")) and int(k.split(".")[1]) < L}
+    left = sorted(k for k in state if k not in used and k not in merged)
+    load_mapped(holder, state, mapping, source=path, ignore=tuple(left) + tuple(merged))
     if left and dist.is_main():
         print(f"--vision-weights {path}: {len(left)} key(s) not used (the dropped last layer, norms, heads, "
               f"the text side): {', '.join(left[:4])}{', ...' if len(left) > 4 else ''}")
@@ -798,10 +807,12 @@ def build_data(cfg, tokenizer, rank, world_size):
 
 
 def trim_padding(ids, pad_id):
-    """Drop the padding columns no caption reaches (LAVIS pads every caption to 32 tokens). Exact:
-    padding is never attended to and never a target, and text positions start at 0 either way.
-    On the host, before the copy to the GPU."""
-    longest = int((ids != pad_id).sum(1).max()) if ids.numel() else 0
+    """Drop the padding columns no caption of the global batch reaches (LAVIS pads every caption
+    to 32 tokens). Exact: padding is never attended to and never a target, and text positions
+    start at 0 either way. On the host, before the copy to the GPU; the ranks agree on the length
+    (ITM sends token ids between them)."""
+    position = torch.arange(1, ids.shape[1] + 1)
+    longest = dist.host_max(int(((ids != pad_id) * position).max()) if ids.numel() else 0)
     return ids[:, :max(longest, 2)]
 
 
@@ -872,8 +883,32 @@ def evaluate(model, cfg, val, tokenizer, device, precision):
     metrics = retrieval_metrics(rows_i2t, txt2img, rows_t2i)
     metrics["itc_r_mean"] = retrieval_metrics(sim, txt2img)["r_mean"]             # before re-ranking
     metrics.update(itm_pairs=k * (len(texts) + len(val)), retrieval_eval_s=time.time() - tick)
+    metrics.update(evaluate_itg(model, cfg, val[i0:i1], tokenizer, device, precision, tokens))
     model.train(was_training)
     return metrics
+
+
+@torch.no_grad()
+def evaluate_itg(model, cfg, recs, tokenizer, device, precision, tokens):
+    """ITG on this rank's val images and their captions (teacher forcing): top-1 accuracy of the
+    next token, and `itg_acc_majority`, the accuracy of always predicting the most frequent next
+    token: what a model that ignores the image and the earlier words reaches. Counts are summed
+    over ranks."""
+    ids = tokenizer([c for r in recs for c in r["captions"]], cfg.max_length).to(device)
+    image_of = torch.tensor([i for i, r in enumerate(recs) for _ in r["captions"]], dtype=torch.long, device=device)
+    correct = torch.zeros((), device=device)
+    counts = torch.zeros(cfg.vocab_size, device=device)
+    for a in range(0, len(ids), cfg.batch_size):
+        b = slice(a, a + cfg.batch_size)
+        with autocast(precision, device):
+            query_kv = model.query_pass(tokens[image_of[b]])[1]
+            logits, labels = model.itg_logits(ids[b], (ids[b] != tokenizer.pad_id).long(), query_kv)
+        target = labels != -100
+        correct += (logits.argmax(-1)[target] == labels[target]).sum()
+        counts += torch.bincount(labels[target], minlength=cfg.vocab_size).float()
+    correct, counts = dist.all_reduce_sum(correct), dist.all_reduce_sum(counts)
+    total = counts.sum().clamp(min=1)
+    return {"itg_acc": float(100 * correct / total), "itg_acc_majority": float(100 * counts.max() / total)}
 
 
 # ---- training ----
@@ -961,7 +996,7 @@ def main(argv=None):
     rank, local_rank, world_size, device = dist.setup()
     cfg, ckpt = resolve_config(Config, PRESETS, argv, description=__doc__, recipe=task_recipe, recipes_doc=RECIPES_DOC,
                                choices={"task": TASKS, "vision": ("eva", "clip-l"), "stage": (1, 2)},
-                               resume_mutable=("k_test", "itm_batch"))
+                               resume_mutable=("k_test", "itm_batch", "vision_weights"))
     if cfg.vision == "clip-l":
         cfg.__dict__.update(CLIP_L)
     check_config(cfg)

@@ -153,6 +153,15 @@ def cpu_group():
     return _CPU_GROUP["gloo"]
 
 
+def host_max(value):
+    """The largest of an int over ranks, agreed on the host (the gloo CPU group): no GPU sync."""
+    if not is_dist():
+        return value
+    t = torch.tensor([value])
+    dist.all_reduce(t, dist.ReduceOp.MAX, group=cpu_group())
+    return int(t)
+
+
 def all_reduce_sum(x):
     """Sum of a tensor over ranks (evaluation counts)."""
     if not is_dist():
