@@ -528,11 +528,18 @@ class BLIP2(nn.Module):
         text_proj, itm_head, temp; no image encoder: LAVIS saves only what trains). The encoder comes
         from cfg.vision_weights. Every key is mapped and shape-checked."""
         state = dict(state) if state is not None else read_weights_file(path)[1]
-        cfg = dataclasses.replace(cfg or Config(), **lavis_architecture(state, path))
+        arch = lavis_architecture(state, path)
+        if cfg is not None and "qformer_heads" in getattr(cfg, "cli_keys", ()):
+            arch.pop("qformer_heads")                    # the file cannot say; the command line did
+        cfg = dataclasses.replace(cfg or Config(), **arch)
         model = build_blip2(cfg, tokenizer) if tokenizer is not None else BLIP2(cfg, dec_id=cfg.vocab_size - 1, pad_id=0)
-        if not torch.equal(state["Qformer.cls.predictions.decoder.weight"],
-                           state["Qformer.bert.embeddings.word_embeddings.weight"]):
-            raise UserError(f"{path}: the ITG decoder is not tied to the word embeddings, as LAVIS's always is")
+        # LAVIS's BertLMPredictionHead shares its decoder's weight with the word embeddings and its
+        # bias with `bias` (self.decoder.bias = self.bias): the file holds each twice
+        p = "Qformer.cls.predictions."
+        for a, b in ((p + "decoder.weight", "Qformer.bert.embeddings.word_embeddings.weight"),
+                     (p + "decoder.bias", p + "bias")):
+            if a in state and not torch.equal(state[a], state[b]):
+                raise UserError(f"{path}: '{a}' differs from '{b}', which LAVIS ties it to")
         mapping = qformer_map(cfg, "Qformer.bert", text_ffn=True, hf=False)
         mapping.update(hf_bert_lm_head_map("lm_head", "Qformer.cls.predictions",
                                            tied_to="Qformer.bert.embeddings.word_embeddings.weight"))
@@ -540,7 +547,7 @@ class BLIP2(nn.Module):
                         for p in ("weight", "bias")})
         mapping.update(query_tokens="query_tokens", temp="temp")
         load_mapped(model, state, mapping, source=path, keep_init=("visual_encoder.",),
-                    ignore=("position_ids", "Qformer.cls.predictions.decoder.weight"))
+                    ignore=("position_ids", "Qformer.cls.predictions.decoder."))
         load_vision(model, cfg)
         if dist.is_main():
             print(f"{path}: loaded every Q-Former weight; the image encoder from {cfg.vision_weights or 'its seed'}")
@@ -639,7 +646,8 @@ def hf_architecture(config, state, path):
 
 
 def lavis_architecture(state, path):
-    """Q-Former fields of a LAVIS checkpoint, read off its shapes (heads = width / 64, as bert-base)."""
+    """Q-Former fields of a LAVIS checkpoint, read off its shapes. No tensor shows the head count:
+    width / 64, bert-base's (every released checkpoint), unless --qformer-heads is given."""
     b = "Qformer.bert."
     try:
         vocab, D = state[b + "embeddings.word_embeddings.weight"].shape
@@ -974,8 +982,8 @@ def load_trainable(model, saved, source, check_vision=True):
 
 
 def param_groups(model, cfg):
-    """AdamW groups: no decay on biases and 1-D tensors (LayerNorms, temp: LAVIS decays the 0-d
-    temp, which we do not); a trained encoder's layer i gets lr x layer_decay^(L + 1 - i)
+    """AdamW groups: no decay on biases and tensors of fewer than 2 dimensions (LayerNorms, the 0-d
+    temp; as LAVIS 1.0.2's runner); a trained encoder's layer i gets lr x layer_decay^(L + 1 - i)
     (LAVIS's get_optimizer_params: embeddings as layer 0)."""
     L, groups = cfg.vision_layers, {}
     for name, p in model.named_parameters():

@@ -1,10 +1,11 @@
 """Pretraining-step benchmark against Salesforce LAVIS 1.0.2: our blip_train.BLIP against
-BlipPretrain, our albef_train.ALBEF against AlbefPretrain (both built by tests/lavis/peer.py), same
-widths, depths, heads, image size, batch, text length, captions and thread count, alternating,
-each measurement in a fresh process. Not collected by pytest.
+BlipPretrain, our albef_train.ALBEF against AlbefPretrain, our blip2_train.BLIP2 (stage 1) against
+Blip2Qformer (all built by tests/lavis/peer.py), same widths, depths, heads, image size, batch,
+text length, captions and thread count, alternating, each measurement in a fresh process. Not
+collected by pytest.
 
     bash tests/lavis/setup.sh                      # once: LAVIS in its own venv (~1 min)
-    python tests/bench_lavis.py blip|albef [--config tiny|compute --rounds 3 --steps 10]
+    python tests/bench_lavis.py blip|albef|blip2 [--config tiny|compute --rounds 3 --steps 10]
 
 --config tiny: ViT 32 px / patch 8, width 64, 2 layers; MED width 64, 4 layers; batch 16, 1 thread
 (mostly Python overhead). --config compute: ViT 96 px / patch 16, width 384, 6 layers, 6 heads;
@@ -14,7 +15,15 @@ ALBEF: the first half of the text layers are the text encoder, the rest the fusi
 
 One step = forward (ITC with momentum distillation + queue, ITM with hard negatives, and LM for
 BLIP or MLM with distillation for ALBEF), backward and AdamW, as LAVIS's own timing loop. Peak memory is the process's peak RSS during
-the timed steps (VmHWM after a reset), on CPU."""
+the timed steps (VmHWM after a reset), on CPU.
+
+BLIP-2: a frozen EVA-layout ViT of the sizes above (MLP ratio 4.3637, as ViT-g), frozen on both
+sides (no gradient, not in the optimizer), and a Q-Former with the MED's width, depth, heads and
+MLP width, 8 queries, cross-attention every 2nd layer. One step = ITC, ITM with hard negatives
+and ITG, backward and AdamW on the trained weights. Ours includes the host-side trim of the
+padding columns that no caption reaches (blip2_train.trim_padding, part of our training step:
+captions of up to 14 tokens here), while LAVIS pads every caption to max_txt_len (16 in tiny,
+32 in compute): ours runs the text passes on fewer tokens, which is part of what is measured."""
 import argparse
 import json
 import os
@@ -54,6 +63,18 @@ def worker(args):
             cfg.image_size = args.image_size
         cfg.vocab_size = tok.vocab_size + 2
         model = blip_train.build_blip(cfg, tok)
+    elif args.model == "blip2":
+        import blip2_train
+        c = peer.config(args.config)
+        cfg = blip2_train.Config(
+            vision="eva", image_size=args.image_size or c["image_size"], patch_size=c["patch_size"],
+            vision_width=c["vision_width"], vision_layers=c["vision_layers"], vision_heads=c["vision_heads"],
+            vision_mlp_ratio=peer.BLIP2["vision_mlp_ratio"], num_query_tokens=peer.BLIP2["num_query_token"],
+            qformer_width=c["text_width"], qformer_layers=c["text_layers"], qformer_heads=c["text_heads"],
+            qformer_mlp_dim=c["text_mlp_dim"], cross_attention_freq=peer.BLIP2["cross_attention_freq"],
+            max_positions=c["max_positions"], embed_dim=c["embed_dim"], max_length=c["max_length"], dropout=0.0)
+        model = blip2_train.build_blip2(cfg, tok)      # adds [DEC]: the vocabulary of LAVIS's BLIP-2 tokenizer
+        assert model.vision_frozen
     else:
         import albef_train
         c = peer.config(args.config)
@@ -74,11 +95,16 @@ def worker(args):
     alpha = torch.tensor(0.4)
 
     def step(i):
-        losses = model(images, ids, mask, idx, alpha, task="pretrain")
+        if args.model == "blip2":      # as blip2_train.main: padding columns trimmed on the host first
+            step_ids = blip2_train.trim_padding(ids, tok.pad_id)
+            losses = model(images, step_ids, (step_ids != tok.pad_id).long(), idx, "pretrain")
+        else:
+            losses = model(images, ids, mask, idx, alpha, task="pretrain")
         opt.zero_grad(set_to_none=True)
         sum(losses.values()).backward()
         opt.step()
-        model.finish_step()            # momentum EMA and enqueue, as the training loop
+        if args.model != "blip2":      # BLIP-2 has no momentum model or queue
+            model.finish_step()        # momentum EMA and enqueue, as the training loop
     for i in range(args.warmup):
         step(i)
     with open("/proc/self/clear_refs", "w") as f:
@@ -108,7 +134,7 @@ def run_lavis(args):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("model", choices=("blip", "albef"))
+    p.add_argument("model", choices=("blip", "albef", "blip2"))
     p.add_argument("--config", default="tiny", choices=sorted(peer.CONFIGS))
     p.add_argument("--batch-size", type=int, help="default: 16 (tiny) or 32 (compute)")
     p.add_argument("--image-size", type=int, help="default: the configuration's")
