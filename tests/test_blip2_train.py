@@ -132,11 +132,11 @@ def test_start_from_transformers_and_lavis_files(tmp_path, subset):  # noqa: F81
             n = value.shape[0] // (len(theirs) if isinstance(theirs, tuple) else 1)
             lavis[t] = value[i * n:(i + 1) * n]
     lavis["Qformer.cls.predictions.decoder.weight"] = lavis["Qformer.bert.embeddings.word_embeddings.weight"]
-    lavis["Qformer.cls.predictions.decoder.bias"] = torch.zeros(cfg.vocab_size)       # tied to .bias, as LAVIS's
-    for k in ("transform.dense.weight", "transform.dense.bias", "transform.LayerNorm.weight",
+    for k in ("bias", "transform.dense.weight", "transform.dense.bias", "transform.LayerNorm.weight",
               "transform.LayerNorm.bias"):
         lavis[f"Qformer.cls.predictions.{k}"] = torch.randn_like(model.state_dict()[
             "lm_head." + {"bias": "decoder.bias"}.get(k, k.replace("transform.", ""))])
+    lavis["Qformer.cls.predictions.decoder.bias"] = lavis["Qformer.cls.predictions.bias"]   # tied, as LAVIS's
     for k in ("ln_vision", "vision_proj", "text_proj", "itm_head"):
         lavis.update({f"{k}.{p}": model.state_dict()[f"{k}.{p}"] for p in ("weight", "bias")})
     lavis.update(query_tokens=model.query_tokens.detach(), temp=torch.tensor(0.05))
