@@ -1021,6 +1021,8 @@ def main(argv=None):
         cfg.init_from = ""
     model, cfg = build_model(cfg, tokenizer, init)
     del init
+    if not cfg.vision_weights and cfg.preset != "tiny" and dist.is_main():
+        print(f"warning: no --vision-weights: the frozen {cfg.vision} encoder is random (seed {cfg.vision_seed})")
     vision_fingerprint = fingerprint(model.visual_encoder)
     if ckpt:
         load_trainable(model, ckpt, cfg.resume)

@@ -23,7 +23,8 @@ MLP width, 8 queries, cross-attention every 2nd layer. One step = ITC, ITM with 
 and ITG, backward and AdamW on the trained weights. Ours includes the host-side trim of the
 padding columns that no caption reaches (blip2_train.trim_padding, part of our training step:
 captions of up to 14 tokens here), while LAVIS pads every caption to max_txt_len (16 in tiny,
-32 in compute): ours runs the text passes on fewer tokens, which is part of what is measured."""
+32 in compute): ours runs the text passes on fewer tokens, which is part of what is measured;
+--no-trim measures ours on the padded captions, as LAVIS runs."""
 import argparse
 import json
 import os
@@ -96,7 +97,7 @@ def worker(args):
 
     def step(i):
         if args.model == "blip2":      # as blip2_train.main: padding columns trimmed on the host first
-            step_ids = blip2_train.trim_padding(ids, tok.pad_id)
+            step_ids = ids if args.no_trim else blip2_train.trim_padding(ids, tok.pad_id)
             losses = model(images, step_ids, (step_ids != tok.pad_id).long(), idx, "pretrain")
         else:
             losses = model(images, ids, mask, idx, alpha, task="pretrain")
@@ -143,6 +144,7 @@ def main():
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--threads", type=int, help="default: 1 (tiny) or 2 (compute)")
     p.add_argument("--lavis-python", default=peer.DEFAULT_PYTHON, help="the interpreter of tests/lavis/setup.sh's venv")
+    p.add_argument("--no-trim", action="store_true", help="blip2: run ours on the padded captions too, as LAVIS")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     for key, value in peer.RUN_DEFAULTS[args.config].items():

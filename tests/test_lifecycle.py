@@ -111,9 +111,28 @@ def test_compiled_coca_step_equals_eager():
     _compiled_matches_eager(model, step)
 
 
+def test_compiled_blip2_step_equals_eager(tiny):
+    """The BLIP-2 stage-1 step compiles as one graph: the three masks, the ITM pairs of one process
+    (no data-dependent selection), ITG's reuse of the query pass's keys and values."""
+    import blip2_train
+    from common.data import Tokenizer
+    from tests.test_blip2 import SMALL, batch
+    tok = Tokenizer(os.path.join(tiny, "tokenizer"))
+    torch.manual_seed(0)
+    model = blip2_train.build_blip2(blip2_train.Config(**SMALL), tok).train()
+    images, ids, mask = batch(tok)
+
+    def step(m, _):
+        torch.manual_seed(1)
+        losses = m(images, ids, mask, torch.arange(4), "pretrain")
+        sum(losses.values()).backward()
+        return torch.stack([losses[k].detach() for k in sorted(losses)])
+    _compiled_matches_eager(model, step)
+
+
 # ---- --help and user errors ----
 
-@pytest.mark.parametrize("script", ["clip_train", "blip_train", "albef_train", "coca_train"])
+@pytest.mark.parametrize("script", ["clip_train", "blip_train", "albef_train", "coca_train", "blip2_train"])
 def test_help_documents_every_flag_default_preset_and_task(script):
     import importlib
     script = importlib.import_module(script)
@@ -128,6 +147,8 @@ def test_help_documents_every_flag_default_preset_and_task(script):
         assert "{pretrain,retrieval,caption,capfilt}" in text and "retrieval: image_size=384" in text
     if script.__name__ == "coca_train":
         assert "{pretrain,caption}" in text and "contrastive_weight=0.0" in text
+    if script.__name__ == "blip2_train":
+        assert "{pretrain,retrieval}" in text and "freeze_vision=False" in text
 
 
 @pytest.mark.parametrize("args, culprit", [
@@ -136,6 +157,7 @@ def test_help_documents_every_flag_default_preset_and_task(script):
     (["clip_train.py", "--train-data", "no/such/train.json"], "no tokenizer: pass --tokenizer"),
     (["blip_train.py", "--batch-size", "8", "--queue-size", "100"], "--queue-size 100 is not a multiple"),
     (["coca_train.py", "--max-gen-length", "40"], "--max-gen-length 40 exceeds the context of 32"),
+    (["blip2_train.py", "--stage", "2"], "--stage 2: this version trains stage 1"),
 ])
 def test_user_mistake_prints_one_line_and_exits_2(tmp_path, tiny, args, culprit):
     args = [os.path.join(tiny, "tokenizer") if a == "TINY" else a for a in args]
