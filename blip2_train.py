@@ -185,9 +185,11 @@ def image_encoder(cfg):
 
 def fingerprint(module):
     """A number that changes when any weight does: the frozen encoder is not saved in our
-    checkpoints but rebuilt from its source, and this checks the rebuilt one is the same."""
+    checkpoints but rebuilt from its source, and this checks the rebuilt one is the same. The
+    position table is left out: a run at another image size interpolates it."""
     with torch.no_grad():
-        return float(sum(p.double().square().sum() + p.double().sum() for p in module.parameters()))
+        return float(sum(p.double().square().sum() + p.double().sum() for n, p in module.named_parameters()
+                         if n != "positional_embedding"))
 
 
 # ---- model: the Q-Former (Sec. 3.1, Fig. 2) ----
@@ -310,6 +312,7 @@ class BLIP2(nn.Module):
         self.text_proj = nn.Linear(cfg.qformer_width, cfg.embed_dim)
         self.itm_head = nn.Linear(cfg.qformer_width, 2)
         self.temp = nn.Parameter(torch.tensor(cfg.temp))
+        self.vision_from_checkpoint = False
         self.set_frozen(cfg.freeze_vision)
 
     def set_frozen(self, frozen):
@@ -329,9 +332,11 @@ class BLIP2(nn.Module):
         self.visual_encoder.transformer.grad_checkpointing = enabled and not self.vision_frozen
 
     def trainable_state_dict(self):
-        """What our checkpoints keep: everything but a frozen encoder, which is rebuilt from its source."""
+        """What our checkpoints keep: everything but a frozen encoder, which is rebuilt from its
+        source; an encoder that came from one of our checkpoints (trained in a fine-tuning run) has
+        no other source and is kept."""
         return {k: v for k, v in self.state_dict().items()
-                if not (self.vision_frozen and k.startswith("visual_encoder."))}
+                if not (self.vision_frozen and not self.vision_from_checkpoint and k.startswith("visual_encoder."))}
 
     # -- encoders --
 
@@ -434,9 +439,12 @@ class BLIP2(nn.Module):
         3B pairs, so DDP's average is the mean over all 3N pairs: the same loss and gradient."""
         B, rank = ids.shape[0], dist.rank()
         with torch.no_grad():
+            # the softmax over the candidates only (LAVIS 1.0.2 zeroes the positive after the softmax
+            # and adds 1e-4 to every weight, a floor that picks ~1 % of negatives at random at a
+            # global batch of 100, ~14 % at 1,600)
             same = idx[:, None] == idx_all[None, :]
-            neg_image = sample_negatives(F.softmax(sim_t2i, 1).masked_fill(same, 0))     # (B,) into the N images
-            neg_text = sample_negatives(F.softmax(sim_i2t, 1).masked_fill(same, 0))      # (B,) into the N texts
+            neg_image = sample_negatives(F.softmax(sim_t2i.masked_fill(same, float("-inf")), 1))  # (B,) of N images
+            neg_text = sample_negatives(F.softmax(sim_i2t.masked_fill(same, float("-inf")), 1))   # (B,) of N texts
         ids_all, mask_all = dist.gather_no_grad(ids), dist.gather_no_grad(mask)
         mine = torch.arange(B, device=ids.device)
         # pairs of this rank's images: (text, image, is a match)
@@ -639,8 +647,9 @@ def hf_architecture(config, state, path):
                     qformer_mlp_dim=q.get("intermediate_size", 3072),
                     cross_attention_freq=q.get("cross_attention_frequency", 2),
                     max_positions=q.get("max_position_embeddings", 512), qformer_eps=q.get("layer_norm_eps", 1e-12),
-                    vocab_size=words.shape[0] if words is not None else q.get("vocab_size", 30522),
-                    embed_dim=config.get("image_text_hidden_size", 256))
+                    embed_dim=config.get("image_text_hidden_size", 256),
+                    # without text embeddings (ConditionalGeneration) the text side starts new: the tokenizer's
+                    **({"vocab_size": words.shape[0]} if words is not None else {}))
     except (KeyError, TypeError) as e:
         raise UserError(f"{path}: not a transformers BLIP-2 config ({type(e).__name__}: {e})") from None
 
@@ -778,10 +787,13 @@ def load_text_init(model, path):
 
 
 def read_init(path):
-    """What an --init-from is, read once: ('hf', None) for a transformers folder, ('lavis', its
-    state dict) for LAVIS's stage-1 file, ('ours', our checkpoint)."""
+    """What an --init-from is, read once: ('hf', its config.json) for a transformers folder,
+    ('lavis', its state dict) for LAVIS's stage-1 file, ('ours', our checkpoint)."""
     if os.path.isdir(path):
-        return "hf", None
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            raise MissingFileError(f"--init-from {path}: no config.json; expected a transformers BLIP-2 folder")
+        with open(os.path.join(path, "config.json")) as f:
+            return "hf", json.load(f)
     saved, state = read_weights_file(path)
     if "Qformer.bert.embeddings.LayerNorm.weight" in state:
         return "lavis", state
@@ -973,12 +985,15 @@ def load_trainable(model, saved, source, check_vision=True):
     missing = [k for k in missing if not k.startswith("visual_encoder.")]
     if missing or unexpected:
         raise UserError(f"{source}: keys {(missing or unexpected)[:4]} do not match this model")
+    model.vision_from_checkpoint = any(k.startswith("visual_encoder.") for k in state)
     if check_vision and not any(k.startswith("visual_encoder.") for k in state) and saved.get("vision_fingerprint"):
         now = fingerprint(model.visual_encoder)
         if abs(now - saved["vision_fingerprint"]) > 1e-6 * abs(saved["vision_fingerprint"]):
+            hint = ("" if model.cfg.vision_weights else
+                    f"; a random encoder is its seed at one image size ({saved['config']['image_size']} px here)")
             raise UserError(f"{source}: the frozen image encoder rebuilt from {model.cfg.vision_weights or 'its seed'} "
                             f"is not the one this checkpoint was trained with (fingerprint {now:.6g} vs "
-                            f"{saved['vision_fingerprint']:.6g})")
+                            f"{saved['vision_fingerprint']:.6g}){hint}")
 
 
 def param_groups(model, cfg):
@@ -1014,7 +1029,10 @@ def main(argv=None):
     init = read_init(cfg.init_from) if cfg.init_from else (None, None)
     if init[0] == "ours":
         cfg.tokenizer = cfg.tokenizer or init[1]["config"]["tokenizer"]
-    tokenizer = load_tokenizer(cfg.tokenizer, cfg.init_text or (cfg.init_from if init[0] == "hf" else ""),
+    # a retrieval folder's tokenizer is the Q-Former's (BERT + [DEC]); a ConditionalGeneration
+    # folder's is its language model's, which the Q-Former cannot read: --tokenizer then
+    qformer_folder = init[0] == "hf" and (init[1].get("qformer_config") or {}).get("use_qformer_text_input")
+    tokenizer = load_tokenizer(cfg.tokenizer, cfg.init_text or (cfg.init_from if qformer_folder else ""),
                                use_tiny=not (cfg.train_data or cfg.val_data))
     cfg.tokenizer = tokenizer.name
     if ckpt:                                      # the resumed run's own encoder source and trainable weights

@@ -49,7 +49,10 @@ def hf_config(tok, text=True):
     vision = Blip2VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                                image_size=32, patch_size=8)
     qformer = Blip2QFormerConfig(hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=64,
-                                 encoder_hidden_size=32, vocab_size=tok.vocab_size, max_position_embeddings=40,
+                                 # a ConditionalGeneration folder keeps bert-base's 30522 in its config, one
+                                 # short of BERT + [DEC]: it has no text side to read it from
+                                 encoder_hidden_size=32, vocab_size=tok.vocab_size - (0 if text else 1),
+                                 max_position_embeddings=40,
                                  use_qformer_text_input=text, hidden_dropout_prob=0.0,
                                  attention_probs_dropout_prob=0.0)
     return vision, qformer, dict(num_query_tokens=4, image_text_hidden_size=16)

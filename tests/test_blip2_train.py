@@ -160,6 +160,42 @@ def test_start_from_transformers_and_lavis_files(tmp_path, subset):  # noqa: F81
                           "--init-text", folder, "--output-dir", pre])
 
 
+def test_trained_encoder_checkpoints_resume_and_another_image_size(tmp_path, subset):  # noqa: F811
+    """The paper presets' fine-tuning path with the encoder trained: layer-decayed learning rates,
+    the trained encoder in the checkpoint; a frozen run started from it keeps saving that encoder
+    (it has no other source) and resumes; a checkpoint whose encoder is rebuilt from its seed
+    starts a run at another image size (the fingerprint leaves out the interpolated positions)."""
+    ft = str(tmp_path / "ft")
+    blip2_train.main([*SMALL, *data_args(subset), "--task", "retrieval", "--no-freeze-vision", "--layer-decay", "0.5",
+                      "--max-steps", "2", "--output-dir", ft])
+    ckpt = torch.load(os.path.join(ft, "checkpoint_last.pt"), weights_only=True)
+    lr = blip2_train.Config.lr
+    assert sorted(ckpt["scheduler"]["base_lrs"]) == pytest.approx([lr / 8, lr / 8, lr / 4, lr / 4, lr / 2, lr / 2, lr, lr])
+    seed_encoder = blip2_train.image_encoder(blip2_train.Config(**MODEL))
+    assert "visual_encoder.conv1.weight" in ckpt["model"]
+    assert not torch.equal(ckpt["model"]["visual_encoder.transformer.resblocks.1.mlp.fc.weight"],
+                           seed_encoder.transformer.resblocks[1].mlp.fc.weight)         # it trained
+    frozen = str(tmp_path / "frozen")
+    args = [*SMALL, *data_args(subset), "--init-from", os.path.join(ft, "checkpoint_last.pt"), "--output-dir", frozen]
+    blip2_train.main([*args, "--max-steps", "2"])
+    saved = torch.load(os.path.join(frozen, "checkpoint_last.pt"), weights_only=True)["model"]
+    assert torch.equal(saved["visual_encoder.conv1.weight"], ckpt["model"]["visual_encoder.conv1.weight"])
+    again = blip2_train.main([*args, "--max-steps", "2", "--resume", "auto"])
+    assert "r_mean" in again
+    pre = str(tmp_path / "pre")
+    eva = write_random_eva(tmp_path)
+    blip2_train.main([*SMALL, *data_args(subset), "--vision-weights", eva, "--max-steps", "1", "--output-dir", pre])
+    first = os.path.join(pre, "checkpoint_last.pt")
+    at48 = blip2_train.main([*SMALL, "--val-data", subset[3], "--tokenizer", subset[-1], "--eval-only", "--image-size",
+                             "48", "--init-from", first, "--output-dir", pre + "48"])
+    assert "r_mean" in at48
+    seeded = str(tmp_path / "seeded")              # a random encoder: its seed at its image size
+    blip2_train.main([*SMALL, *data_args(subset), "--max-steps", "1", "--output-dir", seeded])
+    with pytest.raises(UserError, match=r"a random encoder is its seed at one image size \(32 px here\)"):
+        blip2_train.main([*SMALL, "--val-data", subset[3], "--tokenizer", subset[-1], "--eval-only", "--image-size",
+                          "48", "--init-from", os.path.join(seeded, "checkpoint_last.pt"), "--output-dir", seeded + "48"])
+
+
 def test_bad_input_is_a_clear_error(tmp_path, subset):  # noqa: F811
     out = str(tmp_path / "bad")
     with pytest.raises(UserError, match="--stage 2"):
