@@ -31,11 +31,12 @@ from common import dist
 from common.data import (ImageTextDataset, load_tokenizer, read_annotations, retrieval_texts, tiny_data,
                          train_loader, train_transform)
 from common.encoders import (BertEncoder, BertLMHead, VisionTransformer, hf_bert_lm_head_map, hf_bert_map,
-                             hf_vit_map, load_mapped, read_hf_checkpoint, resize_pos_embed, timm_vit_map)
+                             hf_vit_map, load_mapped, read_hf_checkpoint, read_weights_file, resize_pos_embed,
+                             timm_vit_map)
 from common.metrics import image_tokens, rerank_topk, retrieval_metrics
-from common.utils import (MetricLog, MissingFileError, NonFiniteGuard, Preemption, UserError, adamw, autocast,
+from common.utils import (MetricLog, NonFiniteGuard, Preemption, UserError, adamw, autocast,
                           check_finite, check_resume_position, cli, cosine_schedule, first_nonfinite_module,
-                          grad_norm_, load_checkpoint, resolve_config, resolve_precision, rng_state,
+                          grad_norm_, resolve_config, resolve_precision, rng_state,
                           save_checkpoint, save_config, seed_everything, set_rng_state)
 
 
@@ -551,25 +552,6 @@ def sample_negatives(weights):
 
 
 # ---- starting weights ----
-
-def read_weights_file(path):
-    """(the file's object, its state dict) for a .safetensors file or a torch file read with
-    load_checkpoint (weights only), the state dict bare or under 'model' / 'state_dict'."""
-    if path.endswith(".safetensors"):
-        if not os.path.isfile(path):
-            raise MissingFileError(f"{path} does not exist")
-        from safetensors.torch import load_file
-        saved = load_file(path)
-    else:
-        saved = load_checkpoint(path)
-    state = saved
-    for key in ("model", "state_dict"):
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-    if not isinstance(state, dict):
-        raise UserError(f"{path}: expected a state dict, found {type(state).__name__}")
-    return saved, state
-
 
 def load_vision_init(model, path, state=None):
     """--init-from a DeiT / ViT for pretraining from scratch (ALBEF starts its ViT from DeiT-B/16):

@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from .utils import MissingFileError, UserError
+from .utils import MissingFileError, UserError, load_checkpoint
 
 
 # ---- attention and blocks ----
@@ -414,6 +414,25 @@ def read_hf_checkpoint(path):
                     state.update(torch.load(file, map_location="cpu", weights_only=True))
             return config, state
     raise MissingFileError(f"{path}: no model.safetensors or pytorch_model.bin (or a sharded index)")
+
+
+def read_weights_file(path):
+    """(the file's object, its state dict) for a .safetensors file or a torch file read with
+    load_checkpoint (weights only), the state dict bare or under 'model' / 'state_dict'."""
+    if path.endswith(".safetensors"):
+        if not os.path.isfile(path):
+            raise MissingFileError(f"{path} does not exist")
+        from safetensors.torch import load_file
+        saved = load_file(path)
+    else:
+        saved = load_checkpoint(path)
+    state = saved
+    for key in ("model", "state_dict"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict):
+        raise UserError(f"{path}: expected a state dict, found {type(state).__name__}")
+    return saved, state
 
 
 def load_mapped(module, hf_state, mapping, *, source, ignore=(), keep_init=()):

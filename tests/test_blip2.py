@@ -45,7 +45,7 @@ def batch(tok, n=4, seed=0):
 # ---- parity with transformers ----
 
 def hf_config(tok, text=True):
-    from transformers import Blip2Config, Blip2QFormerConfig, Blip2VisionConfig
+    from transformers import Blip2QFormerConfig, Blip2VisionConfig
     vision = Blip2VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                                image_size=32, patch_size=8)
     qformer = Blip2QFormerConfig(hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=64,
