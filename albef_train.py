@@ -36,7 +36,7 @@ from common.encoders import (BertEncoder, BertLMHead, VisionTransformer, hf_bert
 from common.metrics import image_tokens, rerank_topk, retrieval_metrics
 from common.utils import (MetricLog, NonFiniteGuard, Preemption, UserError, adamw, autocast,
                           check_finite, check_resume_position, cli, cosine_schedule, first_nonfinite_module,
-                          grad_norm_, resolve_config, resolve_precision, rng_state,
+                          grad_norm_, precision_dtype, resolve_config, resolve_precision, rng_state,
                           save_checkpoint, save_config, seed_everything, set_rng_state)
 
 
@@ -688,7 +688,7 @@ def evaluate_retrieval(model, cfg, val, tokenizer, device, precision, tokens=Non
     texts, txt2img = retrieval_texts(val)
     ids = tokenizer(texts, cfg.max_length).to(device)
     mask = (ids != tokenizer.pad_id).long()
-    half = torch.get_autocast_dtype(device.type) if precision != "fp32" else torch.float32
+    half = precision_dtype(precision)
     t0, t1 = dist.shard_range(len(texts))
     text_feat, text_embeds = [torch.zeros(0, cfg.embed_dim, device=device)], [
         torch.zeros(0, cfg.max_length, cfg.text_width, device=device, dtype=half)]

@@ -7,7 +7,7 @@ import torch
 
 from . import dist
 from .data import ImageDataset, eval_transform
-from .utils import autocast
+from .utils import autocast, precision_dtype
 
 
 def _recall(ranks, ks=(1, 5, 10)):
@@ -120,7 +120,7 @@ def image_tokens(encode, paths, image_size, batch_size, workers, device, precisi
     it. An empty tensor when `paths` is empty."""
     loader = torch.utils.data.DataLoader(ImageDataset(paths, eval_transform(image_size, crop=False)),
                                          batch_size=batch_size, num_workers=workers)
-    dtype = torch.get_autocast_dtype(device.type) if precision != "fp32" else torch.float32
+    dtype = precision_dtype(precision)   # not get_autocast_dtype outside autocast: CUDA's default is fp16
     out = []
     for images, _ in loader:
         with autocast(precision, device):

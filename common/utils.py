@@ -220,6 +220,11 @@ def resolve_precision(precision, device):
     return precision
 
 
+def precision_dtype(precision):
+    """The dtype of a resolved --precision (bf16, fp16, fp32)."""
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+
+
 def autocast(precision, device):
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)

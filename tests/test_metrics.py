@@ -103,3 +103,18 @@ def test_rerank_changes_the_ranking_as_the_itm_head_says():
     scores, _ = rerank_topk(sim, (0, 2), 2, itm, 3, add_similarity=True)
     assert scores[:1].tolist() == [[pytest.approx(-4.1), pytest.approx(5.8), -100.0, -100.0]]
     assert scores[0].argmax().item() == 1 and sim[0].argmax().item() == 0   # the re-rank flipped the top-1
+
+
+def test_image_tokens_are_kept_in_the_runs_precision(tiny):
+    """Evaluation keeps the encoder tokens in the dtype of --precision, not in torch's default
+    autocast dtype for the device (fp16 on CUDA even for a bf16 run, bf16 on CPU for an fp16 one)."""
+    import json
+    import os
+    from common.metrics import image_tokens
+    with open(os.path.join(tiny, "val.json")) as f:
+        paths = [os.path.join(tiny, r["image"]) for r in json.load(f)[:2]]
+
+    def encode(images):
+        return images.flatten(2).transpose(1, 2)[:, :4]
+    for precision, dtype in (("fp16", torch.float16), ("bf16", torch.bfloat16), ("fp32", torch.float32)):
+        assert image_tokens(encode, paths, 16, 2, 0, torch.device("cpu"), precision).dtype == dtype
