@@ -1,8 +1,10 @@
-"""Evaluation metrics with the names of DESIGN.md: retrieval recall@K (percent) and zero-shot
-top-1/top-5 (percent).
+"""Evaluation metrics with the names of DESIGN.md: retrieval recall@K (percent), zero-shot
+top-1/top-5 (percent), captioning scores, VQAv2 accuracy.
 
 Ties count against the model: a candidate scored equal to the ground truth ranks ahead of
 it. So a collapsed model that gives every pair the same score gets recall 0, never 100."""
+import re
+
 import torch
 
 from . import dist
@@ -159,3 +161,76 @@ def rerank_topk(sim, image_range, k, score_pairs, batch, add_similarity):
     rows_t2i = torch.full_like(sim.T, -100.0)
     rows_t2i[pairs[:, 0].long(), pairs[:, 1].long()] = pairs[:, 2]
     return dist.gather_varlen(rows_i2t), rows_t2i
+
+
+# ---- VQA accuracy (Antol et al. 2015; the VQAv2 evaluation script's normalisation) ----
+
+# Number words become digits, articles go, and contractions written without their apostrophe get
+# it back. The official table's capitalised keys (Im, Ive, Id've, I'dve) are left out: words are
+# lower-cased before the lookup, so they never match there either; "somebody'd" -> "somebodyd" is
+# the official table's own (reversed) entry, kept so that scores agree.
+_NUMBERS = dict(none="0", zero="0", one="1", two="2", three="3", four="4", five="5", six="6", seven="7", eight="8",
+                nine="9", ten="10")
+_ARTICLES = ("a", "an", "the")
+_CONTRACTIONS = dict(pair.split(">") for pair in """
+    aint>ain't arent>aren't cant>can't couldve>could've couldnt>couldn't couldn'tve>couldn't've
+    couldnt've>couldn't've didnt>didn't doesnt>doesn't dont>don't hadnt>hadn't hadnt've>hadn't've
+    hadn'tve>hadn't've hasnt>hasn't havent>haven't hed>he'd hed've>he'd've he'dve>he'd've hes>he's
+    howd>how'd howll>how'll hows>how's isnt>isn't itd>it'd itd've>it'd've it'dve>it'd've itll>it'll
+    let's>let's maam>ma'am mightnt>mightn't mightnt've>mightn't've mightn'tve>mightn't've mightve>might've
+    mustnt>mustn't mustve>must've neednt>needn't notve>not've oclock>o'clock oughtnt>oughtn't
+    ow's'at>'ow's'at 'ows'at>'ow's'at 'ow'sat>'ow's'at shant>shan't shed've>she'd've she'dve>she'd've
+    she's>she's shouldve>should've shouldnt>shouldn't shouldnt've>shouldn't've shouldn'tve>shouldn't've
+    somebody'd>somebodyd somebodyd've>somebody'd've somebody'dve>somebody'd've somebodyll>somebody'll
+    somebodys>somebody's someoned>someone'd someoned've>someone'd've someone'dve>someone'd've
+    someonell>someone'll someones>someone's somethingd>something'd somethingd've>something'd've
+    something'dve>something'd've somethingll>something'll thats>that's thered>there'd thered've>there'd've
+    there'dve>there'd've therere>there're theres>there's theyd>they'd theyd've>they'd've they'dve>they'd've
+    theyll>they'll theyre>they're theyve>they've twas>'twas wasnt>wasn't wed've>we'd've we'dve>we'd've
+    weve>we've werent>weren't whatll>what'll whatre>what're whats>what's whatve>what've whens>when's
+    whered>where'd wheres>where's whereve>where've whod>who'd whod've>who'd've who'dve>who'd've wholl>who'll
+    whos>who's whove>who've whyll>why'll whyre>why're whys>why's wont>won't wouldve>would've
+    wouldnt>wouldn't wouldnt've>wouldn't've wouldn'tve>wouldn't've yall>y'all yall'll>y'all'll
+    y'allll>y'all'll yall'd've>y'all'd've y'alld've>y'all'd've y'all'dve>y'all'd've youd>you'd
+    youd've>you'd've you'dve>you'd've youll>you'll youre>you're youve>you've""".split())
+_PUNCTUATION = (";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",", "?",
+                "!")
+_DIGIT_COMMA = re.compile(r"(\d)(,)(\d)")
+# The official pattern is "(?!<=\d)(\.)(?!\d)": its "(?!<=" was meant as a look-behind but is a
+# look-ahead that always holds, so it strips every period not followed by a digit, as this does.
+_PERIOD = re.compile(r"\.(?!\d)")
+
+
+def vqa_punctuation(text):
+    """The evaluation's processPunctuation: each mark is deleted where it touches a space somewhere
+    in the answer (or the answer has a digit group like 1,000), else replaced by a space; then
+    periods not followed by a digit go (at most 32: the official script passes re.UNICODE, 32, as
+    the count)."""
+    out = text
+    for p in _PUNCTUATION:
+        if p + " " in text or " " + p in text or _DIGIT_COMMA.search(text):
+            out = out.replace(p, "")
+        else:
+            out = out.replace(p, " ")
+    return _PERIOD.sub("", out, count=32)
+
+
+def vqa_digits_articles(text):
+    """processDigitArticle: lower-case, number words to digits, articles dropped, contractions."""
+    words = [_NUMBERS.get(w, w) for w in text.lower().split()]
+    return " ".join(_CONTRACTIONS.get(w, w) for w in words if w not in _ARTICLES)
+
+
+def vqa_accuracy(prediction, answers):
+    """VQAv2 accuracy of one predicted answer against the human answers (10 in VQAv2): min(#humans
+    who said it / 3, 1), averaged over the 10 subsets of 9 humans. The prediction is normalised
+    (punctuation, then digits/articles/contractions); the human answers only get the punctuation
+    step, and only when they disagree: the official script's behaviour, kept so that scores agree
+    (a unanimous "yes!" is not matched by "yes!", which normalises to "yes")."""
+    pred = vqa_digits_articles(vqa_punctuation(prediction.replace("\n", " ").replace("\t", " ").strip()))
+    if len(set(answers)) > 1:
+        answers = [vqa_punctuation(a) for a in answers]
+    if not answers:
+        raise ValueError("a question without human answers")
+    scores = [min(1.0, sum(a == pred for j, a in enumerate(answers) if j != i) / 3) for i in range(len(answers))]
+    return sum(scores) / len(scores)

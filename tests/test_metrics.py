@@ -118,3 +118,22 @@ def test_image_tokens_are_kept_in_the_runs_precision(tiny):
         return images.flatten(2).transpose(1, 2)[:, :4]
     for precision, dtype in (("fp16", torch.float16), ("bf16", torch.bfloat16), ("fp32", torch.float32)):
         assert image_tokens(encode, paths, 16, 2, 0, torch.device("cpu"), precision).dtype == dtype
+
+
+@pytest.mark.parametrize("prediction, answers, want", [
+    ("two", ["2"] * 10, 1.0),                                  # number words -> digits
+    ("red", ["red"] * 3 + ["blue"] * 7, 0.9),                  # min(n / 3, 1) over the 10 subsets of 9
+    ("red", ["red"] + ["blue"] * 9, 0.3),                      # one human: 1/3 in 9 of the 10 subsets
+    ("red", ["red"] * 2 + ["blue"] * 8, 0.6),
+    ("green", ["red"] * 10, 0.0),
+    ("a dog", ["dog"] * 10, 1.0),                              # articles
+    ("The Dog.", ["dog", "dog", "a dog"] + ["cat"] * 7, 0.6),  # case, period; the humans' "a dog" keeps its article
+    ("yes.", ["yes"] * 10, 1.0),
+    ("dont", ["don't"] * 4 + ["no"] * 6, 1.0),                 # contractions
+    ("1,000", ["1000"] * 5 + ["1,000"] * 5, 1.0),              # digit groups lose their comma on both sides
+    ("left side", ["left-side", "left"] + ["right"] * 8, 0.3),  # "-" becomes a space when it touches none
+    ("yes!", ["yes!"] * 10, 0.0),                              # unanimous humans are not normalised (official)
+])
+def test_vqa_accuracy_hand_made_cases(prediction, answers, want):
+    from common.metrics import vqa_accuracy
+    assert vqa_accuracy(prediction, answers) == pytest.approx(want)
