@@ -686,7 +686,10 @@ def load_vision(model, cfg):
     holder.visual_encoder = model.visual_encoder
     if os.path.isdir(path):
         _, state = read_hf_checkpoint(path)
-        state = dict(state)
+        # a whole model's folder (Blip2*, CLIPModel) keeps the tower under vision_model.; a bare
+        # Blip2VisionModel / CLIPVisionModel folder (transformers 5) at the top level
+        if not any(k.startswith("vision_model.") for k in state):
+            state = {"vision_model." + k: v for k, v in state.items()}
         if cfg.vision == "eva":
             pos = "vision_model.embeddings.position_embedding"
             state = check_eva_k_bias(state, "vision_model.encoder.layers.{}.self_attn.qkv.bias", cfg, path)

@@ -131,6 +131,23 @@ def test_conditional_generation_folder_gives_vision_and_qformer(tok, tmp_path):
         torch.testing.assert_close(ours.query_pass(ours.image_features(x))[0], ref, atol=1e-5, rtol=1e-5)
 
 
+def test_clip_l_option_is_the_penultimate_layer_of_a_transformers_clip_folder(tok, tmp_path):
+    """--vision clip-l (LAVIS's clip_L): OpenAI's ViT layout (pre-norm, QuickGELU) up to its
+    penultimate layer, no final norm: our encoder from a CLIPVisionModel folder equals its
+    hidden_states[-2]; the unused last layer and post_layernorm are named, not an error."""
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+    hf = randomise(CLIPVisionModel(CLIPVisionConfig(hidden_size=32, intermediate_size=128, num_hidden_layers=3,
+                                                    num_attention_heads=2, image_size=32, patch_size=8,
+                                                    hidden_act="quick_gelu")), 6)
+    hf.save_pretrained(tmp_path / "clip")
+    model = small_model(tok, vision="clip-l", vision_mlp_ratio=4.0, vision_weights=str(tmp_path / "clip"))
+    blip2_train.load_vision(model, model.cfg)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        want = hf(pixel_values=x, output_hidden_states=True).hidden_states[-2]
+        torch.testing.assert_close(model.visual_encoder(x), want, atol=1e-5, rtol=1e-5)
+
+
 def test_eva_k_bias_must_be_zero_and_stays_zero_in_training(tok, hf_retrieval, tmp_path):
     from transformers import Blip2ForImageTextRetrieval
     hf, _ = hf_retrieval
