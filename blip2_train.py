@@ -503,7 +503,7 @@ class BLIP2(nn.Module):
             arch.pop("image_size")                       # the run's: positions are interpolated to it
         cfg = dataclasses.replace(cfg or Config(), **arch)
         cfg.vision = "eva"
-        model = build_blip2(cfg, tokenizer) if tokenizer is not None else BLIP2(cfg, dec_id=cfg.vocab_size - 1, pad_id=0)
+        model = build_blip2(cfg, tokenizer)
         state = check_eva_k_bias(dict(state), "vision_model.encoder.layers.{}.self_attn.qkv.bias", cfg, path)
         state["vision_model.embeddings.position_embedding"] = resize_pos_embed(
             state["vision_model.embeddings.position_embedding"][0], cfg.image_size // cfg.patch_size)
@@ -540,7 +540,7 @@ class BLIP2(nn.Module):
         if cfg is not None and "qformer_heads" in getattr(cfg, "cli_keys", ()):
             arch.pop("qformer_heads")                    # the file cannot say; the command line did
         cfg = dataclasses.replace(cfg or Config(), **arch)
-        model = build_blip2(cfg, tokenizer) if tokenizer is not None else BLIP2(cfg, dec_id=cfg.vocab_size - 1, pad_id=0)
+        model = build_blip2(cfg, tokenizer)
         # LAVIS's BertLMPredictionHead shares its decoder's weight with the word embeddings and its
         # bias with `bias` (self.decoder.bias = self.bias): the file holds each twice
         p = "Qformer.cls.predictions."
@@ -563,7 +563,11 @@ class BLIP2(nn.Module):
 
 
 def build_blip2(cfg, tokenizer):
-    """The model for a tokenizer: [DEC] is added (the ITG BOS, LAVIS's Blip2Base.init_tokenizer)."""
+    """The model for a tokenizer: [DEC] is added (the ITG BOS, LAVIS's Blip2Base.init_tokenizer).
+    Without one (weights read on their own): [DEC] is the last id and [PAD] 0, where BERT + [DEC]
+    has them in LAVIS's and transformers' files."""
+    if tokenizer is None:
+        return BLIP2(cfg, dec_id=cfg.vocab_size - 1, pad_id=0)
     (dec_id,) = tokenizer.add_special_tokens(["[DEC]"])
     cfg.vocab_size = cfg.vocab_size or tokenizer.vocab_size
     if cfg.vocab_size < tokenizer.vocab_size:
@@ -1019,13 +1023,12 @@ def main(argv=None):
     tokenizer = load_tokenizer(cfg.tokenizer, cfg.init_text or (cfg.init_from if qformer_folder else ""),
                                use_tiny=not (cfg.train_data or cfg.val_data))
     cfg.tokenizer = tokenizer.name
-    if ckpt:                                      # the resumed run's own encoder source and trainable weights
-        cfg.init_from = ""
-    model, cfg = build_model(cfg, tokenizer, init)
+    model, cfg = build_model(cfg, tokenizer, init)     # a resumed run: its encoder source (resolve_config
+                                                       # cleared --init-from), then its weights below
     del init
     if not cfg.vision_weights and cfg.preset != "tiny" and dist.is_main():
         print(f"warning: no --vision-weights: the frozen {cfg.vision} encoder is random (seed {cfg.vision_seed})")
-    vision_fingerprint = fingerprint(model.visual_encoder)
+    vision_fingerprint = None if cfg.eval_only else fingerprint(model.visual_encoder)   # for our checkpoints
     if ckpt:
         load_trainable(model, ckpt, cfg.resume)
     model.to(device)

@@ -38,7 +38,7 @@ from common.data import (ImageDataset, ImageTextDataset, eval_transform, image_f
                          read_annotations, retrieval_texts, tiny_data, train_loader, train_transform)
 from common.encoders import (MLP, Attention, Block, KVCache, TextTransformer, VisionTransformer, blocks_map,
                              load_mapped, open_clip_blocks_map, open_clip_cross_attention_map, open_clip_vision_map,
-                             resize_pos_embed, split_mha_in_proj)
+                             read_weights_file, resize_pos_embed, split_mha_in_proj)
 from common.generation import beam_search, greedy_or_sample
 from common.metrics import (caption_metrics, embed_texts, retrieval_metrics, zeroshot_classifier_sharded,
                             zeroshot_metrics)
@@ -476,13 +476,7 @@ def read_open_clip_state(path, saved=None):
             raise MissingFileError(f"{path}: no {' or '.join(OPEN_CLIP_FILES)}")
         path = files[0]
     if saved is None:
-        if path.endswith(".safetensors"):
-            if not os.path.isfile(path):
-                raise MissingFileError(f"{path} does not exist")
-            from safetensors.torch import load_file
-            saved = load_file(path)
-        else:
-            saved = load_checkpoint(path)
+        saved = read_weights_file(path)[0]
     if isinstance(saved, dict) and isinstance(saved.get("state_dict"), dict):
         saved = saved["state_dict"]
     if not isinstance(saved, dict) or not all(torch.is_tensor(v) for v in saved.values()):

@@ -120,26 +120,37 @@ def main():
             setattr(args, key, value)
     if args.impl:
         return worker(args)
+    alternate(__file__, args)
+
+
+def alternate(script, args, keep=(), describe=lambda res: ""):
+    """Run `script` (this command line plus `--impl ours|open_clip`) for args.rounds rounds, the
+    order swapped every round, each run a fresh process with OMP_NUM_THREADS=args.threads; print
+    every round (`describe(result)` appended) and the summary: medians, ratios, the configuration,
+    and the first round's `keep` fields per implementation."""
     results = {"ours": [], "open_clip": []}
-    passthrough = [a for a in sys.argv[1:]]
+    passthrough = list(sys.argv[1:])
     for r in range(args.rounds):
         for impl in ("ours", "open_clip") if r % 2 == 0 else ("open_clip", "ours"):
-            out = subprocess.run([sys.executable, __file__, *passthrough, "--impl", impl], capture_output=True,
+            out = subprocess.run([sys.executable, script, *passthrough, "--impl", impl], capture_output=True,
                                  text=True, env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
             if out.returncode:
                 sys.exit(out.stderr)
             res = json.loads(out.stdout.strip().splitlines()[-1])
             results[impl].append(res)
-            print(f"round {r} {impl:9s} {res['samples_per_s']:8.1f} samples/s  peak {res['peak_mem_mb']:8.1f} MB", flush=True)
+            print(f"round {r} {impl:9s} {res['samples_per_s']:8.1f} samples/s  peak {res['peak_mem_mb']:8.1f} MB"
+                  + describe(res), flush=True)
     summary = {}
     for impl, rs in results.items():
         summary[impl] = {"samples_per_s": statistics.median(x["samples_per_s"] for x in rs),
-                         "peak_mem_mb": statistics.median(x["peak_mem_mb"] for x in rs)}
+                         "peak_mem_mb": statistics.median(x["peak_mem_mb"] for x in rs),
+                         **{k: rs[0][k] for k in keep}}
     summary["throughput_ratio"] = summary["ours"]["samples_per_s"] / summary["open_clip"]["samples_per_s"]
     summary["memory_ratio"] = summary["ours"]["peak_mem_mb"] / summary["open_clip"]["peak_mem_mb"]
     summary["config"] = {k: v for k, v in vars(args).items() if k != "impl"}
     summary["device"] = results["ours"][0]["device"]
     print(json.dumps(summary))
+    return summary
 
 
 if __name__ == "__main__":

@@ -41,7 +41,6 @@ import json
 import os
 import resource
 import statistics
-import subprocess
 import sys
 import time
 
@@ -60,7 +59,7 @@ PAD = 0
 N_BATCHES = 4           # caption batches used in turn (trimming sees each batch's own longest caption)
 
 
-from tests.bench_clip import rss_mb  # noqa: E402  (peak RSS in MB, the same measure as the CLIP benchmark)
+from tests.bench_clip import alternate, rss_mb  # noqa: E402  (the same rounds and peak RSS as the CLIP benchmark)
 
 
 def make_config(args):
@@ -176,28 +175,8 @@ def worker(args):
 
 
 def train_bench(args):
-    results = {"ours": [], "open_clip": []}
-    passthrough = list(sys.argv[1:])
-    for r in range(args.rounds):
-        for impl in ("ours", "open_clip") if r % 2 == 0 else ("open_clip", "ours"):
-            out = subprocess.run([sys.executable, __file__, *passthrough, "--impl", impl], capture_output=True,
-                                 text=True, env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
-            if out.returncode:
-                sys.exit(out.stderr)
-            res = json.loads(out.stdout.strip().splitlines()[-1])
-            results[impl].append(res)
-            print(f"round {r} {impl:9s} {res['samples_per_s']:8.1f} samples/s  peak {res['peak_mem_mb']:8.1f} MB  "
-                  f"text length {res['text_length']:.1f}  params {res['params'] / 1e6:.2f} M", flush=True)
-    summary = {}
-    for impl, rs in results.items():
-        summary[impl] = {"samples_per_s": statistics.median(x["samples_per_s"] for x in rs),
-                         "peak_mem_mb": statistics.median(x["peak_mem_mb"] for x in rs),
-                         "params": rs[0]["params"], "text_length": rs[0]["text_length"]}
-    summary["throughput_ratio"] = summary["ours"]["samples_per_s"] / summary["open_clip"]["samples_per_s"]
-    summary["memory_ratio"] = summary["ours"]["peak_mem_mb"] / summary["open_clip"]["peak_mem_mb"]
-    summary["config"] = {k: v for k, v in vars(args).items() if k != "impl"}
-    summary["device"] = results["ours"][0]["device"]
-    print(json.dumps(summary))
+    alternate(__file__, args, keep=("params", "text_length"),
+              describe=lambda res: f"  text length {res['text_length']:.1f}  params {res['params'] / 1e6:.2f} M")
 
 
 def generation_bench(args):

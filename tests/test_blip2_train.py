@@ -11,6 +11,7 @@ import blip2_train
 from common.data import Tokenizer
 from common.encoders import timm_vit_map
 from common.utils import UserError
+from tests.test_albef_train import data_args
 from tests.test_blip2 import hf_config, randomise
 from tests.test_clip_train import read_metrics, subset, train_losses  # noqa: F401  (fixture)
 from tests.test_distributed import sigterm_mid_run, torchrun
@@ -20,11 +21,6 @@ MODEL = dict(image_size=32, patch_size=8, vision_width=32, vision_layers=2, visi
              embed_dim=16, batch_size=4, k_test=4)
 SMALL = [f"--{k.replace('_', '-')}={v}" for k, v in MODEL.items()] + ["--workers", "0", "--warmup-steps", "2",
                                                                      "--log-every", "1"]
-
-
-def data_args(subset):  # noqa: F811
-    """The CLIP tests' subset (40 train / 20 val images) without the zero-shot flag."""
-    return [*subset[:4], "--tokenizer", subset[-1]]
 
 
 def run_ok(args, timeout=600):
