@@ -16,6 +16,7 @@ prompt (Sec. 3.3; the next issue of this repository: `--stage 2` is refused unti
 import dataclasses
 import json
 import os
+import random
 import time
 from dataclasses import dataclass
 
@@ -27,12 +28,12 @@ from torch.utils.checkpoint import checkpoint as recompute
 from tqdm import tqdm
 
 from common import dist
-from common.data import (ImageTextDataset, load_tokenizer, read_annotations, retrieval_texts, tiny_data,
-                         train_loader, train_transform)
+from common.data import (ImageDataset, ImageTextDataset, eval_transform, load_tokenizer, read_annotations,
+                         retrieval_texts, tiny_data, train_loader, train_transform)
 from common.encoders import (BertAttention, BertLMHead, VisionTransformer, _bert_init, hf_bert_lm_head_map,
                              hf_bert_map, hf_blip_vision_map, hf_clip_vision_map, load_mapped, open_clip_vision_map,
                              read_hf_checkpoint, read_weights_file, resize_pos_embed, timm_vit_map)
-from common.metrics import image_tokens, rerank_topk, retrieval_metrics
+from common.metrics import caption_metrics, image_tokens, rerank_topk, retrieval_metrics, vqa_accuracy
 from common.utils import (MetricLog, MissingFileError, NonFiniteGuard, Preemption, UserError, adamw, autocast,
                           check_finite, check_resume_position, cli, cosine_schedule, first_nonfinite_module,
                           grad_norm_, resolve_config, resolve_precision, rng_state,
@@ -44,8 +45,11 @@ from common.utils import (MetricLog, MissingFileError, NonFiniteGuard, Preemptio
 @dataclass
 class Config:
     preset: str = "tiny"            # tiny (the built-in data, CPU) or a paper configuration; see the list below
-    stage: int = 1                  # 1: the Q-Former with ITC + ITM + ITG (Sec. 3.2); 2 (Sec. 3.3): the next issue
-    task: str = "pretrain"          # pretrain (ITC + ITM + ITG) | retrieval (fine-tuning, positives by image id)
+    stage: int = 1                  # 1: the Q-Former with ITC + ITM + ITG (Sec. 3.2); 2: its queries as a soft prompt
+                                    # to a frozen language model (Sec. 3.3)
+    task: str = "pretrain"          # stage 1: pretrain (ITC + ITM + ITG) | retrieval (fine-tuning, positives by image
+                                    # id); stage 2: pretrain (captions, no prompt) | caption (COCO fine-tuning, with
+                                    # --prompt) | vqa (zero-shot VQA, with --eval-only)
     # frozen image encoder (Sec. 3.1)
     vision: str = "eva"             # eva: EVA's ViT layout (no pre-norm, q/v biases with a zero k bias, exact GELU,
                                     # LayerNorm eps 1e-6), sized by the fields below (ViT-g/14 in vit-g, the last of
@@ -77,6 +81,22 @@ class Config:
     vocab_size: int = 0             # 0: the tokenizer's (bert-base-uncased + [DEC]: 30523)
     max_length: int = 32            # text tokens, [CLS] and [SEP] included (max_txt_len 32)
     embed_dim: int = 64             # ITC space (256)
+    # stage 2 (Sec. 3.3): the language model
+    llm: str = ""                   # transformers folder of the frozen LM: OPT (AutoModelForCausalLM) or FlanT5
+                                    # (AutoModelForSeq2SeqLM), or a Blip2ForConditionalGeneration folder (its LM).
+                                    # Empty: a random tiny OPT from the llm_* fields, trained along (the tiny preset)
+    freeze_llm: bool = True         # Sec. 3.3: the LM is frozen (no gradient, eval mode, bf16/fp16 on GPU)
+    llm_width: int = 128            # the tiny random OPT (--llm empty): width, layers, heads, MLP width
+    llm_layers: int = 2
+    llm_heads: int = 2
+    llm_mlp_dim: int = 512
+    prompt: str = ""                # text before every caption, kept out of the loss ("a photo of " in COCO fine-tuning)
+    text_end: str = "\n"            # decoder-only LMs: ends every target and every generation (LAVIS's "\n" for OPT)
+    vqa_prompt: str = "Question: {} Short answer:"   # zero-shot VQA (Sec. 4.1)
+    num_beams: int = 5              # captions: beam search width (5), or --nucleus
+    nucleus: bool = False           # captions: nucleus sampling (top-p 0.9) instead of beam search
+    max_gen_length: int = 30        # captions: at most this many new tokens (30)
+    min_gen_length: int = 1         # captions: at least this many new tokens (8 in COCO fine-tuning)
     # method
     temp: float = 0.07              # ITC temperature, learnable and not clamped (as LAVIS)
     label_smoothing: float = 0.1    # ITC and ITG targets (blip2_qformer.py, Qformer.py)
@@ -84,9 +104,12 @@ class Config:
     itm_batch: int = 256            # (image, text) pairs per ITM forward when re-ranking
     # data
     train_data: str = ""            # annotation file (JSON or CSV); empty: the built-in tiny set
-    val_data: str = ""              # retrieval evaluation split; empty with tiny: its val split
+    val_data: str = ""              # evaluation split: retrieval (stage 1) and captions (stage 2) read an annotation
+                                    # file, --task vqa VQAv2's question file; empty with tiny: its val split
+    val_answers: str = ""           # --task vqa: VQAv2's annotation file (the 10 human answers of each question)
     image_root: str = ""            # folder relative image paths start from (default: the annotation file's)
     tokenizer: str = ""             # transformers folder or name (bert-base-uncased); [DEC] is added. Empty: tiny's
+    llm_tokenizer: str = ""         # stage 2: the LM's tokenizer; empty: --llm's (or --init-from's), else tiny's
     skip_bad: bool = False          # skip (and count) unreadable images and empty captions in training data
     workers: int = 2                # data-loading processes per rank
     # optimisation
@@ -110,6 +133,7 @@ class Config:
     resume: str = ""                # checkpoint path, or "auto": output_dir/checkpoint_last.pt if present
     init_from: str = ""             # transformers BLIP-2 folder (Blip2ForImageTextRetrieval, Blip2ForConditionalGeneration),
                                     # LAVIS's blip2_pretrained.pth (the encoder then from --vision-weights), or ours
+                                    # (stage 2 starts from a stage-1 checkpoint: its text-only parts are dropped)
     init_text: str = ""             # BERT to start the Q-Former from (bert-base-uncased folder); cross-attention stays new
     eval_only: bool = False         # evaluate the --init-from / --resume weights and exit
     save_every: int = 1000          # steps between checkpoint_last.pt saves (and at every epoch end)
@@ -124,10 +148,16 @@ QFORMER_BASE = dict(num_query_tokens=32, qformer_width=768, qformer_layers=12, q
 # steps from 1e-6, cosine to 1e-5, 10 epochs, 224 px, the ViT frozen.
 STAGE1 = dict(batch_size=100, lr=1e-4, warmup_lr=1e-6, min_lr=1e-5, weight_decay=0.05, warmup_steps=5000, epochs=10,
               workers=8, k_test=128)
+# LAVIS projects/blip2/train/pretrain_stage2.yaml: the same with batch 64 and 2,000 warm-up steps; the
+# language model from --llm (facebook/opt-2.7b, facebook/opt-6.7b, google/flan-t5-xl folders).
+STAGE2 = dict(STAGE1, stage=2, batch_size=64, warmup_steps=2000, max_length=32)
 PRESETS = {
-    "tiny": {},
+    "tiny": {"freeze_llm": False},     # a random LM knows no language: the tiny one trains along (see the README)
     "vit-g": {**VIT_G, **QFORMER_BASE, **STAGE1},
     "vit-l": {**VIT_G, **QFORMER_BASE, **STAGE1, "vision": "clip-l"},   # LAVIS's pretrain_vitL
+    "vit-g-opt2.7b": {**VIT_G, **QFORMER_BASE, **STAGE2},
+    "vit-g-opt6.7b": {**VIT_G, **QFORMER_BASE, **STAGE2},
+    "vit-g-flant5xl": {**VIT_G, **QFORMER_BASE, **STAGE2},
 }
 # CLIP ViT-L/14 (LAVIS clip_vit.py create_clip_vit_L): OpenAI's layout up to the penultimate layer.
 CLIP_L = dict(patch_size=14, vision_width=1024, vision_layers=23, vision_heads=16, vision_mlp_ratio=4.0)
@@ -138,19 +168,34 @@ CLIP_L = dict(patch_size=14, vision_width=1024, vision_layers=23, vision_heads=1
 FINETUNE = {
     "retrieval": dict(image_size=364, freeze_vision=False, layer_decay=0.95, lr=1e-5, warmup_lr=1e-6, min_lr=0.0,
                       warmup_steps=1000, epochs=5, batch_size=14, k_test=128, grad_checkpointing=True),
+    # LAVIS projects/blip2/train/caption_coco_ft.yaml (Sec. 4.2): the encoder trains, in fp32
+    "caption": dict(image_size=364, freeze_vision=False, lr=1e-5, warmup_lr=1e-8, min_lr=0.0, warmup_steps=1000,
+                    epochs=5, batch_size=16, prompt="a photo of ", num_beams=5, max_gen_length=30, min_gen_length=8,
+                    grad_checkpointing=True),
 }
-TASKS = ("pretrain", "retrieval")
+TASKS = ("pretrain", "retrieval", "caption", "vqa")
+STAGE_TASKS = {1: ("pretrain", "retrieval"), 2: ("pretrain", "caption", "vqa")}
+# Zero-shot VQA (LAVIS blip2_t5/opt predict_answers, the paper's Sec. 4.1): beam 5, at most 10 new
+# tokens, length penalty -1 ("encourages shorter answers that align better with human annotation").
+VQA_GENERATION = dict(num_beams=5, max_new_tokens=10, min_new_tokens=1, length_penalty=-1.0)
+
+
+# The tiny preset's stage 2 (a Q-Former and an LM both new) learns faster at a higher rate.
+TINY_STAGE2 = dict(lr=1e-3)
 
 
 def task_recipe(cfg):
-    """The fine-tuning recipe of a paper preset for --task retrieval (under the command line, over
-    the preset). The tiny preset has none."""
-    return FINETUNE.get(cfg.task, {}) if cfg.preset != "tiny" else {}
+    """The fine-tuning recipe of a paper preset for --task retrieval / caption (under the command
+    line, over the preset); the tiny preset's stage 2 has its own learning rate."""
+    if cfg.preset == "tiny":
+        return TINY_STAGE2 if cfg.stage == 2 else {}
+    return FINETUNE.get(cfg.task, {})
 
 
-RECIPES_DOC = ("task recipes (--task retrieval with a paper preset; the command line overrides them):\n"
+RECIPES_DOC = ("task recipes (--task retrieval / caption with a paper preset; the command line overrides them):\n"
                + "\n".join(f"  {task}: " + ", ".join(f"{k}={v}" for k, v in values.items())
-                           for task, values in FINETUNE.items()))
+                           for task, values in FINETUNE.items())
+               + "\n  tiny, --stage 2: " + ", ".join(f"{k}={v}" for k, v in TINY_STAGE2.items()))
 
 MODEL_FIELDS = ("vision", "image_size", "patch_size", "vision_width", "vision_layers", "vision_heads",
                 "vision_mlp_ratio", "ln_vision_eps", "num_query_tokens", "qformer_width", "qformer_layers",
@@ -198,16 +243,19 @@ class QFormerLayer(nn.Module):
     """One BERT layer of the Q-Former: self-attention over [queries; text] (the mask decides who
     sees whom), cross-attention to the image features for the query positions only (in every
     other layer), and separate feed-forward layers for the queries and for the text. Each sub-layer
-    is post-LN, as BERT. Names follow LAVIS's Qformer.py (intermediate_query, output_query)."""
+    is post-LN, as BERT. Names follow LAVIS's Qformer.py (intermediate_query, output_query). Stage 2
+    reads no text: its layers have no text FFN (`text=False`, as LAVIS's stage 2 and transformers'
+    Blip2QFormerModel)."""
 
-    def __init__(self, cfg, cross):
+    def __init__(self, cfg, cross, text=True):
         super().__init__()
         D, eps, p = cfg.qformer_width, cfg.qformer_eps, cfg.dropout
         self.attention = BertAttention(D, cfg.qformer_heads, eps=eps, dropout=p)
         self.crossattention = (BertAttention(D, cfg.qformer_heads, kv_dim=cfg.vision_width, eps=eps, dropout=p)
                                if cross else None)
-        self.intermediate, self.output = nn.Linear(D, cfg.qformer_mlp_dim), nn.Linear(cfg.qformer_mlp_dim, D)
-        self.output_norm = nn.LayerNorm(D, eps=eps)
+        if text:
+            self.intermediate, self.output = nn.Linear(D, cfg.qformer_mlp_dim), nn.Linear(cfg.qformer_mlp_dim, D)
+            self.output_norm = nn.LayerNorm(D, eps=eps)
         self.intermediate_query, self.output_query = nn.Linear(D, cfg.qformer_mlp_dim), nn.Linear(cfg.qformer_mlp_dim, D)
         self.output_query_norm = nn.LayerNorm(D, eps=eps)
         self.dropout = nn.Dropout(p)
@@ -235,15 +283,17 @@ class QFormerLayer(nn.Module):
 class QFormer(nn.Module):
     """BERT embeddings (words + absolute positions, no token types) and QFormerLayers. The
     embedding LayerNorm normalises [queries; text embeddings] together (LAVIS BertEmbeddings);
-    text positions start at 0 whether or not queries precede them."""
+    text positions start at 0 whether or not queries precede them. `text=False` (stage 2): the
+    queries only, no word or position embeddings and no text FFNs."""
 
-    def __init__(self, cfg):
+    def __init__(self, cfg, text=True):
         super().__init__()
-        self.word_embeddings = nn.Embedding(cfg.vocab_size, cfg.qformer_width)
-        self.position_embeddings = nn.Embedding(cfg.max_positions, cfg.qformer_width)
+        if text:
+            self.word_embeddings = nn.Embedding(cfg.vocab_size, cfg.qformer_width)
+            self.position_embeddings = nn.Embedding(cfg.max_positions, cfg.qformer_width)
         self.embed_norm = nn.LayerNorm(cfg.qformer_width, eps=cfg.qformer_eps)
         self.dropout = nn.Dropout(cfg.dropout)
-        self.layer = nn.ModuleList(QFormerLayer(cfg, cross=i % cfg.cross_attention_freq == 0)
+        self.layer = nn.ModuleList(QFormerLayer(cfg, cross=i % cfg.cross_attention_freq == 0, text=text)
                                    for i in range(cfg.qformer_layers))
         self.grad_checkpointing = False
         self.apply(_bert_init)
@@ -289,14 +339,17 @@ def attention_masks(text_mask, n_query):
     return {"unimodal": same_side & key, "bidirectional": key.expand(B, S, S), "multimodal_causal": causal & key}
 
 
-# ---- model: BLIP-2 stage 1 ----
+# ---- model: BLIP-2 ----
 
 class BLIP2(nn.Module):
-    """Fig. 2: frozen image encoder -> ln_vision -> Q-Former (queries + text) with the ITC
-    projections, the ITM head and the ITG language-model head (BertLMHead tied to the word
-    embeddings, as LAVIS's BertLMHeadModel)."""
+    """Stage 1 (Fig. 2): frozen image encoder -> ln_vision -> Q-Former (queries + text) with the
+    ITC projections, the ITM head and the ITG language-model head (BertLMHead tied to the word
+    embeddings, as LAVIS's BertLMHeadModel).
+    Stage 2 (Fig. 3): the same encoder, ln_vision and Q-Former (queries only: its text parts are
+    dropped, as LAVIS's blip2_opt / blip2_t5), `language_projection` (LAVIS's opt_proj / t5_proj)
+    and `language_model`, a transformers causal or seq2seq LM (keys as Blip2ForConditionalGeneration)."""
 
-    def __init__(self, cfg, *, dec_id, pad_id):
+    def __init__(self, cfg, *, dec_id, pad_id, llm=None):
         super().__init__()
         self.cfg = cfg
         self.dec_id, self.pad_id = dec_id, pad_id
@@ -305,13 +358,21 @@ class BLIP2(nn.Module):
             self.visual_encoder = image_encoder(cfg)
         self.ln_vision = nn.LayerNorm(cfg.vision_width, eps=cfg.ln_vision_eps)
         self.query_tokens = nn.Parameter(torch.randn(1, cfg.num_query_tokens, cfg.qformer_width) * 0.02)
-        self.qformer = QFormer(cfg)
-        self.lm_head = BertLMHead(cfg.qformer_width, cfg.vocab_size, eps=cfg.qformer_eps)
-        self.lm_head.decoder.weight = self.qformer.word_embeddings.weight
-        self.vision_proj = nn.Linear(cfg.qformer_width, cfg.embed_dim)           # 768 -> 256
-        self.text_proj = nn.Linear(cfg.qformer_width, cfg.embed_dim)
-        self.itm_head = nn.Linear(cfg.qformer_width, 2)
-        self.temp = nn.Parameter(torch.tensor(cfg.temp))
+        self.qformer = QFormer(cfg, text=cfg.stage == 1)
+        if cfg.stage == 1:
+            self.lm_head = BertLMHead(cfg.qformer_width, cfg.vocab_size, eps=cfg.qformer_eps)
+            self.lm_head.decoder.weight = self.qformer.word_embeddings.weight
+            self.vision_proj = nn.Linear(cfg.qformer_width, cfg.embed_dim)           # 768 -> 256
+            self.text_proj = nn.Linear(cfg.qformer_width, cfg.embed_dim)
+            self.itm_head = nn.Linear(cfg.qformer_width, 2)
+            self.temp = nn.Parameter(torch.tensor(cfg.temp))
+        else:
+            # Sec. 3.3: "a fully-connected (FC) layer to linearly project the output query embeddings
+            # Z into the same dimension as the text embedding of the LLM" (768 -> 2560 for OPT-2.7b)
+            self.language_projection = nn.Linear(cfg.qformer_width, llm.get_input_embeddings().embedding_dim)
+            self.language_model = llm
+            self.llm_from_checkpoint = False
+            self.set_llm_frozen(cfg.freeze_llm)
         self.vision_from_checkpoint = False
         self.set_frozen(cfg.freeze_vision)
 
@@ -322,21 +383,37 @@ class BLIP2(nn.Module):
         self.visual_encoder.requires_grad_(not frozen)
         self.visual_encoder.train(self.training and not frozen)
 
+    def set_llm_frozen(self, frozen):
+        """Sec. 3.3: the language model is frozen like the encoder (no gradient, no optimizer
+        state, eval mode: no dropout; LAVIS leaves OPT's 0.1 dropout on). Gradients still pass
+        through it to the soft prompt, i.e. to the projection and the Q-Former."""
+        self.llm_frozen = frozen
+        self.language_model.requires_grad_(not frozen)
+        self.language_model.train(self.training and not frozen)
+
     def train(self, mode=True):
         super().train(mode)
         self.visual_encoder.train(mode and not self.vision_frozen)
+        if self.cfg.stage == 2:
+            self.language_model.train(mode and not self.llm_frozen)
         return self
 
     def set_grad_checkpointing(self, enabled=True):
         self.qformer.grad_checkpointing = enabled
         self.visual_encoder.transformer.grad_checkpointing = enabled and not self.vision_frozen
+        if self.cfg.stage == 2 and enabled:
+            checkpoint_llm_layers(self.language_model)
 
     def trainable_state_dict(self):
-        """What our checkpoints keep: everything but a frozen encoder, which is rebuilt from its
-        source; an encoder that came from one of our checkpoints (trained in a fine-tuning run) has
-        no other source and is kept."""
-        return {k: v for k, v in self.state_dict().items()
-                if not (self.vision_frozen and not self.vision_from_checkpoint and k.startswith("visual_encoder."))}
+        """What our checkpoints keep: everything but a frozen encoder or language model, which are
+        rebuilt from their sources; one that came from one of our checkpoints (trained in a
+        fine-tuning run) or has no file (the tiny random LM) is kept."""
+        skip = []
+        if self.vision_frozen and not self.vision_from_checkpoint:
+            skip.append("visual_encoder.")
+        if self.cfg.stage == 2 and self.llm_frozen and not self.llm_from_checkpoint and self.cfg.llm:
+            skip.append("language_model.")
+        return {k: v for k, v in self.state_dict().items() if not k.startswith(tuple(skip))}
 
     # -- encoders --
 
@@ -382,9 +459,12 @@ class BLIP2(nn.Module):
     def encode_text(self, ids, mask):
         return self.text_embed(self.text_pass(ids, mask))
 
-    def forward(self, images, ids, mask, idx, task="pretrain"):
-        """The three losses of one step (Sec. 3.2), sharing one image-encoder pass and one query
-        pass. idx: (B,) image ids (positives share one in retrieval fine-tuning)."""
+    def forward(self, images, ids, mask, idx=None, task="pretrain", labels=None):
+        """Stage 1: the three losses of one step (Sec. 3.2), sharing one image-encoder pass and one
+        query pass; idx: (B,) image ids (positives share one in retrieval fine-tuning). Stage 2: the
+        language modeling loss of the text given the image (Sec. 3.3); see llm_logits."""
+        if self.cfg.stage == 2:
+            return {"loss_lm": self.loss_llm(images, ids, mask, labels)}
         image_embeds = self.image_features(images)                    # (B, 1 + P, Dv)
         query_output, query_kv = self.query_pass(image_embeds)        # (B, Q, D)
         image_feats = self.image_embed(query_output)                  # (B, Q, E)
@@ -487,6 +567,60 @@ class BLIP2(nn.Module):
                                label_smoothing=self.cfg.label_smoothing)
         return loss * dist.world_size() / count.clamp(min=1)
 
+    # ---- stage 2 (Sec. 3.3, Fig. 3): the queries as a soft prompt to a frozen language model ----
+
+    @property
+    def decoder_only(self):
+        return not self.language_model.config.is_encoder_decoder
+
+    def soft_prompt(self, images=None, image_embeds=None):
+        """Fig. 3: the Q output query embeddings of the image, projected to the LM's input width,
+        (B, Q, H): "soft visual prompts that condition the LLM on visual representation"."""
+        if image_embeds is None:
+            image_embeds = self.image_features(images)
+        return self.language_projection(self.query_pass(image_embeds)[0])
+
+    def llm_inputs(self, prompt, ids, mask):
+        """[soft prompt; the text's embeddings] and its attention mask: the input of a decoder-only
+        LM, or of an encoder-decoder's encoder."""
+        embeds = self.language_model.get_input_embeddings()(ids)
+        return torch.cat([prompt.to(embeds.dtype), embeds], 1), torch.cat([mask.new_ones(prompt.shape[:2]), mask], 1)
+
+    def llm_logits(self, images, ids, mask, labels):
+        """The LM's next-token logits (B, T, V) for the targets and the labels (B, T), -100 where
+        nothing is predicted (see llm_example for what ids and labels hold).
+          decoder-only (LAVIS blip2_opt): the LM reads [Q queries; ids], right-padded; the text
+          position t predicts token t + 1 (the LM's head is not run at the Q query positions).
+          encoder-decoder (blip2_t5): the encoder reads [queries; ids] (the prompt, or the prefix
+          text), the decoder predicts `labels` teacher-forced (shifted right behind its start token)."""
+        x, m = self.llm_inputs(self.soft_prompt(images), ids, mask)
+        lm = self.language_model
+        if self.decoder_only:
+            logits = lm(inputs_embeds=x, attention_mask=m, use_cache=False, logits_to_keep=ids.shape[1]).logits
+            return logits[:, :-1], labels[:, 1:]
+        decoder_ids = lm.prepare_decoder_input_ids_from_labels(labels=labels)
+        return lm(inputs_embeds=x, attention_mask=m, decoder_input_ids=decoder_ids, use_cache=False).logits, labels
+
+    def loss_llm(self, images, ids, mask, labels):
+        """Sec. 3.3: the language modeling loss (decoder-only) or the prefix language modeling loss
+        (encoder-decoder), cross-entropy without smoothing (as LAVIS), averaged over the target
+        tokens of the global batch (each rank's sum over the global count / world size, so that
+        DDP's average is one process's mean; LAVIS and transformers average per rank)."""
+        logits, labels = self.llm_logits(images, ids, mask, labels)
+        count = dist.all_reduce_sum((labels != -100).sum().float())
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100, reduction="sum")
+        return loss * dist.world_size() / count.clamp(min=1)
+
+    @torch.no_grad()
+    def generate(self, images, ids, mask, image_embeds=None, **kwargs):
+        """Text for a batch of images: the LM's own `generate` (beam search, nucleus sampling:
+        kwargs as transformers' generate) on [soft prompt; prompt]. ids / mask: the prompt per
+        sample, left-padded for a decoder-only LM ([BOS] prompt), right-padded for an encoder-decoder
+        (prompt </s>). Returns the new tokens only, (B x num_return_sequences, T)."""
+        x, m = self.llm_inputs(self.soft_prompt(images, image_embeds), ids, mask)
+        out = self.language_model.generate(inputs_embeds=x, attention_mask=m, **kwargs)
+        return out if self.decoder_only else out[:, 1:]          # an encoder-decoder's: after its start token
+
     # ---- weights ----
 
     @classmethod
@@ -501,16 +635,28 @@ class BLIP2(nn.Module):
         arch = hf_architecture(config, state, path)
         if cfg is not None and "image_size" in getattr(cfg, "cli_keys", ()):
             arch.pop("image_size")                       # the run's: positions are interpolated to it
-        cfg = dataclasses.replace(cfg or Config(), **arch)
+        cfg = dataclasses.replace(cfg or Config(stage=2 if "text_config" in config else 1), **arch)
         cfg.vision = "eva"
-        model = build_blip2(cfg, tokenizer)
+        if cfg.stage == 2 and "text_config" not in config:
+            raise UserError(f"{path}: no language model (text_config) in this folder; stage 2 loads a "
+                            f"Blip2ForConditionalGeneration folder (or starts from stage 1 with --llm)")
+        llm = llm_from_config(config["text_config"], path) if cfg.stage == 2 else None
+        model = build_blip2(cfg, tokenizer, llm)
         state = check_eva_k_bias(dict(state), "vision_model.encoder.layers.{}.self_attn.qkv.bias", cfg, path)
         state["vision_model.embeddings.position_embedding"] = resize_pos_embed(
             state["vision_model.embeddings.position_embedding"][0], cfg.image_size // cfg.patch_size)
         mapping = eva_hf_map(cfg)
-        text = "embeddings.word_embeddings.weight" in state
+        text = "embeddings.word_embeddings.weight" in state and cfg.stage == 1
         mapping.update(qformer_map(cfg, "qformer", text_ffn=text, hf=True))
         mapping["query_tokens"] = "query_tokens"
+        if cfg.stage == 2:   # Blip2ForConditionalGeneration: vision, Q-Former, projection and LM; nothing new
+            cfg.llm = path
+            mapping.update(llm_map(model, state))
+            load_mapped(model, state, mapping, source=path, ignore=("position_ids",))
+            if dist.is_main():
+                print(f"{path}: loaded every weight (vision, Q-Former, language_projection, "
+                      f"{type(llm).__name__})")
+            return model
         keep = ["lm_head.", "temp"]
         if text:
             mapping.update({"qformer.word_embeddings.weight": "embeddings.word_embeddings.weight",
@@ -562,12 +708,12 @@ class BLIP2(nn.Module):
         return model
 
 
-def build_blip2(cfg, tokenizer):
+def build_blip2(cfg, tokenizer, llm=None):
     """The model for a tokenizer: [DEC] is added (the ITG BOS, LAVIS's Blip2Base.init_tokenizer).
-    Without one (weights read on their own): [DEC] is the last id and [PAD] 0, where BERT + [DEC]
-    has them in LAVIS's and transformers' files."""
+    Without one (weights read on their own; stage 2, whose Q-Former reads no text): [DEC] is the
+    last id and [PAD] 0, where BERT + [DEC] has them in LAVIS's and transformers' files."""
     if tokenizer is None:
-        return BLIP2(cfg, dec_id=cfg.vocab_size - 1, pad_id=0)
+        return BLIP2(cfg, dec_id=cfg.vocab_size - 1, pad_id=0, llm=llm)
     (dec_id,) = tokenizer.add_special_tokens(["[DEC]"])
     cfg.vocab_size = cfg.vocab_size or tokenizer.vocab_size
     if cfg.vocab_size < tokenizer.vocab_size:
@@ -586,6 +732,115 @@ def sample_negatives(weights):
     weights = torch.where(weights.sum(1, keepdim=True) > 0, weights, 1.0)      # no boolean indexing: no sync
     noise = torch.empty_like(weights).exponential_().clamp_(min=1e-30)
     return (weights / noise).argmax(1)
+
+
+# ---- stage 2: the language model (transformers provides it) ----
+
+def llm_from_config(text_config, source):
+    """An LM with random weights from a Blip2ForConditionalGeneration config's text_config (OPT:
+    AutoModelForCausalLM; T5: AutoModelForSeq2SeqLM); its weights are loaded by the caller."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
+    if "model_type" not in text_config:
+        raise UserError(f"{source}: text_config has no model_type")
+    config = AutoConfig.for_model(**text_config)
+    return (AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM).from_config(config)
+
+
+def llm_map(model, state):
+    """language_projection and language_model.* <- the same names in a Blip2ForConditionalGeneration
+    file; a tied weight the file holds once (OPT's lm_head = embed_tokens, T5's encoder / decoder
+    embed_tokens = shared) is read from the key it is tied to."""
+    m = {f"language_projection.{p}": f"language_projection.{p}" for p in ("weight", "bias")}
+    tied = {}
+    for k, v in model.language_model.state_dict(keep_vars=True).items():
+        tied.setdefault(id(v), []).append(f"language_model.{k}")
+    for group in tied.values():
+        present = [k for k in group if k in state]
+        for k in group:
+            m[k] = k if k in state else (present[0] if present else k)
+    return m
+
+
+def load_llm(path):
+    """--llm: a transformers LM folder (OPT, FlanT5, any AutoModelForCausalLM / Seq2SeqLM), or a
+    Blip2ForConditionalGeneration folder, whose language_model.* weights are read."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise MissingFileError(f"--llm {path}: no config.json; expected a transformers language model folder")
+    with open(os.path.join(path, "config.json")) as f:
+        config = json.load(f)
+    if "text_config" in config:
+        _, state = read_hf_checkpoint(path)
+        holder = nn.Module()
+        holder.language_model = llm_from_config(config["text_config"], path)
+        mapping = {k: v for k, v in llm_map(holder, state).items() if k.startswith("language_model.")}
+        load_mapped(holder, state, mapping, source=path,
+                    ignore=("vision_model.", "qformer.", "query_tokens", "language_projection.", "embeddings."))
+        return holder.language_model
+    config = AutoConfig.from_pretrained(path)
+    return (AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM).from_pretrained(path)
+
+
+def tiny_llm(cfg, tokenizer):
+    """The tiny preset's language model: a random OPT (pre-LN decoder, learned positions) of the
+    llm_* sizes over the tokenizer's vocabulary, without dropout."""
+    from transformers import AutoModelForCausalLM, OPTConfig
+    config = OPTConfig(vocab_size=len(tokenizer), hidden_size=cfg.llm_width, num_hidden_layers=cfg.llm_layers,
+                       ffn_dim=cfg.llm_mlp_dim, num_attention_heads=cfg.llm_heads, word_embed_proj_dim=cfg.llm_width,
+                       max_position_embeddings=max(128, cfg.num_query_tokens + 2 * cfg.max_length), dropout=0.0,
+                       attention_dropout=0.0, pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                       eos_token_id=tokenizer.eos_token_id)
+    return AutoModelForCausalLM.from_config(config)
+
+
+def make_llm(cfg, tokenizer):
+    return load_llm(cfg.llm) if cfg.llm else tiny_llm(cfg, tokenizer)
+
+
+def load_llm_tokenizer(cfg, hf_folder=""):
+    """The LM's tokenizer: --llm-tokenizer, else --llm's folder (or a Blip2ForConditionalGeneration
+    --init-from's), else the tiny data's (tokenizer_llm/)."""
+    from transformers import AutoTokenizer
+    name = cfg.llm_tokenizer or cfg.llm or hf_folder
+    if not name:
+        name = os.path.join(tiny_data(), "tokenizer_llm")
+    try:
+        return AutoTokenizer.from_pretrained(name)
+    except (OSError, ValueError) as e:
+        raise UserError(f"no tokenizer in {name} ({type(e).__name__}); pass --llm-tokenizer") from None
+
+
+def checkpoint_llm_layers(lm):
+    """Gradient checkpointing for the LM: a frozen one runs in eval mode, where transformers' own
+    (model.gradient_checkpointing_enable) is off; so each of its layers is wrapped here."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+    for layer in lm.modules():
+        if isinstance(layer, GradientCheckpointingLayer) and not getattr(layer, "_blip2_recompute", False):
+            forward = layer.forward
+            layer.forward = lambda *a, _f=forward, **k: recompute(_f, *a, use_reentrant=False, **k)
+            layer._blip2_recompute = True
+
+
+def to_stage2(stage1, cfg, llm):
+    """Stage 2 starts from stage 1 (LAVIS pretrain_stage2.yaml loads blip2_pretrained.pth with
+    strict=False): the image encoder, ln_vision, the queries and the Q-Former's query path are
+    kept; its text-only parts (word and position embeddings, text FFNs, ITG's head, the ITC
+    projections, the ITM head, temp) are dropped, and the projection to the LM starts new."""
+    model = BLIP2(cfg, dec_id=stage1.dec_id, pad_id=stage1.pad_id, llm=llm)
+    model.visual_encoder = stage1.visual_encoder
+    ours = model.state_dict()
+    state = {k: v for k, v in stage1.state_dict().items() if k in ours}
+    missing = [k for k in ours if k not in state and not k.startswith(("language_model.", "language_projection."))]
+    if missing:
+        raise UserError(f"{cfg.init_from}: stage 1 has no {missing[:4]}")
+    model.load_state_dict(state, strict=False)
+    model.vision_from_checkpoint = stage1.vision_from_checkpoint
+    if dist.is_main():
+        dropped = sorted({k.split(".")[0] if not k.startswith("qformer.") else "the Q-Former's text parts"
+                          for k in stage1.state_dict() if k not in ours})
+        print(f"{cfg.init_from}: stage 1 -> stage 2: kept the encoder, ln_vision, queries and Q-Former; "
+              f"dropped {', '.join(dropped)}")
+    return model
 
 
 # ---- weights: key maps and files ----
@@ -814,6 +1069,154 @@ def build_data(cfg, tokenizer, rank, world_size):
     return loader, sampler, image_index, val
 
 
+# ---- data (stage 2): texts for the language model ----
+
+def llm_example(tok, prompt, target, max_length, decoder_only, end_ids):
+    """One sample's token ids for the LM, unpadded: (ids, labels).
+      decoder-only (LAVIS blip2_opt): ids = [BOS] prompt target end, labels = the ids of target and
+      end, -100 on [BOS] and the prompt (no loss on the prompt). The prompt's trailing space goes
+      with the target, so that "a photo of " + "dog" is tokenised as the text "a photo of dog".
+      encoder-decoder (blip2_t5): ids = prompt </s> (after the queries in the encoder), labels =
+      target </s> (the decoder's).
+    A target longer than max_length (the whole sequence, prompt included, for decoder-only) is cut,
+    its end kept: the end token ("\n" / </s>) is what teaches the LM to stop."""
+    if decoder_only:
+        head = prompt.rstrip(" ")
+        p = tok(head)["input_ids"]                                        # [BOS] prompt
+        t = tok(prompt[len(head):] + target, add_special_tokens=False)["input_ids"]
+        t = t[:max(0, max_length - len(p) - len(end_ids))] + end_ids
+        return p + t, [-100] * len(p) + t
+    p = tok(prompt)["input_ids"]
+    t = tok(target)["input_ids"]                                          # target </s>
+    if len(t) > max_length:
+        t = t[:max_length - 1] + t[-1:]
+    return p, t
+
+
+def collate_llm(pad_id):
+    """Batches of (image, (ids, labels), record) padded on the right to the batch's longest: images,
+    ids, mask, labels (-100 at padding), record indices."""
+    def collate(batch):
+        images, texts, r = zip(*batch)
+        n, m = max(len(t[0]) for t in texts), max(len(t[1]) for t in texts)
+        ids = torch.full((len(batch), n), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(batch), n), dtype=torch.long)
+        labels = torch.full((len(batch), m), -100, dtype=torch.long)
+        for i, (x, y) in enumerate(texts):
+            ids[i, :len(x)], mask[i, :len(x)], labels[i, :len(y)] = torch.tensor(x), 1, torch.tensor(y)
+        return torch.stack(images), ids, mask, labels, torch.tensor(r)
+    return collate
+
+
+def prompt_batch(tok, prompts, decoder_only):
+    """Generation prompts per sample: decoder-only: [BOS] prompt, left-padded (the new tokens follow
+    every row's last prompt token); encoder-decoder: prompt </s>, right-padded."""
+    rows = [tok(p.rstrip(" ") if decoder_only else p)["input_ids"] for p in prompts]
+    n = max(len(r) for r in rows)
+    ids = torch.full((len(rows), n), tok.pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), n), dtype=torch.long)
+    for i, r in enumerate(rows):
+        span = slice(n - len(r), n) if decoder_only else slice(0, len(r))
+        ids[i, span], mask[i, span] = torch.tensor(r), 1
+    return ids, mask
+
+
+def end_ids(cfg, tok, decoder_only):
+    """The ids that end a decoder-only target (LAVIS: "\n" for OPT): cfg.text_end, else </s>."""
+    if not decoder_only:
+        return []
+    ids = tok(cfg.text_end, add_special_tokens=False)["input_ids"] if cfg.text_end else []
+    return ids or [tok.eos_token_id]
+
+
+def read_vqa(questions_path, answers_path, image_root=None):
+    """VQAv2's two files -> [{"image", "question", "question_id", "answers": [str] * 10}]. The
+    image is the entry's "image" path (the tiny split's) or COCO's file name for its image_id and
+    the file's data_subtype (val2014/COCO_val2014_000000000042.jpg) under --image-root."""
+    def load(path, field):
+        if not os.path.isfile(path):
+            raise MissingFileError(f"VQA file {path} does not exist")
+        try:
+            with open(path) as f:
+                data = json.load(f)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path} is not valid JSON: {e.msg} at line {e.lineno}") from None
+        if not isinstance(data, dict) or not isinstance(data.get(field), list):
+            raise UserError(f"{path}: expected VQAv2's layout, an object with a '{field}' list")
+        return data
+    if not answers_path:
+        raise UserError("--task vqa: pass --val-answers (VQAv2's annotation file) with --val-data (its questions)")
+    questions, annotations = load(questions_path, "questions"), load(answers_path, "annotations")
+    root = image_root or os.path.dirname(os.path.abspath(questions_path))
+    answers = {}
+    for i, a in enumerate(annotations["annotations"]):
+        try:
+            answers[a["question_id"]] = [x["answer"] for x in a["answers"]]
+        except (KeyError, TypeError):
+            raise UserError(f"{answers_path}, annotation {i}: needs 'question_id' and 'answers' [{{'answer'}}]") from None
+    out = []
+    for i, q in enumerate(questions["questions"]):
+        if not isinstance(q, dict) or not all(k in q for k in ("question_id", "image_id", "question")):
+            raise UserError(f"{questions_path}, question {i}: needs 'question_id', 'image_id' and 'question'")
+        if q["question_id"] not in answers:
+            raise UserError(f"{questions_path}: question {q['question_id']} has no annotation in {answers_path}")
+        image = q.get("image") or os.path.join(
+            questions.get("data_subtype", ""), f"COCO_{questions.get('data_subtype', '')}_{q['image_id']:012d}.jpg")
+        image = image if os.path.isabs(image) else os.path.join(root, image)
+        if not os.path.isfile(image):
+            raise MissingFileError(f"{questions_path}, question {q['question_id']}: image file {image} does not exist")
+        out.append({"image": image, "question": q["question"], "question_id": q["question_id"],
+                    "answers": answers[q["question_id"]]})
+    if not out:
+        raise UserError(f"{questions_path}: no questions")
+    return out
+
+
+def build_data_stage2(cfg, tok, decoder_only, rank, world_size):
+    """Stage 2: training loader (none with --eval-only), caption val records, VQA questions. With
+    neither --train-data nor --val-data, the built-in tiny set, whose training mixes the train split's
+    VQA questions in (the tiny LM knows no language: it learns the answer format here; the paper's
+    LMs bring it from their own pretraining)."""
+    tiny = None if (cfg.train_data or cfg.val_data) else tiny_data()
+    root = cfg.image_root or None
+    val = vqa = None
+    if cfg.task == "vqa":
+        vqa = read_vqa(cfg.val_data or os.path.join(tiny, "vqa_val_questions.json"),
+                       cfg.val_answers or (os.path.join(tiny, "vqa_val_annotations.json") if tiny else ""), root)
+    else:
+        val_file = cfg.val_data or (os.path.join(tiny, "val.json") if tiny else "")
+        val = read_annotations(val_file, root) if val_file else None
+        if tiny:
+            vqa = read_vqa(os.path.join(tiny, "vqa_val_questions.json"), os.path.join(tiny, "vqa_val_annotations.json"))
+    if cfg.eval_only:
+        return None, None, val, vqa
+    train_file = cfg.train_data or os.path.join(tiny_data(), "train.json")
+    records = read_annotations(train_file, root, cfg.skip_bad)
+    if tiny:
+        records += [{"image": q["image"], "captions": [q["answers"][0]], "prompt": cfg.vqa_prompt.format(q["question"]),
+                     "image_id": q["question_id"]}
+                    for q in read_vqa(os.path.join(tiny, "vqa_train_questions.json"),
+                                      os.path.join(tiny, "vqa_train_annotations.json"))]
+    end = end_ids(cfg, tok, decoder_only)
+    split_prefix = not decoder_only and cfg.task == "pretrain"
+
+    def encode(record, c, seed):
+        prompt, target = record.get("prompt", cfg.prompt), record["captions"][c]
+        if split_prefix and "prompt" not in record:
+            # Sec. 3.3 prefix language modeling: the caption is cut at a random word boundary, the
+            # prefix goes to the encoder after the queries, the suffix is generated (see the README)
+            words = target.split()
+            k = random.Random(seed).randrange(len(words)) if seed is not None else 0
+            prompt, target = " ".join(words[:k]), " ".join(words[k:])
+        return llm_example(tok, prompt, target, cfg.max_length, decoder_only, end)
+
+    train_set = ImageTextDataset(records, train_transform(cfg.image_size), None, cfg.max_length,
+                                 skip_bad=cfg.skip_bad, encode=encode)
+    loader, sampler = train_loader(train_set, batch_size=cfg.batch_size, workers=cfg.workers, seed=cfg.seed, rank=rank,
+                                   world_size=world_size, source=train_file, collate_fn=collate_llm(tok.pad_token_id))
+    return loader, sampler, val, vqa
+
+
 def trim_padding(ids, pad_id):
     """Drop the padding columns no caption of the global batch reaches (LAVIS pads every caption
     to 32 tokens). Exact: padding is never attended to and never a target, and text positions
@@ -826,9 +1229,17 @@ def trim_padding(ids, pad_id):
 
 def check_config(cfg):
     """Start-up checks with clear messages (instead of an assert deep in the first step)."""
-    if cfg.stage != 1:
-        raise UserError(f"--stage {cfg.stage}: this version trains stage 1 (the Q-Former); stage 2 (a frozen "
-                        f"language model, Sec. 3.3) is not implemented yet")
+    if cfg.task not in STAGE_TASKS[cfg.stage]:
+        raise UserError(f"--task {cfg.task} is not a stage-{cfg.stage} task ({', '.join(STAGE_TASKS[cfg.stage])})")
+    if cfg.task == "vqa" and not cfg.eval_only:
+        raise UserError("--task vqa evaluates zero-shot VQA: add --eval-only")
+    if cfg.stage == 2 and cfg.preset not in ("tiny",) and not (cfg.llm or cfg.init_from or cfg.resume):
+        raise UserError(f"--preset {cfg.preset}: pass --llm, the language model's transformers folder "
+                        f"(or --init-from a Blip2ForConditionalGeneration folder)")
+    if cfg.stage == 2 and cfg.llm and not os.path.isfile(os.path.join(cfg.llm, "config.json")):
+        raise MissingFileError(f"--llm {cfg.llm}: no config.json; expected a transformers language model folder")
+    if "{}" not in cfg.vqa_prompt:
+        raise UserError(f"--vqa-prompt {cfg.vqa_prompt!r} has no {{}} for the question")
     if cfg.max_length > cfg.max_positions:
         raise UserError(f"--max-length {cfg.max_length} exceeds the {cfg.max_positions} position embeddings")
     if cfg.max_length < 2:
@@ -919,18 +1330,94 @@ def evaluate_itg(model, cfg, recs, tokenizer, device, precision, tokens):
     return {"itg_acc": float(100 * correct / total), "itg_acc_majority": float(100 * counts.max() / total)}
 
 
+# ---- evaluation, stage 2: captions (Sec. 4.2) and zero-shot VQA (Sec. 4.1) ----
+
+@torch.no_grad()
+def generate_texts(model, cfg, paths, prompts, tok, device, precision, generation):
+    """The LM's text for each (image, prompt): every rank generates for its shard of the pairs,
+    in batches, and the texts are gathered in order."""
+    start, end = dist.shard_range(len(paths))
+    loader = torch.utils.data.DataLoader(ImageDataset(paths[start:end], eval_transform(cfg.image_size, crop=False)),
+                                         batch_size=cfg.batch_size, num_workers=cfg.workers)
+    decoder_only = model.decoder_only
+    stop = dict(eos_token_id=end_ids(cfg, tok, decoder_only)[0] if decoder_only else tok.eos_token_id,
+                pad_token_id=tok.pad_token_id)
+    texts = []
+    for images, index in loader:
+        ids, mask = prompt_batch(tok, [prompts[start + i] for i in index.tolist()], decoder_only)
+        with autocast(precision, device):
+            new = model.generate(images.to(device), ids.to(device), mask.to(device), **generation, **stop)
+        texts += [tok.decode(t, skip_special_tokens=True).strip() for t in new.tolist()]
+    return [t for part in dist.gather_objects(texts) for t in part]
+
+
+def caption_generation(cfg):
+    """Beam search (5 beams, 30 / 8 new tokens in COCO fine-tuning) or nucleus sampling (top-p 0.9)."""
+    lengths = dict(max_new_tokens=cfg.max_gen_length, min_new_tokens=cfg.min_gen_length)
+    if cfg.nucleus:
+        return dict(do_sample=True, top_p=0.9, top_k=0, num_beams=1, **lengths)
+    return dict(do_sample=False, num_beams=cfg.num_beams, **lengths)
+
+
+def evaluate_captions(model, cfg, val, tok, device, precision):
+    """One caption per val image (prompted with --prompt in caption fine-tuning), pycocoevalcap's
+    scores against its references; captions.json in the output folder."""
+    prompt = cfg.prompt if cfg.task == "caption" else ""
+    captions = generate_texts(model, cfg, [r["image"] for r in val], [prompt] * len(val), tok, device, precision,
+                              caption_generation(cfg))
+    metrics = caption_metrics(dict(enumerate(captions)), {i: r["captions"] for i, r in enumerate(val)}) \
+        if dist.is_main() else {}
+    if dist.is_main():
+        with open(os.path.join(cfg.output_dir, "captions.json"), "w") as f:
+            json.dump([{"image": r["image"], "image_id": r["image_id"], "caption": c} for r, c in zip(val, captions)],
+                      f, indent=1)
+    return dist.gather_objects(metrics)[0]
+
+
+def evaluate_vqa(model, cfg, questions, tok, device, precision):
+    """Zero-shot VQA (Sec. 4.1): "Question: {} Short answer:" after the soft prompt, beam search
+    with length penalty -1; vqa_acc is VQAv2's accuracy with its answer normalisation (percent).
+    vqa_answers.json holds the answers in VQAv2's result format."""
+    answers = generate_texts(model, cfg, [q["image"] for q in questions],
+                             [cfg.vqa_prompt.format(q["question"]) for q in questions], tok, device, precision,
+                             VQA_GENERATION)
+    if dist.is_main():
+        with open(os.path.join(cfg.output_dir, "vqa_answers.json"), "w") as f:
+            json.dump([{"question_id": q["question_id"], "answer": a} for q, a in zip(questions, answers)], f, indent=1)
+    return {"vqa_acc": 100 * sum(vqa_accuracy(a, q["answers"]) for q, a in zip(questions, answers)) / len(questions)}
+
+
+@torch.no_grad()
+def evaluate_stage2(model, cfg, val, vqa, tok, device, precision):
+    was_training = model.training
+    model.eval()
+    tick, metrics = time.time(), {}
+    if val is not None:
+        metrics.update(evaluate_captions(model, cfg, val, tok, device, precision))
+    if vqa is not None:
+        metrics.update(evaluate_vqa(model, cfg, vqa, tok, device, precision))
+    if metrics:
+        metrics["generation_eval_s"] = time.time() - tick
+    model.train(was_training)
+    return metrics
+
+
 # ---- training ----
 
 # Set by the run, not by the weights: an --init-from of our checkpoint keeps these from the command
 # line or the task recipe (fine-tuning at 364 px from 224 px interpolates the encoder's positions).
 RUN_FIELDS = ("image_size",)
+# Where a stage-2 checkpoint's language model comes from (rebuilt on resume, unless it was saved).
+LLM_FIELDS = ("llm", "llm_width", "llm_layers", "llm_heads", "llm_mlp_dim")
 
 
-def build_model(cfg, tokenizer, init=(None, None)):
+def build_model(cfg, tokenizer, init=(None, None), llm_tokenizer=None):
     """Fresh model (its encoder from --vision-weights); or --init-from a transformers folder,
     LAVIS's stage-1 file, or one of our checkpoints (its encoder rebuilt from the source it
     records, unless --vision-weights names another); then --init-text a BERT."""
     kind, saved = init
+    if cfg.stage == 2:
+        return build_stage2(cfg, init, llm_tokenizer)
     if kind in ("hf", "lavis"):
         model = (BLIP2.from_hf(cfg.init_from, cfg, tokenizer) if kind == "hf" else
                  BLIP2.from_lavis(cfg.init_from, cfg, tokenizer, state=saved))
@@ -962,6 +1449,49 @@ def build_model(cfg, tokenizer, init=(None, None)):
     return model, cfg
 
 
+def build_stage2(cfg, init, llm_tokenizer):
+    """Stage 2 from: a Blip2ForConditionalGeneration folder (everything, its LM included); one of
+    our stage-2 checkpoints (its LM rebuilt from the source it records, or saved in it); a stage-1
+    start (ours, LAVIS's blip2_pretrained.pth, a Blip2ForImageTextRetrieval folder) with --llm;
+    or nothing (a new Q-Former)."""
+    kind, saved = init
+    cli = getattr(cfg, "cli_keys", ())
+    if kind == "hf" and "text_config" in saved:
+        if cfg.llm and "llm" in cli:
+            raise UserError(f"--llm {cfg.llm}: --init-from {cfg.init_from} holds its own language model")
+        model = BLIP2.from_hf(cfg.init_from, cfg)
+        for k in MODEL_FIELDS + ("llm",):
+            setattr(cfg, k, getattr(model.cfg, k))
+        cfg.vision_weights = cfg.vision_weights or cfg.init_from
+        if cfg.vision_weights != cfg.init_from:
+            load_vision(model, model.cfg)
+    elif kind == "ours" and saved["config"].get("stage", 1) == 2:
+        run = {k: getattr(cfg, k) for k in RUN_FIELDS if k in cli or k in task_recipe(cfg)}
+        for k in MODEL_FIELDS + LLM_FIELDS:
+            if k not in cli or k not in LLM_FIELDS:
+                setattr(cfg, k, saved["config"][k])
+        cfg.__dict__.update(run)
+        if "vision_weights" not in cli:
+            cfg.vision_weights, cfg.vision_seed = saved["config"]["vision_weights"], saved["config"]["vision_seed"]
+        model = build_blip2(cfg, None, make_llm(cfg, llm_tokenizer))
+        load_vision(model, cfg)
+        load_trainable(model, saved, cfg.init_from, check_vision="vision_weights" not in cli)
+    elif kind:
+        stage1, cfg1 = build_model(dataclasses.replace(cfg, stage=1, init_text=""), None, init)
+        for k in MODEL_FIELDS + ("vision_weights", "vision_seed"):
+            setattr(cfg, k, getattr(cfg1, k))
+        model = to_stage2(stage1, cfg, make_llm(cfg, llm_tokenizer))
+    else:
+        model = build_blip2(cfg, None, make_llm(cfg, llm_tokenizer))
+        load_vision(model, cfg)
+    if cfg.init_text:
+        raise UserError("--init-text starts stage 1's Q-Former from a BERT; stage 2's starts from stage 1 (--init-from)")
+    model.cfg = cfg
+    model.set_frozen(cfg.freeze_vision)
+    model.set_llm_frozen(cfg.freeze_llm)
+    return model, cfg
+
+
 def load_trainable(model, saved, source, check_vision=True):
     """Our checkpoint's weights (all but a frozen encoder) into `model`; its encoder must be the
     one the checkpoint was trained with (same fingerprint), unless another was asked for."""
@@ -970,10 +1500,17 @@ def load_trainable(model, saved, source, check_vision=True):
     if key in state:
         state[key] = resize_pos_embed(state[key], model.cfg.image_size // model.cfg.patch_size)
     missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not k.startswith("visual_encoder.")]
+    missing = [k for k in missing if not k.startswith(("visual_encoder.", "language_model."))]
     if missing or unexpected:
         raise UserError(f"{source}: keys {(missing or unexpected)[:4]} do not match this model")
     model.vision_from_checkpoint = any(k.startswith("visual_encoder.") for k in state)
+    if model.cfg.stage == 2:
+        model.llm_from_checkpoint = any(k.startswith("language_model.") for k in state)
+        if not model.llm_from_checkpoint and saved.get("llm_fingerprint"):
+            now = fingerprint(model.language_model)
+            if abs(now - saved["llm_fingerprint"]) > 1e-6 * abs(saved["llm_fingerprint"]):
+                raise UserError(f"{source}: the language model rebuilt from {model.cfg.llm} is not the one this "
+                                f"checkpoint was trained with (fingerprint {now:.6g} vs {saved['llm_fingerprint']:.6g})")
     if check_vision and not any(k.startswith("visual_encoder.") for k in state) and saved.get("vision_fingerprint"):
         now = fingerprint(model.visual_encoder)
         if abs(now - saved["vision_fingerprint"]) > 1e-6 * abs(saved["vision_fingerprint"]):
@@ -1015,33 +1552,58 @@ def main(argv=None):
     seed_everything(cfg.seed)                     # the same initial weights on every rank
     os.makedirs(cfg.output_dir, exist_ok=True)
     init = read_init(cfg.init_from) if cfg.init_from else (None, None)
-    if init[0] == "ours":
-        cfg.tokenizer = cfg.tokenizer or init[1]["config"]["tokenizer"]
-    # a retrieval folder's tokenizer is the Q-Former's (BERT + [DEC]); a ConditionalGeneration
-    # folder's is its language model's, which the Q-Former cannot read: --tokenizer then
-    qformer_folder = init[0] == "hf" and (init[1].get("qformer_config") or {}).get("use_qformer_text_input")
-    tokenizer = load_tokenizer(cfg.tokenizer, cfg.init_text or (cfg.init_from if qformer_folder else ""),
-                               use_tiny=not (cfg.train_data or cfg.val_data))
-    cfg.tokenizer = tokenizer.name
-    model, cfg = build_model(cfg, tokenizer, init)     # a resumed run: its encoder source (resolve_config
-                                                       # cleared --init-from), then its weights below
+    tokenizer = llm_tokenizer = None
+    if cfg.stage == 1:
+        if init[0] == "ours":
+            cfg.tokenizer = cfg.tokenizer or init[1]["config"]["tokenizer"]
+        # a retrieval folder's tokenizer is the Q-Former's (BERT + [DEC]); a ConditionalGeneration
+        # folder's is its language model's, which the Q-Former cannot read: --tokenizer then
+        qformer_folder = init[0] == "hf" and (init[1].get("qformer_config") or {}).get("use_qformer_text_input")
+        tokenizer = load_tokenizer(cfg.tokenizer, cfg.init_text or (cfg.init_from if qformer_folder else ""),
+                                   use_tiny=not (cfg.train_data or cfg.val_data))
+        cfg.tokenizer = tokenizer.name
+    else:   # stage 2's Q-Former reads no text; the LM's tokenizer
+        if init[0] == "ours" and init[1]["config"].get("stage", 1) == 2:
+            for k in ("llm", "llm_tokenizer"):
+                if k not in getattr(cfg, "cli_keys", ()):
+                    setattr(cfg, k, init[1]["config"][k])
+        llm_tokenizer = load_llm_tokenizer(cfg, cfg.init_from if init[0] == "hf" and "text_config" in init[1] else "")
+        cfg.llm_tokenizer = llm_tokenizer.name_or_path
+    model, cfg = build_model(cfg, tokenizer, init, llm_tokenizer)   # a resumed run: its encoder source (resolve_config
+                                                                    # cleared --init-from), then its weights below
     del init
     if not cfg.vision_weights and cfg.preset != "tiny" and dist.is_main():
         print(f"warning: no --vision-weights: the frozen {cfg.vision} encoder is random (seed {cfg.vision_seed})")
     vision_fingerprint = None if cfg.eval_only else fingerprint(model.visual_encoder)   # for our checkpoints
+    llm_fingerprint = (fingerprint(model.language_model) if cfg.stage == 2 and cfg.llm and not cfg.eval_only
+                       else None)
     if ckpt:
         load_trainable(model, ckpt, cfg.resume)
     model.to(device)
+    half = torch.bfloat16 if precision == "bf16" else torch.float16
     if model.vision_frozen and device.type == "cuda" and precision != "fp32":
         # Sec. 3.1: the frozen encoder in half precision on GPU (LAVIS: fp16); ln_vision stays fp32
-        model.visual_encoder.to(torch.bfloat16 if precision == "bf16" else torch.float16)
+        model.visual_encoder.to(half)
+    if cfg.stage == 2 and model.llm_frozen and device.type == "cuda" and precision != "fp32":
+        # Sec. 3.3: the frozen LM in bf16 (fp16 on GPUs without it: --precision auto picks)
+        model.language_model.to(half)
     if cfg.grad_checkpointing:
         model.set_grad_checkpointing()
-    loader, sampler, image_index, val = build_data(cfg, tokenizer, rank, world_size)
+    if cfg.stage == 1:
+        loader, sampler, image_index, val = build_data(cfg, tokenizer, rank, world_size)
+        vqa = None
+
+        def evaluate_run():
+            return evaluate(model, cfg, val, tokenizer, device, precision)
+    else:
+        loader, sampler, val, vqa = build_data_stage2(cfg, llm_tokenizer, model.decoder_only, rank, world_size)
+
+        def evaluate_run():
+            return evaluate_stage2(model, cfg, val, vqa, llm_tokenizer, device, precision)
     save_config(cfg, cfg.output_dir)
     log = MetricLog(cfg.output_dir)
     if cfg.eval_only:
-        metrics = evaluate(model, cfg, val, tokenizer, device, precision)
+        metrics = evaluate_run()
         log.write({"step": ckpt["step"] if ckpt else 0, "epoch": 0, "split": "val", **metrics})
         if dist.is_main():
             print(json.dumps(metrics))
@@ -1080,7 +1642,8 @@ def main(argv=None):
                  "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "step": step,
                  "epoch": step // steps_per_epoch, "best": best, "bad_steps": guard.total,
                  "steps_per_epoch": steps_per_epoch, "world_size": world_size, "config": dataclasses.asdict(cfg),
-                 "vision_fingerprint": vision_fingerprint, "rng": dist.gather_objects(rng_state())}
+                 "vision_fingerprint": vision_fingerprint, "llm_fingerprint": llm_fingerprint,
+                 "rng": dist.gather_objects(rng_state())}
         if dist.is_main():
             save_checkpoint(os.path.join(cfg.output_dir, name), state)
 
@@ -1090,14 +1653,20 @@ def main(argv=None):
         while step < total_steps and not stopped:
             epoch = step // steps_per_epoch
             sampler.set_epoch(epoch, skip=(step % steps_per_epoch) * cfg.batch_size)
-            for images, ids, r in loader:
-                ids = trim_padding(ids, tokenizer.pad_id) if not cfg.compile else ids
-                images, ids = images.to(device, non_blocking=True), ids.to(device, non_blocking=True)
-                idx = image_index[r].to(device, non_blocking=True)          # looked up on the host: no sync
-                mask = (ids != tokenizer.pad_id).long()
+            for batch in loader:
+                if cfg.stage == 1:
+                    images, ids, r = batch
+                    ids = trim_padding(ids, tokenizer.pad_id) if not cfg.compile else ids
+                    images, ids = images.to(device, non_blocking=True), ids.to(device, non_blocking=True)
+                    idx = image_index[r].to(device, non_blocking=True)          # looked up on the host: no sync
+                    mask = (ids != tokenizer.pad_id).long()
+                    inputs = dict(images=images, ids=ids, mask=mask, idx=idx, task=cfg.task)
+                else:   # padded to the batch's longest text by collate_llm
+                    images, ids, mask, labels = (x.to(device, non_blocking=True) for x in batch[:4])
+                    inputs = dict(images=images, ids=ids, mask=mask, labels=labels)
                 with autocast(precision, device):
-                    losses = ddp_model(images, ids, mask, idx, cfg.task)
-                loss = sum(losses.values())                     # L = L_itc + L_itm + L_itg (LAVIS: unweighted)
+                    losses = ddp_model(**inputs)
+                loss = sum(losses.values())          # stage 1: L_itc + L_itm + L_itg (LAVIS: unweighted)
                 scaler.scale(loss).backward()
                 scaler.unscale_(optimizer)
                 grad_norm = grad_norm_(model, cfg.grad_clip_norm)
@@ -1107,17 +1676,17 @@ def main(argv=None):
                 scheduler.step()
                 step += 1
                 pbar.update(1)
-                guard.account(step, ok, lambda b=(images, ids, mask, idx): first_nonfinite_module(
-                    model, {"images": b[0]}, lambda: model(*b, cfg.task)))
+                guard.account(step, ok, lambda b=inputs: first_nonfinite_module(
+                    model, {"images": b["images"]}, lambda: model(**b)))
                 if step % cfg.log_every == 0 or step == total_steps:
                     values = {k: dist.all_reduce_mean(v).item() for k, v in {"loss": loss, **losses}.items()}
                     speed = (step - tick_step) * cfg.batch_size * world_size / (time.time() - tick)
                     tick, tick_step = time.time(), step
                     lr = max(g["lr"] for g in optimizer.param_groups)       # the Q-Former's
                     pbar.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{lr:.2e}", samples_s=f"{speed:.0f}")
-                    log.write({"step": step, "epoch": epoch, "split": "train", **values, "lr": lr,
-                               "temp": model.temp.item(), "samples_per_s": speed, "grad_norm": grad_norm.item(),
-                               "bad_steps": guard.total})
+                    extra = {"temp": model.temp.item()} if cfg.stage == 1 else {}
+                    log.write({"step": step, "epoch": epoch, "split": "train", **values, "lr": lr, **extra,
+                               "samples_per_s": speed, "grad_norm": grad_norm.item(), "bad_steps": guard.total})
                 if preemption.requested():   # SIGTERM / SIGUSR1 on any rank: save this step and leave
                     guard.flush()
                     checkpoint("checkpoint_last.pt")
@@ -1134,18 +1703,19 @@ def main(argv=None):
             if stopped:
                 break
             guard.flush()
-            metrics = evaluate(model, cfg, val, tokenizer, device, precision)
+            metrics = evaluate_run()
             log.write({"step": step, "epoch": epoch, "split": "val", **metrics})
             if metrics and dist.is_main():
                 tqdm.write(f"epoch {epoch} step {step}: " + " ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
-            if dist.gather_objects(metrics.get("r_mean", -1.0) > best)[0]:   # rank 0 decides for all
-                best = metrics["r_mean"]
+            key = "r_mean" if cfg.stage == 1 else "cider" if "cider" in metrics else "vqa_acc"
+            if dist.gather_objects(metrics.get(key, -1.0) > best)[0]:   # rank 0 decides for all
+                best = metrics[key]
                 checkpoint("checkpoint_best.pt")
             checkpoint("checkpoint_last.pt")
             tick, tick_step = time.time(), step
     pbar.close()
     if not metrics and not stopped:   # resumed a finished run: evaluate its weights again
-        metrics = evaluate(model, cfg, val, tokenizer, device, precision)
+        metrics = evaluate_run()
     if dist.is_main():
         print(json.dumps(metrics or {"step": step}))
     dist.cleanup()

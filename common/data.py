@@ -236,13 +236,14 @@ def eval_transform(size, crop=True):
 
 class ImageTextDataset(torch.utils.data.Dataset):
     """Training pairs: every (image, caption) pair of the records is one sample (as BLIP's
-    COCO loader). Returns (image (3, H, W), token ids (L,), index of the image's record).
+    COCO loader). Returns (image (3, H, W), token ids (L,), index of the image's record); with
+    `encode(record, caption index, seed)`, its result instead of the token ids.
 
     Keys may be (index, seed) from `ShardedSampler`: the augmentation then depends only on
     (seed, epoch, index), so a resumed run sees exactly the crops an uninterrupted one would."""
 
-    def __init__(self, records, transform, tokenizer, context_length, skip_bad=False, prefix=""):
-        self.records, self.transform, self.prefix = records, transform, prefix
+    def __init__(self, records, transform, tokenizer, context_length, skip_bad=False, prefix="", encode=None):
+        self.records, self.transform, self.prefix, self.encode = records, transform, prefix, encode
         self.tokenizer, self.context_length, self.skip_bad = tokenizer, context_length, skip_bad
         self.pairs = [(r, c) for r, rec in enumerate(records) for c in range(len(rec["captions"]))]
         self.skipped = 0
@@ -268,6 +269,8 @@ class ImageTextDataset(torch.utils.data.Dataset):
                 image = self.transform(image)
         else:
             image = self.transform(image)
+        if self.encode is not None:                      # the caller's text encoding (BLIP-2's LM texts)
+            return image, self.encode(self.records[r], c, seed), r
         ids = self.tokenizer(self.prefix + self.records[r]["captions"][c], self.context_length)[0]
         return image, ids, r
 
@@ -388,7 +391,7 @@ class ShardedSampler(torch.utils.data.Sampler):
             yield i, int.from_bytes(digest, "little") & 0x7FFF_FFFF_FFFF_FFFF
 
 
-def train_loader(train_set, *, batch_size, workers, seed, rank, world_size, source):
+def train_loader(train_set, *, batch_size, workers, seed, rank, world_size, source, collate_fn=None):
     """(DataLoader, ShardedSampler) of a training set: `batch_size` per rank, the last incomplete
     batch dropped. The loader has its own seeded generator: starting an epoch (or a resume) must not
     consume the global RNG that dropout, masking and negative sampling use. A global batch larger
@@ -398,7 +401,7 @@ def train_loader(train_set, *, batch_size, workers, seed, rank, world_size, sour
                         f"{len(train_set)} image-caption pairs of {source}; use a smaller --batch-size")
     sampler = ShardedSampler(len(train_set), rank=rank, world_size=world_size, seed=seed)
     loader = torch.utils.data.DataLoader(train_set, batch_size=batch_size, sampler=sampler, drop_last=True,
-                                         num_workers=workers, pin_memory=torch.cuda.is_available(),
+                                         num_workers=workers, pin_memory=torch.cuda.is_available(), collate_fn=collate_fn,
                                          persistent_workers=workers > 0, generator=torch.Generator().manual_seed(seed))
     return loader, sampler
 

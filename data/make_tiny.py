@@ -1,6 +1,8 @@
 """The built-in tiny dataset: 64x64 pictures of one to three coloured shapes, each with five
 compositional captions ("a large red circle to the left of a small blue square"), in the
-Karpathy JSON format, plus a zero-shot classification folder and a word-level tokenizer.
+Karpathy JSON format, plus a zero-shot classification folder, a word-level tokenizer, VQAv2-format
+questions about colour, shape, count and position (BLIP-2's VQA), and a second word-level
+tokenizer for the tiny language model of BLIP-2's stage 2 (OPT's conventions: </s> begins a text).
 
 Shape must be seen, not only colour: every scene comes in a group of four images that differ
 only in the shape of one of its objects (circle, square, triangle, diamond), all in the same
@@ -18,6 +20,12 @@ Layout written:
     images/*.png
     zeroshot/<colour>_<shape>/*.png, zeroshot/classnames.txt, zeroshot/templates.txt
     tokenizer/                          (a transformers PreTrainedTokenizerFast folder)
+    vqa_{train,val}_questions.json      VQAv2 layout ({"questions": [{"question_id", "image_id", "question"}]}),
+    vqa_{train,val}_annotations.json    each question with an "image" path too; 10 identical answers each
+    tokenizer_llm/                      the tiny language model's tokenizer (BLIP-2 stage 2)
+
+The VQA files and tokenizer_llm come from their own random stream, after everything else: the
+images, captions and the first tokenizer are those of version 2.
 """
 import argparse
 import json
@@ -26,7 +34,7 @@ import random
 
 from PIL import Image, ImageDraw
 
-VERSION = 2
+VERSION = 3
 SIZE = 64
 COLOURS = {"red": (220, 30, 30), "green": (30, 170, 50), "blue": (40, 60, 220),
            "yellow": (235, 215, 30), "purple": (140, 40, 170), "orange": (245, 130, 20)}
@@ -137,12 +145,69 @@ def build_tokenizer(texts, out_dir):
     fast.save_pretrained(out_dir)
 
 
+def vqa_questions(rng, bg, objs):
+    """Two questions about one scene (colour, shape, count, position), each answer in the form the
+    VQAv2 evaluation normalises to (digits, no articles): a unanimous human answer is not normalised."""
+    options = [("how many shapes are there?", str(len(objs)))]
+    shapes = [o["shape"] for o in objs]
+    colours = [o["colour"] for o in objs]
+    for o in objs:
+        if shapes.count(o["shape"]) == 1:
+            options.append((f"what colour is the {o['shape']}?", o["colour"]))
+        if colours.count(o["colour"]) == 1:
+            options.append((f"what shape is the {o['colour']} one?", o["shape"]))
+    if len(objs) == 1:
+        options.append((f"where is the {objs[0]['shape']}?", where(objs[0]["cx"], objs[0]["cy"])))
+    else:
+        options.append(("what colour is the shape on the left?", objs[0]["colour"]))
+        options.append(("what shape is on the right?", objs[-1]["shape"]))
+    return rng.sample(options, 2)
+
+
+def write_vqa(out, split, items):
+    """VQAv2's two files for one split; items: (image path, image id, [(question, answer)])."""
+    questions, annotations = [], []
+    for image, image_id, pairs in items:
+        for k, (question, answer) in enumerate(pairs):
+            qid = image_id * 10 + k
+            questions.append({"question_id": qid, "image_id": image_id, "question": question, "image": image})
+            annotations.append({"question_id": qid, "image_id": image_id, "question_type": " ".join(question.split()[:2]),
+                                "answer_type": "number" if answer.isdigit() else "other",
+                                "multiple_choice_answer": answer,
+                                "answers": [{"answer": answer, "answer_confidence": "yes", "answer_id": j + 1}
+                                            for j in range(10)]})
+    meta = {"data_type": "tiny", "data_subtype": split, "task_type": "Open-Ended"}
+    with open(os.path.join(out, f"vqa_{split}_questions.json"), "w") as f:
+        json.dump({**meta, "questions": questions}, f, indent=0)
+    with open(os.path.join(out, f"vqa_{split}_annotations.json"), "w") as f:
+        json.dump({**meta, "annotations": annotations}, f, indent=0)
+
+
+def build_llm_tokenizer(texts, out_dir):
+    """The tiny language model's word-level tokenizer, with OPT's conventions: </s> is BOS and EOS
+    and begins every text, <pad> pads, and "\n" is a token (BLIP-2 ends OPT captions with it)."""
+    from tokenizers import AddedToken, Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+    specials = ["<pad>", "<unk>", "</s>"]
+    tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator(texts, trainers.WordLevelTrainer(special_tokens=specials))
+    tok.add_tokens([AddedToken("\n", normalized=False)])
+    tok.post_processor = processors.TemplateProcessing(single="</s> $A", pair="</s> $A $B",
+                                                       special_tokens=[("</s>", tok.token_to_id("</s>"))])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="</s>", eos_token="</s>", pad_token="<pad>",
+                                   unk_token="<unk>")
+    fast.save_pretrained(out_dir)
+
+
 def build(out):
     """Write the whole dataset into `out` (which must not exist yet or be empty)."""
     rng = random.Random(0)
     os.makedirs(os.path.join(out, "images"), exist_ok=True)
     all_text = []
     image_id = 0
+    scenes_of = {}
     for split, n in SPLITS.items():
         records = []
         scenes = [scene for _ in range(n // GROUP) for scene in scene_group(rng)]
@@ -152,6 +217,7 @@ def build(out):
             caps = captions(rng, bg, objs)
             all_text += caps
             records.append({"image": rel, "caption": caps, "image_id": image_id})
+            scenes_of.setdefault(split, []).append((rel, image_id, bg, objs))
             image_id += 1
         with open(os.path.join(out, f"{split}.json"), "w") as f:
             json.dump(records, f, indent=0)
@@ -173,6 +239,13 @@ def build(out):
         f.write("\n".join(ZEROSHOT_TEMPLATES) + "\n")
     build_tokenizer(all_text + [t.format(c) for t in ZEROSHOT_TEMPLATES for c in classes],
                     os.path.join(out, "tokenizer"))
+    # VQA (BLIP-2 stage 2) from a stream of its own, so that everything above stays as in version 2
+    vqa_rng, llm_text = random.Random(1), list(all_text)
+    for split in ("train", "val"):
+        items = [(rel, i, vqa_questions(vqa_rng, bg, objs)) for rel, i, bg, objs in scenes_of[split]]
+        write_vqa(out, split, items)
+        llm_text += [f"Question: {q} Short answer: {a}" for _, _, pairs in items for q, a in pairs]
+    build_llm_tokenizer(llm_text + ["a photo of"], os.path.join(out, "tokenizer_llm"))
     with open(os.path.join(out, "VERSION"), "w") as f:
         f.write(f"{VERSION}\n")
 

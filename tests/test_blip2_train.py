@@ -194,8 +194,8 @@ def test_trained_encoder_checkpoints_resume_and_another_image_size(tmp_path, sub
 
 def test_bad_input_is_a_clear_error(tmp_path, subset):  # noqa: F811
     out = str(tmp_path / "bad")
-    with pytest.raises(UserError, match="--stage 2"):
-        blip2_train.main([*SMALL, *data_args(subset), "--stage", "2", "--output-dir", out])
+    with pytest.raises(UserError, match="--task retrieval is not a stage-2 task"):
+        blip2_train.main([*SMALL, *data_args(subset), "--stage", "2", "--task", "retrieval", "--output-dir", out])
     with pytest.raises(UserError, match="--max-length 64 exceeds the 40 position embeddings"):
         blip2_train.main([*SMALL, *data_args(subset), "--max-length", "64", "--output-dir", out])
     records = json.load(open(subset[1]))[:4]

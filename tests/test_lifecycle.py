@@ -148,7 +148,8 @@ def test_help_documents_every_flag_default_preset_and_task(script):
     if script.__name__ == "coca_train":
         assert "{pretrain,caption}" in text and "contrastive_weight=0.0" in text
     if script.__name__ == "blip2_train":
-        assert "{pretrain,retrieval}" in text and "freeze_vision=False" in text
+        assert "{pretrain,retrieval,caption,vqa}" in text and "freeze_vision=False" in text
+        assert "vit-g-opt2.7b" in text and "a photo of" in text
 
 
 @pytest.mark.parametrize("args, culprit", [
@@ -157,7 +158,7 @@ def test_help_documents_every_flag_default_preset_and_task(script):
     (["clip_train.py", "--train-data", "no/such/train.json"], "no tokenizer: pass --tokenizer"),
     (["blip_train.py", "--batch-size", "8", "--queue-size", "100"], "--queue-size 100 is not a multiple"),
     (["coca_train.py", "--max-gen-length", "40"], "--max-gen-length 40 exceeds the context of 32"),
-    (["blip2_train.py", "--stage", "2"], "--stage 2: this version trains stage 1"),
+    (["blip2_train.py", "--stage", "2", "--task", "retrieval"], "--task retrieval is not a stage-2 task"),
 ])
 def test_user_mistake_prints_one_line_and_exits_2(tmp_path, tiny, args, culprit):
     args = [os.path.join(tiny, "tokenizer") if a == "TINY" else a for a in args]

@@ -1,0 +1,246 @@
+"""blip2_train.py --stage 2 end to end: what trains and what stays frozen, the loss mask and
+truncation, stage 1 -> stage 2 -> caption fine-tuning -> zero-shot VQA under torchrun with SIGTERM
+and exact resume, and learning on the tiny data."""
+import json
+import os
+
+import pytest
+import torch
+
+import blip2_train
+from common.utils import adamw
+from tests.test_albef_train import data_args
+from tests.test_blip2_train import MODEL, SMALL, run_ok
+from tests.test_clip_train import read_metrics, subset, train_losses  # noqa: F401  (fixture)
+from tests.test_distributed import sigterm_mid_run
+
+LLM = dict(llm_width=32, llm_layers=2, llm_heads=2, llm_mlp_dim=64)
+STAGE2 = ["--stage", "2", *[f"--{k.replace('_', '-')}={v}" for k, v in LLM.items()], "--max-gen-length", "6",
+          "--num-beams", "2"]
+QFORMER_SIDE = ("qformer.", "query_tokens", "ln_vision.", "language_projection.")
+
+
+@pytest.fixture(scope="module")
+def llm_tok(tiny):
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(os.path.join(tiny, "tokenizer_llm"))
+
+
+def a_batch(tok, cfg, n=4):
+    texts = [("", "a small red circle on a white background"), ("a photo of ", "two shapes on gray"),
+             ("Question: how many shapes are there? Short answer:", "2"), ("", "one large blue square on black")][:n]
+    end = blip2_train.end_ids(cfg, tok, True)
+    items = [(torch.randn(3, cfg.image_size, cfg.image_size), blip2_train.llm_example(tok, p, t, cfg.max_length, True,
+                                                                                        end), i)
+             for i, (p, t) in enumerate(texts)]
+    return blip2_train.collate_llm(tok.pad_token_id)(items)[:4]
+
+
+@pytest.mark.parametrize("finetune", [False, True])
+def test_only_the_qformer_and_projection_train_and_the_llm_stays_bit_identical(finetune, llm_tok, tmp_path):
+    """Stage 2 with a frozen LM from a folder: gradients and optimizer state only for the Q-Former
+    side (queries, ln_vision, Q-Former, projection), plus the image encoder in caption fine-tuning;
+    after optimizer steps the LM (and a frozen encoder) is bit-identical, and the LM is in eval mode
+    inside model.train(). Gradient checkpointing through the frozen LM gives the same gradients."""
+    torch.manual_seed(0)
+    folder = str(tmp_path / "llm")
+    cfg = blip2_train.Config(**{**MODEL, **LLM}, stage=2)
+    blip2_train.tiny_llm(cfg, llm_tok).save_pretrained(folder)
+    llm_tok.save_pretrained(folder)
+    cfg = blip2_train.Config(**{**MODEL, **LLM}, stage=2, llm=folder, freeze_vision=not finetune, dropout=0.0)
+    model, cfg = blip2_train.build_model(cfg, None, (None, None), llm_tok)
+    model.train()
+    assert not model.language_model.training and model.visual_encoder.training == finetune
+    trains = QFORMER_SIDE + (("visual_encoder.",) if finetune else ())
+    groups = blip2_train.param_groups(model, cfg)
+    names = {id(p): n for n, p in model.named_parameters()}
+    in_optimizer = sorted(names[id(p)] for g in groups for p in g["params"])
+    assert in_optimizer == sorted(n for n, _ in model.named_parameters() if n.startswith(trains))
+    llm_before = {k: v.clone() for k, v in model.language_model.state_dict().items()}
+    vit_before = {k: v.clone() for k, v in model.visual_encoder.state_dict().items()}
+    qformer_before = next(model.qformer.parameters()).clone()
+    optimizer = adamw(groups, lr=1e-2)
+    batch = a_batch(llm_tok, cfg)
+    for _ in range(3):
+        loss = model(*batch[:3], labels=batch[3])["loss_lm"]
+        loss.backward()
+        for n, p in model.named_parameters():
+            assert (p.grad is not None) == n.startswith(trains), n
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    assert all(torch.equal(v, llm_before[k]) for k, v in model.language_model.state_dict().items())
+    assert all(torch.equal(v, vit_before[k]) for k, v in model.visual_encoder.state_dict().items()) != finetune
+    assert not torch.equal(next(model.qformer.parameters()), qformer_before)
+    # the frozen LM's layers recomputed in backward: the same loss and gradients
+    loss = model(*batch[:3], labels=batch[3])["loss_lm"]
+    loss.backward()
+    want = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    model.set_grad_checkpointing()
+    again = model(*batch[:3], labels=batch[3])["loss_lm"]
+    again.backward()
+    assert again.item() == loss.item()
+    for n, p in model.named_parameters():
+        if n in want:
+            assert torch.allclose(p.grad, want[n], atol=1e-6, rtol=1e-5), n
+
+
+def test_the_loss_counts_only_the_targets_and_truncation_keeps_the_end(llm_tok):
+    """llm_example: labels -100 on [BOS] and the prompt; collate_llm: -100 on padding; the loss is
+    the cross-entropy of exactly the target tokens, computed here from the LM's logits over the whole
+    [queries; text] sequence; padding tokens change nothing. A caption longer than max_length is cut
+    with its end ("\\n", the LM's stop signal) kept; for an encoder-decoder the prompt goes to the
+    encoder and the target keeps its </s>."""
+    torch.manual_seed(0)
+    cfg = blip2_train.Config(**{**MODEL, **LLM}, stage=2, dropout=0.0)
+    model, cfg = blip2_train.build_model(cfg, None, (None, None), llm_tok)
+    model.eval()
+    newline = llm_tok("\n", add_special_tokens=False)["input_ids"]
+    prompt = "Question: how many shapes are there? Short answer:"
+    ids, labels = blip2_train.llm_example(llm_tok, prompt, "2", 32, True, newline)
+    n_prompt = len(llm_tok(prompt)["input_ids"])
+    assert ids[0] == llm_tok.bos_token_id and labels[:n_prompt] == [-100] * n_prompt
+    assert labels[n_prompt:] == ids[n_prompt:] == llm_tok("2", add_special_tokens=False)["input_ids"] + newline
+    long = " ".join(["a small red circle"] * 10)
+    ids, labels = blip2_train.llm_example(llm_tok, "a photo of ", long, 12, True, newline)
+    assert len(ids) == 12 and ids[-1] == labels[-1] == newline[0] and labels[:4] == [-100] * 4
+    images, ids, mask, labels = a_batch(llm_tok, cfg)
+    assert ((labels == -100) | (mask == 1)).all() and (labels[mask == 0] == -100).all()
+    with torch.no_grad():
+        loss = model(images, ids, mask, labels=labels)["loss_lm"]
+        x, m = model.llm_inputs(model.soft_prompt(images), ids, mask)
+        full = model.language_model(inputs_embeds=x, attention_mask=m).logits         # (B, Q + L, V)
+        Q = cfg.num_query_tokens
+        terms = [torch.nn.functional.cross_entropy(full[b, Q + t - 1], labels[b, t])
+                 for b in range(len(ids)) for t in range(1, ids.shape[1]) if labels[b, t] != -100]
+        assert abs(loss.item() - torch.stack(terms).mean().item()) < 1e-5
+        noisy = ids.masked_fill(mask == 0, 7)
+        assert model(images, noisy, mask, labels=labels)["loss_lm"].item() == loss.item()
+    # encoder-decoder: a T5-style tokenizer (text </s>)
+    from tokenizers import processors
+    t5_tok = llm_tok.__class__.from_pretrained(llm_tok.name_or_path)
+    t5_tok._tokenizer.post_processor = processors.TemplateProcessing(
+        single="$A </s>", special_tokens=[("</s>", t5_tok.eos_token_id)])
+    ids, labels = blip2_train.llm_example(t5_tok, "a photo of", long, 6, False, [])
+    assert ids == t5_tok("a photo of")["input_ids"] and ids[-1] == t5_tok.eos_token_id
+    assert len(labels) == 6 and labels[-1] == t5_tok.eos_token_id
+
+
+def write_vqa_subset(tiny, out, n=12):
+    with open(os.path.join(tiny, "vqa_val_questions.json")) as f:
+        questions = json.load(f)
+    with open(os.path.join(tiny, "vqa_val_annotations.json")) as f:
+        annotations = json.load(f)
+    questions["questions"] = [dict(q, image=os.path.join(tiny, q["image"])) for q in questions["questions"][:n]]
+    keep = {q["question_id"] for q in questions["questions"]}
+    annotations["annotations"] = [a for a in annotations["annotations"] if a["question_id"] in keep]
+    (out / "q.json").write_text(json.dumps(questions))
+    (out / "a.json").write_text(json.dumps(annotations))
+    return ["--val-data", str(out / "q.json"), "--val-answers", str(out / "a.json")]
+
+
+def test_stage1_stage2_caption_vqa_under_torchrun_with_exact_resume(tmp_path, subset, tiny):  # noqa: F811
+    """torchrun x2: stage 1, then stage 2 from its checkpoint (the Q-Former's text parts dropped),
+    stopped by SIGTERM and resumed with every step's loss equal to an uninterrupted run; caption
+    fine-tuning from that (the encoder trains and is saved); zero-shot VQA on VQAv2-format files."""
+    s1 = str(tmp_path / "s1")
+    run_ok([*SMALL, *data_args(subset), "--max-steps", "4", "--output-dir", s1])
+    args = [*SMALL, *data_args(subset), *STAGE2, "--init-from", os.path.join(s1, "checkpoint_last.pt"),
+            "--max-steps", "8", "--dropout", "0.1"]
+    ref = str(tmp_path / "ref")
+    final = json.loads(run_ok([*args, "--output-dir", ref]).stdout.strip().splitlines()[-1])
+    assert {"bleu4", "cider", "meteor", "rouge_l"} <= set(final)
+    out = str(tmp_path / "stopped")
+    stdout = sigterm_mid_run("blip2_train.py", args, out, 3, tmp_path / "stdout.txt")
+    last = max(train_losses(out))
+    assert 3 <= last < 8 and f"stopped after step {last}" in stdout, stdout[-3000:]
+    ckpt = torch.load(os.path.join(out, "checkpoint_last.pt"), weights_only=True)
+    keys = set(ckpt["model"])
+    assert "language_projection.weight" in keys and not any(k.startswith("visual_encoder.") for k in keys)
+    assert any(k.startswith("language_model.") for k in keys)         # the tiny random LM trains: it is saved
+    assert not any(k.startswith(("qformer.word_embeddings", "itm_head", "lm_head", "temp")) for k in keys)
+    assert not any(".intermediate." in k for k in keys)                # text FFNs dropped, query FFNs kept
+    second = run_ok([*args, "--output-dir", out, "--resume", "auto"])
+    want = {r["step"]: r for r in read_metrics(ref) if r["split"] == "train"}
+    got = {r["step"]: r for r in read_metrics(out) if r["split"] == "train"}
+    assert sorted(got) == list(range(1, 9))
+    for step in range(1, 9):
+        assert abs(got[step]["loss_lm"] - want[step]["loss_lm"]) < 1e-5, (step, got[step], want[step])
+    assert json.loads(second.stdout.strip().splitlines()[-1])["cider"] == pytest.approx(final["cider"], abs=1e-6)
+    # caption fine-tuning (the encoder trains, in fp32, and is saved), with its prompt
+    cap = str(tmp_path / "caption")
+    run_ok([*SMALL, *data_args(subset), *STAGE2, "--task", "caption", "--no-freeze-vision", "--prompt", "a photo of ",
+            "--init-from", os.path.join(out, "checkpoint_last.pt"), "--max-steps", "3", "--output-dir", cap])
+    ckpt = torch.load(os.path.join(cap, "checkpoint_last.pt"), weights_only=True)
+    assert any(k.startswith("visual_encoder.") for k in ckpt["model"])
+    with open(os.path.join(cap, "captions.json")) as f:
+        assert len(json.load(f)) == 20
+    # zero-shot VQA of the fine-tuned model
+    vqa = str(tmp_path / "vqa")
+    proc = run_ok([*STAGE2, "--task", "vqa", "--eval-only", *write_vqa_subset(tiny, tmp_path),
+                   "--init-from", os.path.join(cap, "checkpoint_last.pt"), "--output-dir", vqa, "--workers", "0"])
+    metrics = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert 0 <= metrics["vqa_acc"] <= 100
+    with open(os.path.join(vqa, "vqa_answers.json")) as f:
+        answers = json.load(f)
+    assert len(answers) == 12 and {"question_id", "answer"} <= set(answers[0])
+
+
+def test_bad_stage2_input_is_a_clear_error(tmp_path, subset, tiny):  # noqa: F811
+    from common.utils import MissingFileError, UserError
+    out = str(tmp_path / "bad")
+    with pytest.raises(UserError, match="--task vqa evaluates zero-shot VQA: add --eval-only"):
+        blip2_train.main([*SMALL, *STAGE2, "--task", "vqa", "--output-dir", out])
+    with pytest.raises(UserError, match="--preset vit-g-opt2.7b: pass --llm"):
+        blip2_train.main(["--preset", "vit-g-opt2.7b", "--output-dir", out])
+    vqa = write_vqa_subset(tiny, tmp_path)
+    answers = json.loads((tmp_path / "a.json").read_text())
+    lost = answers["annotations"].pop(3)["question_id"]
+    (tmp_path / "a.json").write_text(json.dumps(answers))
+    with pytest.raises(UserError, match=f"question {lost} has no annotation in"):
+        blip2_train.main([*SMALL, *STAGE2, "--task", "vqa", "--eval-only", *vqa, "--output-dir", out])
+    with pytest.raises(UserError, match="pass --val-answers"):
+        blip2_train.main([*SMALL, *STAGE2, "--task", "vqa", "--eval-only", *vqa[:2], "--output-dir", out])
+    questions = json.loads((tmp_path / "q.json").read_text())
+    questions["questions"][1]["image"] = "no/such.png"
+    (tmp_path / "q.json").write_text(json.dumps(questions))
+    with pytest.raises(MissingFileError, match="no/such.png does not exist"):
+        blip2_train.main([*SMALL, *STAGE2, "--task", "vqa", "--eval-only", *vqa, "--output-dir", out])
+    with pytest.raises(MissingFileError, match="--llm no/such: no config.json"):
+        blip2_train.main([*SMALL, *STAGE2, *data_args(subset), "--llm", "no/such", "--output-dir", out])
+
+
+def blind_vqa_accuracy(tiny):
+    """What answering from the question alone can reach: each val question answered with the most
+    frequent training answer to the same question text (the language prior a model without the
+    image could learn)."""
+    from collections import Counter, defaultdict
+    from common.metrics import vqa_accuracy
+
+    def load(split):
+        with open(os.path.join(tiny, f"vqa_{split}_questions.json")) as f:
+            questions = json.load(f)["questions"]
+        with open(os.path.join(tiny, f"vqa_{split}_annotations.json")) as f:
+            answers = {a["question_id"]: [x["answer"] for x in a["answers"]] for a in json.load(f)["annotations"]}
+        return [(q["question"], answers[q["question_id"]]) for q in questions]
+    prior = defaultdict(Counter)
+    for question, answers in load("train"):
+        prior[question][answers[0]] += 1
+    val = load("val")
+    return 100 * sum(vqa_accuracy(prior[q].most_common(1)[0][0] if q in prior else "", a) for q, a in val) / len(val)
+
+
+def test_stage2_learns_captions_and_vqa_far_above_the_untrained_and_the_blind_model(tmp_path, tiny):
+    """The default tiny stage-2 run (one epoch, 656 steps, ~1.3 min on 2 cores): captions and VQA
+    answers far above the untrained model and above what the question alone gives (the blind
+    prior, 26.2 %). Measured: CIDEr 2.32, BLEU-4 0.53, VQA 46.5 %; untrained CIDEr 0.0, VQA 0.0 %.
+    With the queries zeroed (the LM never sees the image) CIDEr is 0.40 and VQA 26.5 % at 400 steps;
+    with the LM's targets not shifted (each token predicting itself) CIDEr is 0.0: each fails an
+    assertion below (controls run by hand with a patched script; see the README)."""
+    untrained = blip2_train.main(["--stage", "2", "--eval-only", "--workers", "0", "--output-dir", str(tmp_path / "u")])
+    assert untrained["cider"] < 0.3 and untrained["vqa_acc"] < 10, untrained
+    m = blip2_train.main(["--stage", "2", "--workers", "0", "--output-dir", str(tmp_path / "t")])
+    blind = blind_vqa_accuracy(tiny)
+    assert 20 < blind < 30
+    assert m["cider"] > 1.5 and m["bleu4"] > 0.3, m
+    assert m["vqa_acc"] > blind + 12, (m, blind)
