@@ -86,10 +86,10 @@ class Config:
                                     # (AutoModelForSeq2SeqLM), or a Blip2ForConditionalGeneration folder (its LM).
                                     # Empty: a random tiny OPT from the llm_* fields, trained along (the tiny preset)
     freeze_llm: bool = True         # Sec. 3.3: the LM is frozen (no gradient, eval mode, bf16/fp16 on GPU)
-    llm_width: int = 128            # the tiny random OPT (--llm empty): width, layers, heads, MLP width
-    llm_layers: int = 2
-    llm_heads: int = 2
-    llm_mlp_dim: int = 512
+    llm_width: int = 128            # the tiny random OPT (--llm empty): its width
+    llm_layers: int = 2             # the tiny random OPT: its decoder layers
+    llm_heads: int = 2              # the tiny random OPT: its attention heads
+    llm_mlp_dim: int = 512          # the tiny random OPT: its feed-forward width
     prompt: str = ""                # text before every caption, kept out of the loss ("a photo of " in COCO fine-tuning)
     text_end: str = "\n"            # decoder-only LMs: ends every target and every generation (LAVIS's "\n" for OPT)
     vqa_prompt: str = "Question: {} Short answer:"   # zero-shot VQA (Sec. 4.1)
@@ -635,9 +635,10 @@ class BLIP2(nn.Module):
         arch = hf_architecture(config, state, path)
         if cfg is not None and "image_size" in getattr(cfg, "cli_keys", ()):
             arch.pop("image_size")                       # the run's: positions are interpolated to it
-        cfg = dataclasses.replace(cfg or Config(stage=2 if "text_config" in config else 1), **arch)
+        has_llm = any(k.startswith("language_model.") for k in state)
+        cfg = dataclasses.replace(cfg or Config(stage=2 if has_llm else 1), **arch)
         cfg.vision = "eva"
-        if cfg.stage == 2 and "text_config" not in config:
+        if cfg.stage == 2 and not has_llm:
             raise UserError(f"{path}: no language model (text_config) in this folder; stage 2 loads a "
                             f"Blip2ForConditionalGeneration folder (or starts from stage 1 with --llm)")
         llm = llm_from_config(config["text_config"], path) if cfg.stage == 2 else None
@@ -736,6 +737,12 @@ def sample_negatives(weights):
 
 # ---- stage 2: the language model (transformers provides it) ----
 
+def is_generation_folder(config):
+    """A Blip2ForConditionalGeneration folder's config.json (a retrieval folder's has a default
+    text_config too, and no language model)."""
+    return "Blip2ForConditionalGeneration" in (config.get("architectures") or [])
+
+
 def llm_from_config(text_config, source):
     """An LM with random weights from a Blip2ForConditionalGeneration config's text_config (OPT:
     AutoModelForCausalLM; T5: AutoModelForSeq2SeqLM); its weights are loaded by the caller."""
@@ -769,7 +776,7 @@ def load_llm(path):
         raise MissingFileError(f"--llm {path}: no config.json; expected a transformers language model folder")
     with open(os.path.join(path, "config.json")) as f:
         config = json.load(f)
-    if "text_config" in config:
+    if is_generation_folder(config):
         _, state = read_hf_checkpoint(path)
         holder = nn.Module()
         holder.language_model = llm_from_config(config["text_config"], path)
@@ -1456,7 +1463,7 @@ def build_stage2(cfg, init, llm_tokenizer):
     or nothing (a new Q-Former)."""
     kind, saved = init
     cli = getattr(cfg, "cli_keys", ())
-    if kind == "hf" and "text_config" in saved:
+    if kind == "hf" and is_generation_folder(saved):
         if cfg.llm and "llm" in cli:
             raise UserError(f"--llm {cfg.llm}: --init-from {cfg.init_from} holds its own language model")
         model = BLIP2.from_hf(cfg.init_from, cfg)
@@ -1567,7 +1574,7 @@ def main(argv=None):
             for k in ("llm", "llm_tokenizer"):
                 if k not in getattr(cfg, "cli_keys", ()):
                     setattr(cfg, k, init[1]["config"][k])
-        llm_tokenizer = load_llm_tokenizer(cfg, cfg.init_from if init[0] == "hf" and "text_config" in init[1] else "")
+        llm_tokenizer = load_llm_tokenizer(cfg, cfg.init_from if init[0] == "hf" and is_generation_folder(init[1]) else "")
         cfg.llm_tokenizer = llm_tokenizer.name_or_path
     model, cfg = build_model(cfg, tokenizer, init, llm_tokenizer)   # a resumed run: its encoder source (resolve_config
                                                                     # cleared --init-from), then its weights below

@@ -114,8 +114,8 @@ def test_itm_logits_and_itc_similarity_match_blip2_for_image_text_retrieval(tok,
 
 
 def test_conditional_generation_folder_gives_vision_and_qformer(tok, tmp_path):
-    """Blip2ForConditionalGeneration (OPT language model): the encoder and the Q-Former's query
-    side load, the text side is named as missing, and the query outputs equal transformers'."""
+    """Blip2ForConditionalGeneration (OPT language model) read for stage 1: the encoder and the
+    Q-Former's query side load, the text side is named as missing, and the query outputs equal transformers'."""
     from transformers import Blip2Config, Blip2ForConditionalGeneration, OPTConfig
     vision, qformer, extra = hf_config(tok, text=False)
     opt = OPTConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, ffn_dim=32, num_attention_heads=2,
@@ -123,7 +123,7 @@ def test_conditional_generation_folder_gives_vision_and_qformer(tok, tmp_path):
     hf = randomise(Blip2ForConditionalGeneration(Blip2Config(vision_config=vision.to_dict(), qformer_config=qformer.to_dict(),
                                                              text_config=opt.to_dict(), image_token_index=60, **extra)), 2)
     hf.save_pretrained(tmp_path / "opt")
-    ours = blip2_train.BLIP2.from_hf(str(tmp_path / "opt"), tokenizer=tok).eval()
+    ours = blip2_train.BLIP2.from_hf(str(tmp_path / "opt"), blip2_train.Config(stage=1), tokenizer=tok).eval()
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         image = hf.vision_model(pixel_values=x).last_hidden_state
