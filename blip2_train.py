@@ -1444,7 +1444,7 @@ def build_model(cfg, tokenizer, init=(None, None), llm_tokenizer=None):
         model = build_blip2(cfg, tokenizer)
         load_vision(model, cfg)
         load_trainable(model, saved, cfg.init_from, check_vision="vision_weights" not in getattr(cfg, "cli_keys", ()))
-    else:
+    elif kind is None:
         model = build_blip2(cfg, tokenizer)
         load_vision(model, cfg)
     if cfg.init_text:

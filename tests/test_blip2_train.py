@@ -154,6 +154,16 @@ def test_start_from_transformers_and_lavis_files(tmp_path, subset):  # noqa: F81
     with pytest.raises(UserError, match="--init-text"):
         blip2_train.main([*SMALL, *data_args(subset), "--init-from", lavis_file, "--vision-weights", eva,
                           "--init-text", folder, "--output-dir", pre])
+    # stage 2 starts from either stage-1 file: the query path kept, the text parts dropped
+    from transformers import AutoTokenizer
+    llm_tok = AutoTokenizer.from_pretrained(os.path.join(os.path.dirname(subset[-1]), "tokenizer_llm"))
+    for init, source in ((lavis_file, loaded), (folder, model)):
+        cfg2 = blip2_train.Config(**{**MODEL, "vision_weights": eva if init == lavis_file else ""}, stage=2, init_from=init)
+        stage2, cfg2 = blip2_train.build_model(cfg2, None, blip2_train.read_init(init), llm_tok)
+        assert cfg2.stage == 2 and not hasattr(stage2, "itm_head") and not hasattr(stage2.qformer, "word_embeddings")
+        for name, value in stage2.state_dict().items():
+            if not name.startswith(("language_model.", "language_projection.")):
+                torch.testing.assert_close(value, source.state_dict()[name], msg=name)
 
 
 def test_trained_encoder_checkpoints_resume_and_another_image_size(tmp_path, subset):  # noqa: F811
