@@ -28,7 +28,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from common import dist
-from common.data import (ImageTextDataset, load_tokenizer, read_annotations, retrieval_texts, tiny_data,
+from common.data import (ImageTextDataset, image_id_index, load_tokenizer, read_annotations, retrieval_texts, tiny_data,
                          train_loader, train_transform)
 from common.encoders import (BertEncoder, BertLMHead, VisionTransformer, hf_bert_lm_head_map, hf_bert_map,
                              hf_vit_map, load_mapped, read_hf_checkpoint, read_weights_file, resize_pos_embed,
@@ -642,13 +642,9 @@ def build_data(cfg, tokenizer, rank, world_size):
     # RandomResizedCrop(0.5-1), flips and RandAugment.
     train_set = ImageTextDataset(records, train_transform(cfg.image_size), tokenizer, cfg.max_length,
                                  skip_bad=cfg.skip_bad)
-    # Image ids -> integers: positives in retrieval fine-tuning, exclusions for ITM negatives. An
-    # entry without "image_id" uses its image path (read_annotations), so its captions share one id.
-    ids = {}
-    image_index = torch.tensor([ids.setdefault(r["image_id"], len(ids)) for r in records])
     loader, sampler = train_loader(train_set, batch_size=cfg.batch_size, workers=cfg.workers, seed=cfg.seed, rank=rank,
                                    world_size=world_size, source=train_file)
-    return loader, sampler, image_index, val
+    return loader, sampler, image_id_index(records), val
 
 
 def check_config(cfg, world_size):

@@ -28,8 +28,8 @@ from torch.utils.checkpoint import checkpoint as recompute
 from tqdm import tqdm
 
 from common import dist
-from common.data import (ImageDataset, ImageTextDataset, eval_transform, load_tokenizer, read_annotations,
-                         retrieval_texts, tiny_data, train_loader, train_transform)
+from common.data import (ImageDataset, ImageTextDataset, eval_transform, image_id_index, load_tokenizer,
+                         read_annotations, read_json, retrieval_texts, tiny_data, train_loader, train_transform)
 from common.encoders import (BertAttention, BertLMHead, VisionTransformer, _bert_init, hf_bert_lm_head_map,
                              hf_bert_map, hf_blip_vision_map, hf_clip_vision_map, load_mapped, open_clip_vision_map,
                              read_hf_checkpoint, read_weights_file, resize_pos_embed, timm_vit_map)
@@ -746,11 +746,17 @@ def is_generation_folder(config):
 def llm_from_config(text_config, source):
     """An LM with random weights from a Blip2ForConditionalGeneration config's text_config (OPT:
     AutoModelForCausalLM; T5: AutoModelForSeq2SeqLM); its weights are loaded by the caller."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
+    from transformers import AutoConfig
     if "model_type" not in text_config:
         raise UserError(f"{source}: text_config has no model_type")
     config = AutoConfig.for_model(**text_config)
-    return (AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM).from_config(config)
+    return llm_class(config).from_config(config)
+
+
+def llm_class(config):
+    """transformers' auto class of a language model config: FlanT5 is an encoder-decoder."""
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
+    return AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
 
 
 def llm_map(model, state):
@@ -771,7 +777,7 @@ def llm_map(model, state):
 def load_llm(path):
     """--llm: a transformers LM folder (OPT, FlanT5, any AutoModelForCausalLM / Seq2SeqLM), or a
     Blip2ForConditionalGeneration folder, whose language_model.* weights are read."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
+    from transformers import AutoConfig
     if not os.path.isfile(os.path.join(path, "config.json")):
         raise MissingFileError(f"--llm {path}: no config.json; expected a transformers language model folder")
     with open(os.path.join(path, "config.json")) as f:
@@ -784,8 +790,7 @@ def load_llm(path):
         load_mapped(holder, state, mapping, source=path,
                     ignore=("vision_model.", "qformer.", "query_tokens", "language_projection.", "embeddings."))
         return holder.language_model
-    config = AutoConfig.from_pretrained(path)
-    return (AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM).from_pretrained(path)
+    return llm_class(AutoConfig.from_pretrained(path)).from_pretrained(path)
 
 
 def tiny_llm(cfg, tokenizer):
@@ -1068,12 +1073,9 @@ def build_data(cfg, tokenizer, rank, world_size):
     records = read_annotations(train_file, root, cfg.skip_bad)
     train_set = ImageTextDataset(records, train_transform(cfg.image_size), tokenizer, cfg.max_length,
                                  skip_bad=cfg.skip_bad)
-    # Image ids -> integers: positives in retrieval fine-tuning, exclusions for ITM negatives.
-    ids = {}
-    image_index = torch.tensor([ids.setdefault(r["image_id"], len(ids)) for r in records])
     loader, sampler = train_loader(train_set, batch_size=cfg.batch_size, workers=cfg.workers, seed=cfg.seed, rank=rank,
                                    world_size=world_size, source=train_file)
-    return loader, sampler, image_index, val
+    return loader, sampler, image_id_index(records), val
 
 
 # ---- data (stage 2): texts for the language model ----
@@ -1141,13 +1143,7 @@ def read_vqa(questions_path, answers_path, image_root=None):
     image is the entry's "image" path (the tiny split's) or COCO's file name for its image_id and
     the file's data_subtype (val2014/COCO_val2014_000000000042.jpg) under --image-root."""
     def load(path, field):
-        if not os.path.isfile(path):
-            raise MissingFileError(f"VQA file {path} does not exist")
-        try:
-            with open(path) as f:
-                data = json.load(f)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path} is not valid JSON: {e.msg} at line {e.lineno}") from None
+        data = read_json(path, "VQA file")
         if not isinstance(data, dict) or not isinstance(data.get(field), list):
             raise UserError(f"{path}: expected VQAv2's layout, an object with a '{field}' list")
         return data
@@ -1418,84 +1414,61 @@ RUN_FIELDS = ("image_size",)
 LLM_FIELDS = ("llm", "llm_width", "llm_layers", "llm_heads", "llm_mlp_dim")
 
 
+def init_stage(kind, saved):
+    """The stage an --init-from holds: 2 for a Blip2ForConditionalGeneration folder or one of our
+    stage-2 checkpoints, 1 for the rest (a retrieval folder, LAVIS's file, our stage-1 checkpoint)."""
+    return 2 if (kind == "hf" and is_generation_folder(saved)
+                 or kind == "ours" and saved["config"].get("stage", 1) == 2) else 1
+
+
 def build_model(cfg, tokenizer, init=(None, None), llm_tokenizer=None):
-    """Fresh model (its encoder from --vision-weights); or --init-from a transformers folder,
-    LAVIS's stage-1 file, or one of our checkpoints (its encoder rebuilt from the source it
-    records, unless --vision-weights names another); then --init-text a BERT."""
+    """Fresh model (its encoder from --vision-weights; in stage 2 its LM from --llm); or --init-from
+    a transformers folder, LAVIS's stage-1 file, or one of our checkpoints (its frozen parts rebuilt
+    from the sources it records, unless the command line names others); then --init-text a BERT.
+    Stage 2 from a stage-1 start builds that and drops its text parts (to_stage2)."""
     kind, saved = init
-    if cfg.stage == 2:
-        return build_stage2(cfg, init, llm_tokenizer)
-    if kind in ("hf", "lavis"):
+    cli = getattr(cfg, "cli_keys", ())
+    llm = (lambda: make_llm(cfg, llm_tokenizer)) if cfg.stage == 2 else (lambda: None)
+    if cfg.stage == 2 and kind and init_stage(kind, saved) == 1:
+        stage1, cfg1 = build_model(dataclasses.replace(cfg, stage=1, init_text=""), None, init)
+        for k in MODEL_FIELDS + ("vision_weights", "vision_seed"):
+            setattr(cfg, k, getattr(cfg1, k))
+        model = to_stage2(stage1, cfg, llm())
+    elif kind in ("hf", "lavis"):
+        if cfg.stage == 2 and cfg.llm and "llm" in cli:
+            raise UserError(f"--llm {cfg.llm}: --init-from {cfg.init_from} holds its own language model")
         model = (BLIP2.from_hf(cfg.init_from, cfg, tokenizer) if kind == "hf" else
                  BLIP2.from_lavis(cfg.init_from, cfg, tokenizer, state=saved))
-        for k in MODEL_FIELDS:
+        for k in MODEL_FIELDS + ("llm",):
             setattr(cfg, k, getattr(model.cfg, k))
-    if kind == "hf":
-        cfg.vision_weights = cfg.vision_weights or cfg.init_from
-        if cfg.vision_weights != cfg.init_from:
-            load_vision(model, model.cfg)
+        if kind == "hf":
+            cfg.vision_weights = cfg.vision_weights or cfg.init_from
+            if cfg.vision_weights != cfg.init_from:
+                load_vision(model, model.cfg)
     elif kind == "ours":
-        run = {k: getattr(cfg, k) for k in RUN_FIELDS if k in getattr(cfg, "cli_keys", ()) or k in task_recipe(cfg)}
-        for k in MODEL_FIELDS:
-            setattr(cfg, k, saved["config"][k])
+        run = {k: getattr(cfg, k) for k in RUN_FIELDS if k in cli or k in task_recipe(cfg)}
+        for k in MODEL_FIELDS + (LLM_FIELDS if cfg.stage == 2 else ()):
+            if k not in cli or k not in LLM_FIELDS:      # a moved LM folder may be named again
+                setattr(cfg, k, saved["config"][k])
         cfg.__dict__.update(run)
-        if "vision_weights" not in getattr(cfg, "cli_keys", ()):
+        if "vision_weights" not in cli:
             cfg.vision_weights, cfg.vision_seed = saved["config"]["vision_weights"], saved["config"]["vision_seed"]
-        model = build_blip2(cfg, tokenizer)
+        model = build_blip2(cfg, tokenizer, llm())
         load_vision(model, cfg)
-        load_trainable(model, saved, cfg.init_from, check_vision="vision_weights" not in getattr(cfg, "cli_keys", ()))
-    elif kind is None:
-        model = build_blip2(cfg, tokenizer)
+        load_trainable(model, saved, cfg.init_from, check_vision="vision_weights" not in cli)
+    else:
+        model = build_blip2(cfg, tokenizer, llm())
         load_vision(model, cfg)
     if cfg.init_text:
+        if cfg.stage == 2:
+            raise UserError("--init-text starts stage 1's Q-Former from a BERT; stage 2's starts from stage 1 (--init-from)")
         if kind:
             raise UserError(f"--init-text starts the Q-Former from a BERT; --init-from {cfg.init_from} already holds one")
         load_text_init(model, cfg.init_text)
     model.cfg = cfg
     model.set_frozen(cfg.freeze_vision)
-    return model, cfg
-
-
-def build_stage2(cfg, init, llm_tokenizer):
-    """Stage 2 from: a Blip2ForConditionalGeneration folder (everything, its LM included); one of
-    our stage-2 checkpoints (its LM rebuilt from the source it records, or saved in it); a stage-1
-    start (ours, LAVIS's blip2_pretrained.pth, a Blip2ForImageTextRetrieval folder) with --llm;
-    or nothing (a new Q-Former)."""
-    kind, saved = init
-    cli = getattr(cfg, "cli_keys", ())
-    if kind == "hf" and is_generation_folder(saved):
-        if cfg.llm and "llm" in cli:
-            raise UserError(f"--llm {cfg.llm}: --init-from {cfg.init_from} holds its own language model")
-        model = BLIP2.from_hf(cfg.init_from, cfg)
-        for k in MODEL_FIELDS + ("llm",):
-            setattr(cfg, k, getattr(model.cfg, k))
-        cfg.vision_weights = cfg.vision_weights or cfg.init_from
-        if cfg.vision_weights != cfg.init_from:
-            load_vision(model, model.cfg)
-    elif kind == "ours" and saved["config"].get("stage", 1) == 2:
-        run = {k: getattr(cfg, k) for k in RUN_FIELDS if k in cli or k in task_recipe(cfg)}
-        for k in MODEL_FIELDS + LLM_FIELDS:
-            if k not in cli or k not in LLM_FIELDS:
-                setattr(cfg, k, saved["config"][k])
-        cfg.__dict__.update(run)
-        if "vision_weights" not in cli:
-            cfg.vision_weights, cfg.vision_seed = saved["config"]["vision_weights"], saved["config"]["vision_seed"]
-        model = build_blip2(cfg, None, make_llm(cfg, llm_tokenizer))
-        load_vision(model, cfg)
-        load_trainable(model, saved, cfg.init_from, check_vision="vision_weights" not in cli)
-    elif kind:
-        stage1, cfg1 = build_model(dataclasses.replace(cfg, stage=1, init_text=""), None, init)
-        for k in MODEL_FIELDS + ("vision_weights", "vision_seed"):
-            setattr(cfg, k, getattr(cfg1, k))
-        model = to_stage2(stage1, cfg, make_llm(cfg, llm_tokenizer))
-    else:
-        model = build_blip2(cfg, None, make_llm(cfg, llm_tokenizer))
-        load_vision(model, cfg)
-    if cfg.init_text:
-        raise UserError("--init-text starts stage 1's Q-Former from a BERT; stage 2's starts from stage 1 (--init-from)")
-    model.cfg = cfg
-    model.set_frozen(cfg.freeze_vision)
-    model.set_llm_frozen(cfg.freeze_llm)
+    if cfg.stage == 2:
+        model.set_llm_frozen(cfg.freeze_llm)
     return model, cfg
 
 
@@ -1570,11 +1543,11 @@ def main(argv=None):
                                    use_tiny=not (cfg.train_data or cfg.val_data))
         cfg.tokenizer = tokenizer.name
     else:   # stage 2's Q-Former reads no text; the LM's tokenizer
-        if init[0] == "ours" and init[1]["config"].get("stage", 1) == 2:
+        if init[0] == "ours" and init_stage(*init) == 2:
             for k in ("llm", "llm_tokenizer"):
                 if k not in getattr(cfg, "cli_keys", ()):
                     setattr(cfg, k, init[1]["config"][k])
-        llm_tokenizer = load_llm_tokenizer(cfg, cfg.init_from if init[0] == "hf" and is_generation_folder(init[1]) else "")
+        llm_tokenizer = load_llm_tokenizer(cfg, cfg.init_from if init[0] == "hf" and init_stage(*init) == 2 else "")
         cfg.llm_tokenizer = llm_tokenizer.name_or_path
     model, cfg = build_model(cfg, tokenizer, init, llm_tokenizer)   # a resumed run: its encoder source (resolve_config
                                                                     # cleared --init-from), then its weights below

@@ -25,8 +25,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from common import dist
-from common.data import (ImageDataset, ImageTextDataset, eval_transform, load_tokenizer, read_annotations,
-                         retrieval_texts, tiny_data, train_loader, train_transform)
+from common.data import (ImageDataset, ImageTextDataset, eval_transform, image_id_index, load_tokenizer,
+                         read_annotations, retrieval_texts, tiny_data, train_loader, train_transform)
 from common.encoders import (BertEncoder, BertLMHead, KVCache, VisionTransformer, hf_bert_lm_head_map,
                              hf_bert_map, hf_blip_vision_map, load_mapped, read_hf_checkpoint, resize_pos_embed)
 from common.generation import beam_search, greedy_or_sample
@@ -538,13 +538,9 @@ def build_data(cfg, tokenizer, rank, world_size):
     # RandomResizedCrop(0.5-1), flips and RandAugment on COCO.
     train_set = ImageTextDataset(records, train_transform(cfg.image_size), tokenizer, cfg.max_length,
                                  skip_bad=cfg.skip_bad, prefix=prefix)
-    # Image ids -> integers: positives in retrieval fine-tuning, exclusions for ITM negatives. An
-    # entry without "image_id" uses its image path (read_annotations), so its captions share one id.
-    ids = {}
-    image_index = torch.tensor([ids.setdefault(r["image_id"], len(ids)) for r in records])
     loader, sampler = train_loader(train_set, batch_size=cfg.batch_size, workers=cfg.workers, seed=cfg.seed, rank=rank,
                                    world_size=world_size, source=train_file)
-    return loader, sampler, image_index, val, records
+    return loader, sampler, image_id_index(records), val, records
 
 
 def prompt_token_ids(tokenizer, prompt, max_length):

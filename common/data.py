@@ -121,6 +121,18 @@ def _check_caption(cap, where, skip_bad, counter):
     return cap.strip()
 
 
+def read_json(path, what):
+    """A JSON file; a missing file or invalid JSON is an error naming the file (`what`: how the
+    message calls it) and, for JSON, the line and column."""
+    if not os.path.isfile(path):
+        raise MissingFileError(f"{what} {path} does not exist")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path} is not valid JSON: {e.msg} at line {e.lineno}, column {e.colno}") from None
+
+
 def read_annotations(path, image_root=None, skip_bad=False):
     """Records [{"image": abs path, "captions": [str], "image_id": id}] from
     - JSON: [{"image": path, "caption": str or [str], "image_id": optional}] (Karpathy / BLIP), or
@@ -130,16 +142,12 @@ def read_annotations(path, image_root=None, skip_bad=False):
     Every image is checked to exist; a missing one is an error naming it and its entry/line."""
     root = image_root or os.path.dirname(os.path.abspath(path))
     empty = [0]
-    if not os.path.isfile(path):
-        raise MissingFileError(f"annotation file {path} does not exist")
     if path.endswith(".csv") or path.endswith(".tsv"):
+        if not os.path.isfile(path):
+            raise MissingFileError(f"annotation file {path} does not exist")
         entries = _read_csv(path)
     else:
-        try:
-            with open(path) as f:
-                data = json.load(f)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path} is not valid JSON: {e.msg} at line {e.lineno}, column {e.colno}") from None
+        data = read_json(path, "annotation file")
         if not isinstance(data, list):
             raise UserError(f"{path}: expected a JSON list of {{'image', 'caption'}} objects")
         entries = []
@@ -168,6 +176,14 @@ def read_annotations(path, image_root=None, skip_bad=False):
     if not records:
         raise UserError(f"{path}: no image-caption pairs")
     return records
+
+
+def image_id_index(records):
+    """Each record's image id as an integer, (N,): positives in retrieval fine-tuning, exclusions for
+    ITM negatives. An entry without "image_id" has its image path as id (read_annotations), so the
+    captions of one image share it."""
+    ids = {}
+    return torch.tensor([ids.setdefault(r["image_id"], len(ids)) for r in records])
 
 
 def _read_csv(path):

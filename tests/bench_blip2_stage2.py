@@ -43,7 +43,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from tests.bench_clip import rss_mb  # noqa: E402  (RSS now, as the CLIP benchmark)
+from tests.bench_clip import rss_mb, status_kb, summarize_steps  # noqa: E402  (as the other benchmarks)
 
 # --config compute's architecture (transformers' config names); tiny is tests/test_blip2_stage2.py's
 COMPUTE = dict(
@@ -176,13 +176,6 @@ def check(folder, args):
     return losses
 
 
-def status_kb(field):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field):
-                return int(line.split()[1])
-
-
 def worker(args):
     import torch
     torch.set_num_threads(args.threads)
@@ -262,16 +255,9 @@ def main():
                       f"{out['peak_rss_timed_MiB']:.0f} MiB, of which training {out['training_MiB']:.0f} MiB", flush=True)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
-    summary = {k: {key: statistics.median(x[src] for x in v) for key, src in (
-        ("sec_per_step", "sec_per_step_median"), ("peak_rss_MiB", "peak_rss_timed_MiB"),
-        ("training_MiB", "training_MiB"))} for k, v in res.items()}
+    summary = summarize_steps(res, "hf")
     for k, v in res.items():
-        # on a shared machine the fastest step of all rounds is the least disturbed estimate
-        summary[k]["sec_per_step_best"] = min(x["sec_per_step_min"] for x in v)
         summary[k]["params"], summary[k]["trained_params"] = v[0]["params"], v[0]["trained_params"]
-    summary["throughput_ratio"] = summary["hf"]["sec_per_step"] / summary["ours"]["sec_per_step"]
-    summary["throughput_ratio_best"] = summary["hf"]["sec_per_step_best"] / summary["ours"]["sec_per_step_best"]
-    summary["training_memory_ratio"] = summary["ours"]["training_MiB"] / max(summary["hf"]["training_MiB"], 1e-9)
     summary["config"] = {k: v for k, v in vars(args).items() if k not in ("impl", "folder")}
     print(json.dumps(summary))
     return summary

@@ -32,6 +32,30 @@ def rss_mb():
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
+def status_kb(field):
+    """A field of /proc/self/status in kB (VmRSS: now, VmHWM: the peak)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field):
+                return int(line.split()[1])
+
+
+def summarize_steps(res, peer):
+    """{side: [a worker's output per round]} (sec_per_step_median/_min, peak_rss_timed_MiB,
+    training_MiB) -> medians over the rounds, the fastest step of all rounds (on a shared machine a
+    busy core can slow a 2-thread step ~10x: the least disturbed estimate), and the ratios: `peer`'s
+    time per step over ours, our training memory over `peer`'s."""
+    summary = {k: {key: statistics.median(x[src] for x in v) for key, src in (
+        ("sec_per_step", "sec_per_step_median"), ("peak_rss_MiB", "peak_rss_timed_MiB"),
+        ("training_MiB", "training_MiB"))} for k, v in res.items()}
+    for k, v in res.items():
+        summary[k]["sec_per_step_best"] = min(x["sec_per_step_min"] for x in v)
+    summary["throughput_ratio"] = summary[peer]["sec_per_step"] / summary["ours"]["sec_per_step"]
+    summary["throughput_ratio_best"] = summary[peer]["sec_per_step_best"] / summary["ours"]["sec_per_step_best"]
+    summary["training_memory_ratio"] = summary["ours"]["training_MiB"] / max(summary[peer]["training_MiB"], 1e-9)
+    return summary
+
+
 def build(impl, cfg, device):
     if impl == "ours":
         import clip_train

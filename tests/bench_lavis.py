@@ -28,7 +28,6 @@ captions of up to 14 tokens here), while LAVIS pads every caption to max_txt_len
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -36,14 +35,8 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+from tests.bench_clip import status_kb, summarize_steps  # noqa: E402
 from tests.lavis import peer  # noqa: E402  (configurations, vocabulary, captions: the same on both sides)
-
-
-def status_kb(field):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field):
-                return int(line.split()[1])
 
 
 def worker(args):
@@ -168,18 +161,9 @@ def main():
             out["training_MiB"] = out["peak_rss_timed_MiB"] - out["rss_before_training_MiB"]
             print(f"round {r} {impl:5s} {out['sec_per_step_median']:.4f} s/step (min {out['sec_per_step_min']:.4f})  peak RSS {out['peak_rss_timed_MiB']:.0f}"
                   f" MiB, of which training {out['training_MiB']:.0f} MiB", flush=True)
-    summary = {k: {key: statistics.median(x[src] for x in v) for key, src in (
-        ("sec_per_step", "sec_per_step_median"), ("peak_rss_MiB", "peak_rss_timed_MiB"), ("training_MiB", "training_MiB"))}
-        for k, v in res.items()}
-    summary["throughput_ratio"] = summary["lavis"]["sec_per_step"] / summary["ours"]["sec_per_step"]
-    # On a shared machine a busy core can slow a 2-thread step ~10x (OpenMP threads wait on each
-    # other): the fastest step of all rounds is the estimate least disturbed by other processes.
-    for k, v in res.items():
-        summary[k]["sec_per_step_best"] = min(x["sec_per_step_min"] for x in v)
-    summary["throughput_ratio_best"] = summary["lavis"]["sec_per_step_best"] / summary["ours"]["sec_per_step_best"]
+    summary = summarize_steps(res, "lavis")
     # whole-process peak RSS includes the libraries each side imports (transformers 5 vs 4.26)
     summary["peak_rss_ratio"] = summary["ours"]["peak_rss_MiB"] / summary["lavis"]["peak_rss_MiB"]
-    summary["training_memory_ratio"] = summary["ours"]["training_MiB"] / summary["lavis"]["training_MiB"]
     summary["config"] = {k: v for k, v in vars(args).items() if k not in ("worker", "lavis_python")}
     print(json.dumps(summary))
 

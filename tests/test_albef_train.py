@@ -10,7 +10,7 @@ import torch
 import albef_train
 from common.utils import UserError
 from tests.test_albef import SMALL as MODEL, hf_bert, official_state, timm_vit
-from tests.test_clip_train import read_metrics, subset  # noqa: F401  (fixture)
+from tests.test_clip_train import empty_caption_data, read_metrics, subset  # noqa: F401  (fixture)
 from tests.test_distributed import sigterm_mid_run, torchrun
 
 SMALL = [f"--{k.replace('_', '-')}={v}" for k, v in
@@ -117,12 +117,8 @@ def test_bad_input_is_a_clear_error(tmp_path, subset):  # noqa: F811
     out = str(tmp_path / "bad")
     with pytest.raises(UserError, match="--queue-size 10 is not a multiple of the global batch 4 x 1"):
         albef_train.main([*SMALL, *data_args(subset), "--queue-size", "10", "--output-dir", out])
-    records = json.load(open(subset[1]))[:4]
-    records[2]["caption"] = ["a red circle", "   "]
-    bad = tmp_path / "empty.json"
-    bad.write_text(json.dumps(records))
     with pytest.raises(UserError, match="entry 2"):
-        albef_train.main([*SMALL, "--train-data", str(bad), "--tokenizer", subset[-1], "--output-dir", out])
+        albef_train.main([*SMALL, *empty_caption_data(subset, tmp_path), "--output-dir", out])
     with pytest.raises(UserError, match="--fusion-layer 4"):
         albef_train.main([*SMALL, *data_args(subset), "--fusion-layer", "4", "--output-dir", out])
 

@@ -13,7 +13,7 @@ from common.encoders import timm_vit_map
 from common.utils import UserError
 from tests.test_albef_train import data_args
 from tests.test_blip2 import hf_config, randomise
-from tests.test_clip_train import read_metrics, subset, train_losses  # noqa: F401  (fixture)
+from tests.test_clip_train import empty_caption_data, read_metrics, subset, train_losses  # noqa: F401  (fixture)
 from tests.test_distributed import sigterm_mid_run, torchrun
 
 MODEL = dict(image_size=32, patch_size=8, vision_width=32, vision_layers=2, vision_heads=2, num_query_tokens=4,
@@ -208,12 +208,8 @@ def test_bad_input_is_a_clear_error(tmp_path, subset):  # noqa: F811
         blip2_train.main([*SMALL, *data_args(subset), "--stage", "2", "--task", "retrieval", "--output-dir", out])
     with pytest.raises(UserError, match="--max-length 64 exceeds the 40 position embeddings"):
         blip2_train.main([*SMALL, *data_args(subset), "--max-length", "64", "--output-dir", out])
-    records = json.load(open(subset[1]))[:4]
-    records[2]["caption"] = ["a red circle", "   "]
-    bad = tmp_path / "empty.json"
-    bad.write_text(json.dumps(records))
     with pytest.raises(UserError, match="entry 2"):
-        blip2_train.main([*SMALL, "--train-data", str(bad), "--tokenizer", subset[-1], "--output-dir", out])
+        blip2_train.main([*SMALL, *empty_caption_data(subset, tmp_path), "--output-dir", out])
     not_eva = tmp_path / "deit.pth"
     torch.save({"model": {"pos_embed": torch.zeros(1, 17, 32), **{f"blocks.{i}.attn.qkv.bias": torch.zeros(96)
                                                                   for i in range(2)}}}, not_eva)   # a DeiT: one qkv bias

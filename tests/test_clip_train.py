@@ -32,6 +32,17 @@ def subset(tiny, tmp_path_factory):
             "--zeroshot-data", os.path.join(tiny, "zeroshot"), "--tokenizer", os.path.join(tiny, "tokenizer")]
 
 
+def empty_caption_data(subset, tmp_path):
+    """--train-data flags of 4 subset entries whose entry 2 has an empty caption (a user mistake
+    every script must name by its entry)."""
+    with open(subset[1]) as f:
+        records = json.load(f)[:4]
+    records[2]["caption"] = ["a red circle", "   "]
+    bad = tmp_path / "empty.json"
+    bad.write_text(json.dumps(records))
+    return ["--train-data", str(bad), "--tokenizer", subset[-1]]
+
+
 def read_metrics(out):
     with open(os.path.join(out, "metrics.jsonl")) as f:
         return [json.loads(line) for line in f]

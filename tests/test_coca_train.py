@@ -10,7 +10,7 @@ import torch
 
 import coca_train
 from common.utils import UserError
-from tests.test_clip_train import read_metrics, subset, train_losses  # noqa: F401  (fixture)
+from tests.test_clip_train import empty_caption_data, read_metrics, subset, train_losses  # noqa: F401  (fixture)
 from tests.test_distributed import sigterm_mid_run, torchrun
 
 MODEL = dict(image_size=32, patch_size=8, vision_width=48, vision_layers=2, vision_heads=2, n_queries=6, pooler_heads=2,
@@ -128,12 +128,8 @@ def test_bad_input_is_a_clear_error(tmp_path, subset):  # noqa: F811
             coca_train.main([*SMALL, *subset, *flags, "--output-dir", out])
     with pytest.raises(UserError, match="both 0"):
         coca_train.main([*SMALL, *subset, "--contrastive-weight", "0", "--caption-weight", "0", "--output-dir", out])
-    records = json.load(open(subset[1]))[:4]
-    records[2]["caption"] = ["a red circle", "   "]
-    bad = tmp_path / "empty.json"
-    bad.write_text(json.dumps(records))
     with pytest.raises(UserError, match="entry 2"):
-        coca_train.main([*SMALL, "--train-data", str(bad), "--tokenizer", subset[-1], "--output-dir", out])
+        coca_train.main([*SMALL, *empty_caption_data(subset, tmp_path), "--output-dir", out])
     torch.save({"visual.class_embedding": torch.zeros(4)}, tmp_path / "clip.bin")
     with pytest.raises(UserError, match="not open_clip CoCa weights"):
         coca_train.main([*SMALL, *subset, "--init-from", str(tmp_path / "clip.bin"), "--output-dir", out])
