@@ -85,7 +85,8 @@ class Config:
     llm: str = ""                   # transformers folder of the frozen LM: OPT (AutoModelForCausalLM) or FlanT5
                                     # (AutoModelForSeq2SeqLM), or a Blip2ForConditionalGeneration folder (its LM).
                                     # Empty: a random tiny OPT from the llm_* fields, trained along (the tiny preset)
-    freeze_llm: bool = True         # Sec. 3.3: the LM is frozen (no gradient, eval mode, bf16/fp16 on GPU)
+    freeze_llm: bool = True         # Sec. 3.3: the LM is frozen (no gradient, eval mode, bf16/fp16 on GPU); the tiny
+                                    # random LM (no --llm) knows no language and always trains
     llm_width: int = 128            # the tiny random OPT (--llm empty): its width
     llm_layers: int = 2             # the tiny random OPT: its decoder layers
     llm_heads: int = 2              # the tiny random OPT: its attention heads
@@ -152,7 +153,7 @@ STAGE1 = dict(batch_size=100, lr=1e-4, warmup_lr=1e-6, min_lr=1e-5, weight_decay
 # language model from --llm (facebook/opt-2.7b, facebook/opt-6.7b, google/flan-t5-xl folders).
 STAGE2 = dict(STAGE1, stage=2, batch_size=64, warmup_steps=2000, max_length=32)
 PRESETS = {
-    "tiny": {"freeze_llm": False},     # a random LM knows no language: the tiny one trains along (see the README)
+    "tiny": {},
     "vit-g": {**VIT_G, **QFORMER_BASE, **STAGE1},
     "vit-l": {**VIT_G, **QFORMER_BASE, **STAGE1, "vision": "clip-l"},   # LAVIS's pretrain_vitL
     "vit-g-opt2.7b": {**VIT_G, **QFORMER_BASE, **STAGE2},
@@ -1468,6 +1469,8 @@ def build_model(cfg, tokenizer, init=(None, None), llm_tokenizer=None):
     model.cfg = cfg
     model.set_frozen(cfg.freeze_vision)
     if cfg.stage == 2:
+        if not cfg.llm:      # the tiny random LM knows no language: it trains with the Q-Former (README)
+            cfg.freeze_llm = False
         model.set_llm_frozen(cfg.freeze_llm)
     return model, cfg
 

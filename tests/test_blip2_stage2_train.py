@@ -244,3 +244,46 @@ def test_stage2_learns_captions_and_vqa_far_above_the_untrained_and_the_blind_mo
     assert 20 < blind < 30
     assert m["cider"] > 1.5 and m["bleu4"] > 0.3, m
     assert m["vqa_acc"] > blind + 12, (m, blind)
+
+
+def test_start_from_a_transformers_generation_folder(tmp_path, subset, llm_tok):  # noqa: F811
+    """The README's command lines on a Blip2ForConditionalGeneration folder (tiny, with the tiny LM
+    tokenizer saved in it): --eval-only captions from it; caption fine-tuning from it keeps the LM
+    frozen and out of the checkpoint, which records the folder and the LM's fingerprint; an
+    --init-from of that checkpoint rebuilds the LM from the folder and gives the same captions; an
+    LM whose weights differ from the recorded fingerprint is refused."""
+    from transformers import Blip2Config, Blip2ForConditionalGeneration
+    from common.utils import UserError
+    from tests.test_blip2 import hf_config, randomise
+    from tests.test_blip2_stage2 import _Tok, opt_config
+    vision, qformer, extra = hf_config(_Tok, text=False)
+    text = opt_config()
+    text.vocab_size, text.pad_token_id, text.bos_token_id, text.eos_token_id = (
+        len(llm_tok) + 1, llm_tok.pad_token_id, llm_tok.bos_token_id, llm_tok.eos_token_id)
+    config = Blip2Config(vision_config=vision.to_dict(), qformer_config=qformer.to_dict(), text_config=text.to_dict(),
+                         image_token_index=len(llm_tok), **extra)
+    folder = str(tmp_path / "blip2-opt")
+    randomise(Blip2ForConditionalGeneration(config), 5).save_pretrained(folder)
+    llm_tok.save_pretrained(folder)
+    common = ["--stage", "2", "--workers", "0", "--batch-size", "4", "--max-gen-length", "5", "--num-beams", "2"]
+    first = blip2_train.main([*common, "--eval-only", "--init-from", folder, "--val-data", subset[3],
+                              "--output-dir", str(tmp_path / "ev")])
+    assert "cider" in first
+    ft = str(tmp_path / "ft")
+    blip2_train.main([*common, "--task", "caption", "--prompt", "a photo of ", "--init-from", folder,
+                      "--train-data", subset[1], "--val-data", subset[3], "--max-steps", "2", "--output-dir", ft])
+    ckpt = torch.load(os.path.join(ft, "checkpoint_last.pt"), weights_only=True)
+    assert ckpt["config"]["llm"] == folder and ckpt["llm_fingerprint"]
+    assert not any(k.startswith(("language_model.", "visual_encoder.")) for k in ckpt["model"])
+    with open(os.path.join(ft, "captions.json")) as f:
+        tuned = [c["caption"] for c in json.load(f)]
+    again = str(tmp_path / "again")
+    blip2_train.main([*common, "--task", "caption", "--prompt", "a photo of ", "--eval-only", "--val-data", subset[3],
+                      "--init-from", os.path.join(ft, "checkpoint_last.pt"), "--output-dir", again])
+    with open(os.path.join(again, "captions.json")) as f:
+        assert [c["caption"] for c in json.load(f)] == tuned
+    ckpt["llm_fingerprint"] *= 1.01
+    torch.save(ckpt, tmp_path / "other.pt")
+    with pytest.raises(UserError, match="language model rebuilt from .* is not the one"):
+        blip2_train.main([*common, "--eval-only", "--val-data", subset[3], "--init-from", str(tmp_path / "other.pt"),
+                          "--output-dir", again])
