@@ -28,8 +28,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from common import dist
-from common.data import (ImageTextDataset, image_id_index, load_tokenizer, read_annotations, retrieval_texts, tiny_data,
-                         train_loader, train_transform)
+from common.data import (Example, load_tokenizer, read_annotations, retrieval_texts, tiny_data, train_loader,
+                         train_transform, training_records)
 from common.encoders import (BertEncoder, BertLMHead, VisionTransformer, hf_bert_lm_head_map, hf_bert_map,
                              hf_vit_map, load_mapped, read_hf_checkpoint, read_weights_file, resize_pos_embed,
                              timm_vit_map)
@@ -85,11 +85,14 @@ class Config:
                                     # itm+itc: plus the cosine similarity (LAVIS's compute_sim_matrix)
     itm_batch: int = 256            # (image, text) pairs per ITM forward when re-ranking
     # data
-    train_data: str = ""            # annotation file (JSON or CSV); empty: the built-in tiny set
+    train_data: str = ""            # annotation file (JSON or CSV), or webdataset shards such as
+                                    # "shards/{00000..00999}.tar" (sources joined with ::); empty: tiny
     val_data: str = ""              # retrieval evaluation split; empty with tiny: its val split
     image_root: str = ""            # folder relative image paths start from (default: the annotation file's)
     tokenizer: str = ""             # transformers folder or name (bert-base-uncased); empty: tiny's
     skip_bad: bool = False          # skip (and count) unreadable images and empty captions in training data
+    train_num_samples: int = 0      # shards: samples per epoch; 0: the sizes.json beside the shards
+    dataset_resampled: bool = False  # shards: draw them with replacement (open_clip's flag)
     workers: int = 2                # data-loading processes per rank
     # optimisation
     epochs: int = 1                 # passes over the training data
@@ -628,23 +631,22 @@ def read_init(path):
 # ---- data ----
 
 def build_data(cfg, tokenizer, rank, world_size):
-    """Training loader (none with --eval-only), image-id index, val records. With neither
+    """Training loader and sampler (none with --eval-only), val records. With neither
     --train-data nor --val-data, the built-in tiny set."""
     tiny = None if (cfg.train_data or cfg.val_data) else tiny_data()
     val_file = cfg.val_data or (os.path.join(tiny, "val.json") if tiny else "")
     root = cfg.image_root or None
     val = read_annotations(val_file, root) if val_file else None
     if cfg.eval_only:
-        return None, None, None, val
+        return None, None, val
     train_file = cfg.train_data or os.path.join(tiny_data(), "train.json")
-    records = read_annotations(train_file, root, cfg.skip_bad)
     # open_clip's light crop, no flip (captions say left and right); ALBEF trains with
     # RandomResizedCrop(0.5-1), flips and RandAugment.
-    train_set = ImageTextDataset(records, train_transform(cfg.image_size), tokenizer, cfg.max_length,
-                                 skip_bad=cfg.skip_bad)
-    loader, sampler = train_loader(train_set, batch_size=cfg.batch_size, workers=cfg.workers, seed=cfg.seed, rank=rank,
-                                   world_size=world_size, source=train_file)
-    return loader, sampler, image_id_index(records), val
+    example = Example(train_transform(cfg.image_size), tokenizer, cfg.max_length)
+    loader, sampler = train_loader(training_records(train_file, root, cfg.skip_bad), example, batch_size=cfg.batch_size, workers=cfg.workers, seed=cfg.seed,
+                                   rank=rank, world_size=world_size, source=train_file, skip_bad=cfg.skip_bad,
+                                   num_samples=cfg.train_num_samples, resampled=cfg.dataset_resampled)
+    return loader, sampler, val
 
 
 def check_config(cfg, world_size):
@@ -854,7 +856,7 @@ def main(argv=None):
     model.to(device)
     if cfg.grad_checkpointing:
         model.set_grad_checkpointing()
-    loader, sampler, image_index, val = build_data(cfg, tokenizer, rank, world_size)
+    loader, sampler, val = build_data(cfg, tokenizer, rank, world_size)
     save_config(cfg, cfg.output_dir)
     log = MetricLog(cfg.output_dir)
     if ckpt:
@@ -886,6 +888,7 @@ def main(argv=None):
         scaler.load_state_dict(ckpt["scaler"])
         step, best, guard.total = ckpt["step"], ckpt["best"], ckpt["bad_steps"]
         set_rng_state(ckpt["rng"][rank])
+        sampler.load_state_dict(ckpt.get("data", [{}] * world_size)[rank])   # shards: the stream position
         if dist.is_main():
             print(f"resumed from {cfg.resume} at step {step}")
     del ckpt
@@ -901,7 +904,8 @@ def main(argv=None):
         state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                  "scaler": scaler.state_dict(), "step": step, "epoch": step // steps_per_epoch, "best": best,
                  "bad_steps": guard.total, "steps_per_epoch": steps_per_epoch, "world_size": world_size,
-                 "config": dataclasses.asdict(cfg), "rng": dist.gather_objects(rng_state())}
+                 "config": dataclasses.asdict(cfg), "rng": dist.gather_objects(rng_state()),
+                 "data": dist.gather_objects(sampler.state_dict())}
         if dist.is_main():
             save_checkpoint(os.path.join(cfg.output_dir, name), state)
 
@@ -911,9 +915,9 @@ def main(argv=None):
         while step < total_steps and not stopped:
             epoch = step // steps_per_epoch
             sampler.set_epoch(epoch, skip=(step % steps_per_epoch) * cfg.batch_size)
-            for images, ids, r in loader:
+            for images, ids, idx in loader:
                 images, ids = images.to(device, non_blocking=True), ids.to(device, non_blocking=True)
-                idx = image_index[r].to(device, non_blocking=True)          # looked up on the host: no sync
+                idx = idx.to(device, non_blocking=True)                      # image ids: positives share one
                 mask = (ids != tokenizer.pad_id).long()
                 alpha = alpha_at(cfg, step, steps_per_epoch, device)
                 with autocast(precision, device):
@@ -941,7 +945,8 @@ def main(argv=None):
                     pbar.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{lr:.2e}", samples_s=f"{speed:.0f}")
                     log.write({"step": step, "epoch": epoch, "split": "train", **values, "lr": lr,
                                "temp": model.temp.item(), "alpha": float(alpha), "samples_per_s": speed,
-                               "grad_norm": grad_norm.item(), "bad_steps": guard.total})
+                               "grad_norm": grad_norm.item(), "bad_steps": guard.total,
+                               **sampler.stats()})
                 if preemption.requested():   # SIGTERM / SIGUSR1 on any rank: save this step and leave
                     guard.flush()
                     checkpoint("checkpoint_last.pt")

@@ -28,8 +28,8 @@ from torch.utils.checkpoint import checkpoint as recompute
 from tqdm import tqdm
 
 from common import dist
-from common.data import (ImageDataset, ImageTextDataset, eval_transform, image_id_index, load_tokenizer,
-                         read_annotations, read_json, retrieval_texts, tiny_data, train_loader, train_transform)
+from common.data import (Example, ImageDataset, eval_transform, load_tokenizer, read_annotations, read_json,
+                         retrieval_texts, tiny_data, train_loader, train_transform, training_records)
 from common.encoders import (BertAttention, BertLMHead, VisionTransformer, _bert_init, hf_bert_lm_head_map,
                              hf_bert_map, hf_blip_vision_map, hf_clip_vision_map, load_mapped, open_clip_vision_map,
                              read_hf_checkpoint, read_weights_file, resize_pos_embed, timm_vit_map)
@@ -104,7 +104,8 @@ class Config:
     k_test: int = 16                # ITM re-ranking candidates per query (128 in LAVIS's COCO evaluation)
     itm_batch: int = 256            # (image, text) pairs per ITM forward when re-ranking
     # data
-    train_data: str = ""            # annotation file (JSON or CSV); empty: the built-in tiny set
+    train_data: str = ""            # annotation file (JSON or CSV), or webdataset shards such as
+                                    # "shards/{00000..00999}.tar" (sources joined with ::); empty: tiny
     val_data: str = ""              # evaluation split: retrieval (stage 1) and captions (stage 2) read an annotation
                                     # file, --task vqa VQAv2's question file; empty with tiny: its val split
     val_answers: str = ""           # --task vqa: VQAv2's annotation file (the 10 human answers of each question)
@@ -112,6 +113,8 @@ class Config:
     tokenizer: str = ""             # transformers folder or name (bert-base-uncased); [DEC] is added. Empty: tiny's
     llm_tokenizer: str = ""         # stage 2: the LM's tokenizer; empty: --llm's (or --init-from's), else tiny's
     skip_bad: bool = False          # skip (and count) unreadable images and empty captions in training data
+    train_num_samples: int = 0      # shards: samples per epoch; 0: the sizes.json beside the shards
+    dataset_resampled: bool = False  # shards: draw them with replacement (open_clip's flag)
     workers: int = 2                # data-loading processes per rank
     # optimisation
     epochs: int = 1                 # passes over the training data
@@ -1062,21 +1065,20 @@ def read_init(path):
 # ---- data ----
 
 def build_data(cfg, tokenizer, rank, world_size):
-    """Training loader (none with --eval-only), image-id index, val records. With neither
+    """Training loader and sampler (none with --eval-only), val records. With neither
     --train-data nor --val-data, the built-in tiny set."""
     tiny = None if (cfg.train_data or cfg.val_data) else tiny_data()
     val_file = cfg.val_data or (os.path.join(tiny, "val.json") if tiny else "")
     root = cfg.image_root or None
     val = read_annotations(val_file, root) if val_file else None
     if cfg.eval_only:
-        return None, None, None, val
+        return None, None, val
     train_file = cfg.train_data or os.path.join(tiny_data(), "train.json")
-    records = read_annotations(train_file, root, cfg.skip_bad)
-    train_set = ImageTextDataset(records, train_transform(cfg.image_size), tokenizer, cfg.max_length,
-                                 skip_bad=cfg.skip_bad)
-    loader, sampler = train_loader(train_set, batch_size=cfg.batch_size, workers=cfg.workers, seed=cfg.seed, rank=rank,
-                                   world_size=world_size, source=train_file)
-    return loader, sampler, image_id_index(records), val
+    example = Example(train_transform(cfg.image_size), tokenizer, cfg.max_length)
+    loader, sampler = train_loader(training_records(train_file, root, cfg.skip_bad), example, batch_size=cfg.batch_size, workers=cfg.workers, seed=cfg.seed,
+                                   rank=rank, world_size=world_size, source=train_file, skip_bad=cfg.skip_bad,
+                                   num_samples=cfg.train_num_samples, resampled=cfg.dataset_resampled)
+    return loader, sampler, val
 
 
 # ---- data (stage 2): texts for the language model ----
@@ -1104,8 +1106,8 @@ def llm_example(tok, prompt, target, max_length, decoder_only, end_ids):
 
 
 def collate_llm(pad_id):
-    """Batches of (image, (ids, labels), record) padded on the right to the batch's longest: images,
-    ids, mask, labels (-100 at padding), record indices."""
+    """Batches of (image, (ids, labels), image id) padded on the right to the batch's longest: images,
+    ids, mask, labels (-100 at padding), image ids."""
     def collate(batch):
         images, texts, r = zip(*batch)
         n, m = max(len(t[0]) for t in texts), max(len(t[1]) for t in texts)
@@ -1195,7 +1197,7 @@ def build_data_stage2(cfg, tok, decoder_only, rank, world_size):
     if cfg.eval_only:
         return None, None, val, vqa
     train_file = cfg.train_data or os.path.join(tiny_data(), "train.json")
-    records = read_annotations(train_file, root, cfg.skip_bad)
+    records = training_records(train_file, root, cfg.skip_bad)
     if tiny:
         records += [{"image": q["image"], "captions": [q["answers"][0]], "prompt": cfg.vqa_prompt.format(q["question"]),
                      "image_id": q["question_id"]}
@@ -1214,10 +1216,10 @@ def build_data_stage2(cfg, tok, decoder_only, rank, world_size):
             prompt, target = " ".join(words[:k]), " ".join(words[k:])
         return llm_example(tok, prompt, target, cfg.max_length, decoder_only, end)
 
-    train_set = ImageTextDataset(records, train_transform(cfg.image_size), None, cfg.max_length,
-                                 skip_bad=cfg.skip_bad, encode=encode)
-    loader, sampler = train_loader(train_set, batch_size=cfg.batch_size, workers=cfg.workers, seed=cfg.seed, rank=rank,
-                                   world_size=world_size, source=train_file, collate_fn=collate_llm(tok.pad_token_id))
+    loader, sampler = train_loader(records, Example(train_transform(cfg.image_size), encode=encode), batch_size=cfg.batch_size, workers=cfg.workers, seed=cfg.seed,
+                                   rank=rank, world_size=world_size, source=train_file, skip_bad=cfg.skip_bad,
+                                   num_samples=cfg.train_num_samples, resampled=cfg.dataset_resampled,
+                                   collate_fn=collate_llm(tok.pad_token_id))
     return loader, sampler, val, vqa
 
 
@@ -1573,7 +1575,7 @@ def main(argv=None):
     if cfg.grad_checkpointing:
         model.set_grad_checkpointing()
     if cfg.stage == 1:
-        loader, sampler, image_index, val = build_data(cfg, tokenizer, rank, world_size)
+        loader, sampler, val = build_data(cfg, tokenizer, rank, world_size)
         vqa = None
 
         def evaluate_run():
@@ -1612,6 +1614,7 @@ def main(argv=None):
         scaler.load_state_dict(ckpt["scaler"])
         step, best, guard.total = ckpt["step"], ckpt["best"], ckpt["bad_steps"]
         set_rng_state(ckpt["rng"][rank])
+        sampler.load_state_dict(ckpt.get("data", [{}] * world_size)[rank])   # shards: the stream position
         if dist.is_main():
             print(f"resumed from {cfg.resume} at step {step}")
     del ckpt
@@ -1626,7 +1629,8 @@ def main(argv=None):
                  "epoch": step // steps_per_epoch, "best": best, "bad_steps": guard.total,
                  "steps_per_epoch": steps_per_epoch, "world_size": world_size, "config": dataclasses.asdict(cfg),
                  "vision_fingerprint": vision_fingerprint, "llm_fingerprint": llm_fingerprint,
-                 "rng": dist.gather_objects(rng_state())}
+                 "rng": dist.gather_objects(rng_state()),
+                 "data": dist.gather_objects(sampler.state_dict())}
         if dist.is_main():
             save_checkpoint(os.path.join(cfg.output_dir, name), state)
 
@@ -1638,10 +1642,10 @@ def main(argv=None):
             sampler.set_epoch(epoch, skip=(step % steps_per_epoch) * cfg.batch_size)
             for batch in loader:
                 if cfg.stage == 1:
-                    images, ids, r = batch
+                    images, ids, idx = batch
                     ids = trim_padding(ids, tokenizer.pad_id) if not cfg.compile else ids
                     images, ids = images.to(device, non_blocking=True), ids.to(device, non_blocking=True)
-                    idx = image_index[r].to(device, non_blocking=True)          # looked up on the host: no sync
+                    idx = idx.to(device, non_blocking=True)                      # image ids: positives share one
                     mask = (ids != tokenizer.pad_id).long()
                     inputs = dict(images=images, ids=ids, mask=mask, idx=idx, task=cfg.task)
                 else:   # padded to the batch's longest text by collate_llm
@@ -1669,7 +1673,8 @@ def main(argv=None):
                     pbar.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{lr:.2e}", samples_s=f"{speed:.0f}")
                     extra = {"temp": model.temp.item()} if cfg.stage == 1 else {}
                     log.write({"step": step, "epoch": epoch, "split": "train", **values, "lr": lr, **extra,
-                               "samples_per_s": speed, "grad_norm": grad_norm.item(), "bad_steps": guard.total})
+                               "samples_per_s": speed, "grad_norm": grad_norm.item(), "bad_steps": guard.total,
+                               **sampler.stats()})
                 if preemption.requested():   # SIGTERM / SIGUSR1 on any rank: save this step and leave
                     guard.flush()
                     checkpoint("checkpoint_last.pt")

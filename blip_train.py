@@ -25,8 +25,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from common import dist
-from common.data import (ImageDataset, ImageTextDataset, eval_transform, image_id_index, load_tokenizer,
-                         read_annotations, retrieval_texts, tiny_data, train_loader, train_transform)
+from common.data import (Example, ImageDataset, eval_transform, load_tokenizer, read_annotations, retrieval_texts,
+                         tiny_data, train_loader, train_transform, training_records)
 from common.encoders import (BertEncoder, BertLMHead, KVCache, VisionTransformer, hf_bert_lm_head_map,
                              hf_bert_map, hf_blip_vision_map, load_mapped, read_hf_checkpoint, resize_pos_embed)
 from common.generation import beam_search, greedy_or_sample
@@ -87,11 +87,14 @@ class Config:
     capfilt_filter: str = ""        # the filter's weights (ours or HF retrieval); default: the --init-from model.
                                     # The paper fine-tunes captioner (LM) and filter (ITC+ITM) separately.
     # data
-    train_data: str = ""            # annotation file (JSON or CSV); empty: the built-in tiny set
+    train_data: str = ""            # annotation file (JSON or CSV), or webdataset shards such as
+                                    # "shards/{00000..00999}.tar" (sources joined with ::); empty: tiny
     val_data: str = ""              # evaluation split (retrieval and/or captions); empty with tiny: its val split
     image_root: str = ""            # folder relative image paths start from (default: the annotation file's)
     tokenizer: str = ""             # transformers folder or name (bert-base-uncased); empty: tiny's
     skip_bad: bool = False          # skip (and count) unreadable images and empty captions in training data
+    train_num_samples: int = 0      # shards: samples per epoch; 0: the sizes.json beside the shards
+    dataset_resampled: bool = False  # shards: draw them with replacement (open_clip's flag)
     workers: int = 2                # data-loading processes per rank
     # optimisation
     epochs: int = 1                 # passes over the training data
@@ -521,26 +524,29 @@ def sample_negatives(weights):
 # ---- data ----
 
 def build_data(cfg, tokenizer, rank, world_size):
-    """Training loader (none with --eval-only), image-id index, val records, training records.
+    """Training loader and sampler (none with --eval-only), val records, training records (an
+    annotation file's, or the shard spec).
     With neither --train-data nor --val-data, the built-in tiny set."""
     tiny = None if (cfg.train_data or cfg.val_data) else tiny_data()
     val_file = cfg.val_data or (os.path.join(tiny, "val.json") if tiny else "")
     root = cfg.image_root or None
     val = read_annotations(val_file, root) if val_file else None
     if cfg.eval_only:
-        return None, None, None, val, None
+        return None, None, val, None
     train_file = cfg.train_data or os.path.join(tiny_data(), "train.json")
-    records = read_annotations(train_file, root, cfg.skip_bad)
+    records = training_records(train_file, root, cfg.skip_bad)
     if cfg.task == "capfilt":
-        return None, None, None, val, records
+        if isinstance(records, str):
+            raise UserError("--task capfilt captions and filters an annotation file; --train-data names shards")
+        return None, None, val, records
     prefix = cfg.prompt if cfg.task == "caption" else ""
     # open_clip's light crop, no flip (captions say left and right); BLIP trains with
     # RandomResizedCrop(0.5-1), flips and RandAugment on COCO.
-    train_set = ImageTextDataset(records, train_transform(cfg.image_size), tokenizer, cfg.max_length,
-                                 skip_bad=cfg.skip_bad, prefix=prefix)
-    loader, sampler = train_loader(train_set, batch_size=cfg.batch_size, workers=cfg.workers, seed=cfg.seed, rank=rank,
-                                   world_size=world_size, source=train_file)
-    return loader, sampler, image_id_index(records), val, records
+    example = Example(train_transform(cfg.image_size), tokenizer, cfg.max_length, prefix=prefix)
+    loader, sampler = train_loader(records, example, batch_size=cfg.batch_size, workers=cfg.workers, seed=cfg.seed,
+                                   rank=rank, world_size=world_size, source=train_file, skip_bad=cfg.skip_bad,
+                                   num_samples=cfg.train_num_samples, resampled=cfg.dataset_resampled)
+    return loader, sampler, val, records
 
 
 def prompt_token_ids(tokenizer, prompt, max_length):
@@ -819,7 +825,7 @@ def main(argv=None):
     model.to(device)
     if cfg.grad_checkpointing:
         model.set_grad_checkpointing()
-    loader, sampler, image_index, val, records = build_data(cfg, tokenizer, rank, world_size)
+    loader, sampler, val, records = build_data(cfg, tokenizer, rank, world_size)
     save_config(cfg, cfg.output_dir)
     log = MetricLog(cfg.output_dir)
     if ckpt:
@@ -868,6 +874,7 @@ def main(argv=None):
         scaler.load_state_dict(ckpt["scaler"])
         step, best, guard.total = ckpt["step"], ckpt["best"], ckpt["bad_steps"]
         set_rng_state(ckpt["rng"][rank])
+        sampler.load_state_dict(ckpt.get("data", [{}] * world_size)[rank])   # shards: the stream position
         if dist.is_main():
             print(f"resumed from {cfg.resume} at step {step}")
     del ckpt
@@ -883,7 +890,8 @@ def main(argv=None):
         state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                  "scaler": scaler.state_dict(), "step": step, "epoch": step // steps_per_epoch, "best": best,
                  "bad_steps": guard.total, "steps_per_epoch": steps_per_epoch, "world_size": world_size,
-                 "config": dataclasses.asdict(cfg), "rng": dist.gather_objects(rng_state())}
+                 "config": dataclasses.asdict(cfg), "rng": dist.gather_objects(rng_state()),
+                 "data": dist.gather_objects(sampler.state_dict())}
         if dist.is_main():
             save_checkpoint(os.path.join(cfg.output_dir, name), state)
 
@@ -894,9 +902,9 @@ def main(argv=None):
         while step < total_steps and not stopped:
             epoch = step // steps_per_epoch
             sampler.set_epoch(epoch, skip=(step % steps_per_epoch) * cfg.batch_size)
-            for images, ids, r in loader:
+            for images, ids, idx in loader:
                 images, ids = images.to(device, non_blocking=True), ids.to(device, non_blocking=True)
-                idx = image_index[r].to(device, non_blocking=True)          # looked up on the host: no sync
+                idx = idx.to(device, non_blocking=True)                      # image ids: positives share one
                 mask = (ids != tokenizer.pad_id).long()
                 alpha = alpha_at(cfg, step, steps_per_epoch, device)
                 with autocast(precision, device):
@@ -924,7 +932,8 @@ def main(argv=None):
                     pbar.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{lr:.2e}", samples_s=f"{speed:.0f}")
                     log.write({"step": step, "epoch": epoch, "split": "train", **values, "lr": lr,
                                "temp": model.temp.item(), "samples_per_s": speed, "grad_norm": grad_norm.item(),
-                               "bad_steps": guard.total})
+                               "bad_steps": guard.total,
+                               **sampler.stats()})
                 if preemption.requested():   # SIGTERM / SIGUSR1 on any rank: save this step and leave
                     guard.flush()
                     checkpoint("checkpoint_last.pt")

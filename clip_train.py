@@ -22,8 +22,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from common import dist
-from common.data import (ImageDataset, ImageTextDataset, eval_transform, image_folder, load_tokenizer,
-                         read_annotations, retrieval_texts, tiny_data, train_loader, train_transform)
+from common.data import (Example, ImageDataset, eval_transform, image_folder, load_tokenizer,
+                         read_annotations, retrieval_texts, tiny_data, train_loader, train_transform,
+                         training_records)
 from common.encoders import (TextTransformer, VisionTransformer, hf_clip_text_map, hf_clip_vision_map,
                              load_mapped, read_hf_checkpoint, resize_pos_embed)
 from common.metrics import embed_texts, retrieval_metrics, zeroshot_classifier_sharded, zeroshot_metrics
@@ -55,12 +56,15 @@ class Config:
     act: str = "quick_gelu"         # OpenAI's QuickGELU; "gelu" as open_clip's non-quickgelu models
     layer_norm_eps: float = 1e-5    # LayerNorm epsilon
     # data
-    train_data: str = ""            # annotation file (JSON or CSV); empty: the built-in tiny set
+    train_data: str = ""            # annotation file (JSON or CSV), or webdataset shards such as
+                                    # "shards/{00000..00999}.tar" (sources joined with ::); empty: tiny
     val_data: str = ""              # retrieval evaluation split; empty with tiny: its val split
     image_root: str = ""            # folder relative image paths start from (default: the file's)
     zeroshot_data: str = ""         # image folder root/<class>/*; empty with tiny: its zero-shot set
     tokenizer: str = ""             # transformers tokenizer folder or name; empty: tiny's / --init-from's
     skip_bad: bool = False          # skip (and count) unreadable images and empty captions
+    train_num_samples: int = 0      # shards: samples per epoch; 0: the sizes.json beside the shards
+    dataset_resampled: bool = False  # shards: draw them with replacement (open_clip's flag)
     workers: int = 2                # data-loading processes per rank
     # optimisation (open_clip params.py / paper Sec. 2.5)
     epochs: int = 2                 # passes over the training data
@@ -215,10 +219,10 @@ def build_data(cfg, tokenizer, rank, world_size):
     if cfg.eval_only:
         return None, None, val, zeroshot
     train_file = cfg.train_data or os.path.join(tiny_data(), "train.json")
-    train_set = ImageTextDataset(read_annotations(train_file, root, cfg.skip_bad), train_transform(cfg.image_size),
-                                 tokenizer, cfg.context_length, skip_bad=cfg.skip_bad)
-    loader, sampler = train_loader(train_set, batch_size=cfg.batch_size, workers=cfg.workers, seed=cfg.seed, rank=rank,
-                                   world_size=world_size, source=train_file)
+    example = Example(train_transform(cfg.image_size), tokenizer, cfg.context_length)
+    loader, sampler = train_loader(training_records(train_file, root, cfg.skip_bad), example, batch_size=cfg.batch_size, workers=cfg.workers, seed=cfg.seed,
+                                   rank=rank, world_size=world_size, source=train_file, skip_bad=cfg.skip_bad,
+                                   num_samples=cfg.train_num_samples, resampled=cfg.dataset_resampled)
     return loader, sampler, val, zeroshot
 
 
@@ -338,6 +342,7 @@ def main(argv=None):
         scaler.load_state_dict(ckpt["scaler"])
         step, best, guard.total = ckpt["step"], ckpt["best"], ckpt["bad_steps"]
         set_rng_state(ckpt["rng"][rank])
+        sampler.load_state_dict(ckpt.get("data", [{}] * world_size)[rank])   # shards: the stream position
         if dist.is_main():
             print(f"resumed from {cfg.resume} at step {step}")
     del ckpt
@@ -351,7 +356,8 @@ def main(argv=None):
         state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                  "scaler": scaler.state_dict(), "step": step, "epoch": step // steps_per_epoch, "best": best,
                  "bad_steps": guard.total, "steps_per_epoch": steps_per_epoch, "world_size": world_size,
-                 "config": dataclasses.asdict(cfg), "rng": dist.gather_objects(rng_state())}
+                 "config": dataclasses.asdict(cfg), "rng": dist.gather_objects(rng_state()),
+                 "data": dist.gather_objects(sampler.state_dict())}
         if dist.is_main():
             save_checkpoint(os.path.join(cfg.output_dir, name), state)
 
@@ -389,7 +395,8 @@ def main(argv=None):
                     pbar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", samples_s=f"{speed:.0f}")
                     log.write({"step": step, "epoch": epoch, "split": "train", "loss": loss_value, "lr": lr,
                                "logit_scale": model.logit_scale.exp().item(), "samples_per_s": speed,
-                               "grad_norm": grad_norm.item(), "bad_steps": guard.total})
+                               "grad_norm": grad_norm.item(), "bad_steps": guard.total,
+                               **sampler.stats()})
                 if preemption.requested():   # SIGTERM / SIGUSR1 on any rank: save this step and leave
                     guard.flush()
                     checkpoint("checkpoint_last.pt")

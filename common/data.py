@@ -217,9 +217,10 @@ def _read_csv(path):
 
 # ---- images and transforms ----
 
-def load_rgb(path):
-    """Open an image as RGB. Grayscale and palette images are converted; transparency is
-    composited on white (a plain convert('RGB') would turn transparent pixels black or noise)."""
+def load_rgb(path, name=None):
+    """Open an image (a path, or a file object with `name` for messages) as RGB. Grayscale and palette
+    images are converted; transparency is composited on white (a plain convert('RGB') would turn
+    transparent pixels black or noise)."""
     try:
         with Image.open(path) as img:
             img.load()
@@ -230,7 +231,7 @@ def load_rgb(path):
                 return canvas
             return img.convert("RGB")
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise OSError(f"cannot read image {path}: {e}") from None
+        raise OSError(f"cannot read image {name or path}: {e}") from None
 
 
 def train_transform(size):
@@ -250,18 +251,42 @@ def eval_transform(size, crop=True):
 
 # ---- datasets ----
 
+class Example:
+    """One training example from a decoded image and a caption: (image (3, H, W), text) where text is
+    the caption's token ids (L,) or, with `encode(record, caption index, seed)`, its result (BLIP-2's
+    LM texts). With a seed, the augmentation depends on it alone, so a resumed run sees exactly the
+    crops an uninterrupted one would. Shared by the annotation-file dataset and the shard stream;
+    picklable, for DataLoader workers."""
+
+    def __init__(self, transform, tokenizer=None, context_length=0, prefix="", encode=None):
+        self.transform, self.tokenizer, self.context_length = transform, tokenizer, context_length
+        self.prefix, self.encode = prefix, encode
+
+    def __call__(self, image, record, c, seed):
+        if seed is not None:
+            with torch.random.fork_rng(devices=[]):      # CPU generator only; CUDA's untouched
+                torch.default_generator.manual_seed(seed)
+                image = self.transform(image)
+        else:
+            image = self.transform(image)
+        if self.encode is not None:
+            return image, self.encode(record, c, seed)
+        return image, self.tokenizer(self.prefix + record["captions"][c], self.context_length)[0]
+
+
 class ImageTextDataset(torch.utils.data.Dataset):
-    """Training pairs: every (image, caption) pair of the records is one sample (as BLIP's
-    COCO loader). Returns (image (3, H, W), token ids (L,), index of the image's record); with
-    `encode(record, caption index, seed)`, its result instead of the token ids.
+    """Training pairs of an annotation file: every (image, caption) pair of the records is one sample
+    (as BLIP's COCO loader). Returns (image, text, image id index) with `example` (an `Example`)
+    making the first two; image id indices are equal for the captions of one image (image_id_index).
 
     Keys may be (index, seed) from `ShardedSampler`: the augmentation then depends only on
-    (seed, epoch, index), so a resumed run sees exactly the crops an uninterrupted one would."""
+    (seed, epoch, index). With skip_bad, an unreadable image is replaced by the next sample and
+    counted in the log."""
 
-    def __init__(self, records, transform, tokenizer, context_length, skip_bad=False, prefix="", encode=None):
-        self.records, self.transform, self.prefix, self.encode = records, transform, prefix, encode
-        self.tokenizer, self.context_length, self.skip_bad = tokenizer, context_length, skip_bad
+    def __init__(self, records, example, skip_bad=False):
+        self.records, self.example, self.skip_bad = records, example, skip_bad
         self.pairs = [(r, c) for r, rec in enumerate(records) for c in range(len(rec["captions"]))]
+        self.image_ids = image_id_index(records)
         self.skipped = 0
 
     def __len__(self):
@@ -279,16 +304,8 @@ class ImageTextDataset(torch.utils.data.Dataset):
                     raise
                 self.skipped += 1
                 log.warning("%s; using the next sample instead (%d skipped in this worker)", e, self.skipped)
-        if seed is not None:
-            with torch.random.fork_rng(devices=[]):      # CPU generator only; CUDA's untouched
-                torch.default_generator.manual_seed(seed)
-                image = self.transform(image)
-        else:
-            image = self.transform(image)
-        if self.encode is not None:                      # the caller's text encoding (BLIP-2's LM texts)
-            return image, self.encode(self.records[r], c, seed), r
-        ids = self.tokenizer(self.prefix + self.records[r]["captions"][c], self.context_length)[0]
-        return image, ids, r
+        image, text = self.example(image, self.records[r], c, seed)
+        return image, text, self.image_ids[r]
 
 
 class ImageDataset(torch.utils.data.Dataset):
@@ -398,6 +415,17 @@ class ShardedSampler(torch.utils.data.Sampler):
     def __len__(self):
         return self.per_rank - self.skip
 
+    # The same interface as the shard stream (common/shards.py): the position is (epoch, skip),
+    # which the training step already determines, so there is no state to save and no counts.
+    def state_dict(self):
+        return {}
+
+    def load_state_dict(self, state):
+        pass
+
+    def stats(self):
+        return {}
+
     def __iter__(self):
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
         order = torch.randperm(self.n, generator=g) if self.shuffle else torch.arange(self.n)
@@ -407,11 +435,23 @@ class ShardedSampler(torch.utils.data.Sampler):
             yield i, int.from_bytes(digest, "little") & 0x7FFF_FFFF_FFFF_FFFF
 
 
-def train_loader(train_set, *, batch_size, workers, seed, rank, world_size, source, collate_fn=None):
-    """(DataLoader, ShardedSampler) of a training set: `batch_size` per rank, the last incomplete
-    batch dropped. The loader has its own seeded generator: starting an epoch (or a resume) must not
-    consume the global RNG that dropout, masking and negative sampling use. A global batch larger
-    than the data is an error naming `source` (the annotation file)."""
+def train_loader(data, example, *, batch_size, workers, seed, rank, world_size, source, skip_bad=False,
+                 num_samples=0, resampled=False, collate_fn=None):
+    """(loader, sampler) of the training data, `batch_size` per rank, the last incomplete batch dropped.
+
+    `data`: the records of an annotation file (read_annotations), or a webdataset shard spec
+    (common.shards: streamed, `num_samples` per epoch, `resampled` draws shards with replacement).
+    `example` (an Example) makes (image, text) of an image and caption. The sampler has
+    set_epoch(epoch, skip), state_dict(), load_state_dict() and stats() for both kinds.
+
+    The loader has its own seeded generator: starting an epoch (or a resume) must not consume the
+    global RNG that dropout, masking and negative sampling use. A global batch larger than the data
+    is an error naming `source` (the annotation file)."""
+    if isinstance(data, str):
+        from .shards import shard_loader
+        return shard_loader(data, example, batch_size=batch_size, workers=workers, seed=seed, rank=rank,
+                            world_size=world_size, num_samples=num_samples, resampled=resampled, collate_fn=collate_fn)
+    train_set = ImageTextDataset(data, example, skip_bad=skip_bad)
     if batch_size * world_size > len(train_set):
         raise UserError(f"--batch-size {batch_size} x {world_size} process(es) is larger than the "
                         f"{len(train_set)} image-caption pairs of {source}; use a smaller --batch-size")
@@ -420,6 +460,12 @@ def train_loader(train_set, *, batch_size, workers, seed, rank, world_size, sour
                                          num_workers=workers, pin_memory=torch.cuda.is_available(), collate_fn=collate_fn,
                                          persistent_workers=workers > 0, generator=torch.Generator().manual_seed(seed))
     return loader, sampler
+
+
+def training_records(source, image_root=None, skip_bad=False):
+    """What train_loader takes for --train-data: a shard spec as it is, an annotation file's records."""
+    from .shards import is_shards
+    return source if is_shards(source) else read_annotations(source, image_root, skip_bad)
 
 
 # OpenAI's 80 prompt templates for zero-shot ImageNet (CLIP notebooks / open_clip zero_shot_metadata).

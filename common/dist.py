@@ -162,6 +162,15 @@ def host_max(value):
     return int(t)
 
 
+def host_sum(values):
+    """Element-wise sums of a list of ints over ranks, on the host (the gloo CPU group): no GPU sync."""
+    if not is_dist():
+        return list(values)
+    t = torch.tensor(list(values), dtype=torch.long)
+    dist.all_reduce(t, group=cpu_group())
+    return t.tolist()
+
+
 def all_reduce_sum(x):
     """Sum of a tensor over ranks (evaluation counts)."""
     if not is_dist():

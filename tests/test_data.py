@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 import clip_train
-from common.data import (ImageTextDataset, ShardedSampler, Tokenizer, image_folder, load_rgb, read_annotations,
+from common.data import (Example, ImageTextDataset, ShardedSampler, Tokenizer, image_folder, load_rgb, read_annotations,
                          train_transform)
 
 
@@ -97,8 +97,8 @@ def test_corrupt_and_truncated_images(folder, tiny, caplog):
                                                            {"image": "a.png", "caption": "y"}]))
     tok = Tokenizer(os.path.join(tiny, "tokenizer"))
     with pytest.raises(OSError, match="trunc.png"):
-        ImageTextDataset(recs, train_transform(16), tok, 8)[0]
-    ds = ImageTextDataset(recs, train_transform(16), tok, 8, skip_bad=True)
+        ImageTextDataset(recs, Example(train_transform(16), tok, 8))[0]
+    ds = ImageTextDataset(recs, Example(train_transform(16), tok, 8), skip_bad=True)
     with caplog.at_level(logging.WARNING):
         image, ids, r = ds[0]
     assert r == 1 and image.shape == (3, 16, 16) and ds.skipped == 1   # replaced by the next sample
