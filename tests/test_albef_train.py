@@ -133,9 +133,9 @@ def test_retrieval_without_image_ids_groups_captions_by_image_file(tmp_path, sub
     path.write_text(json.dumps(records))
     cfg = albef_train.Config(**MODEL, train_data=str(path), workers=0, task="retrieval")
     from common.data import Tokenizer
-    loader, _, image_index, _ = albef_train.build_data(cfg, Tokenizer(subset[-1]), 0, 1)
-    assert image_index.tolist() == list(range(8))          # one id per image record, shared by its 5 captions
-    assert len(loader.dataset) == 40
+    loader, _, _ = albef_train.build_data(cfg, Tokenizer(subset[-1]), 0, 1)
+    assert loader.dataset.image_ids.tolist() == list(range(8))    # one id per image record, shared by its 5 captions
+    assert len(loader.dataset) == 40 and {int(loader.dataset[i][2]) for i in range(5, 10)} == {1}
 
 
 def test_pretraining_learns_retrieval_and_mlm_far_above_chance(tmp_path):

@@ -117,9 +117,10 @@ def test_missing_image_id_falls_back_to_the_image_path(tiny, tmp_path):
     recs = json.load(open(os.path.join(tiny, "train.json")))[:3]
     data = [{"image": os.path.join(tiny, r["image"]), "caption": c} for r in recs for c in r["caption"][:2]]
     (tmp_path / "noid.json").write_text(json.dumps(data))
-    loader, _, image_index, _, records = blip_train.build_data(
+    loader, _, _, records = blip_train.build_data(
         blip_train.Config(train_data=str(tmp_path / "noid.json"), batch_size=2, workers=0), blip_model()[1], 0, 1)
-    assert len(records) == 3 and image_index.tolist() == [0, 1, 2]
+    assert len(records) == 3 and loader.dataset.image_ids.tolist() == [0, 1, 2]
+    assert [int(loader.dataset[i][2]) for i in range(6)] == [0, 0, 1, 1, 2, 2]     # what training steps see
     assert records[0]["image_id"] == os.path.join(tiny, recs[0]["image"]) and len(records[0]["captions"]) == 2
 
 
