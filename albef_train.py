@@ -119,6 +119,7 @@ class Config:
     eval_only: bool = False         # evaluate the --init-from / --resume weights and exit
     save_every: int = 1000          # steps between checkpoint_last.pt saves (and at every epoch end)
     log_every: int = 10             # steps between train records in metrics.jsonl
+    report_to: str = ""             # also send those records to "tensorboard", "wandb" or "tensorboard,wandb"
 
 
 PRESETS = {
@@ -858,7 +859,7 @@ def main(argv=None):
         model.set_grad_checkpointing()
     loader, sampler, val = build_data(cfg, tokenizer, rank, world_size)
     save_config(cfg, cfg.output_dir)
-    log = MetricLog(cfg.output_dir)
+    log = MetricLog(cfg.output_dir, cfg.report_to, dataclasses.asdict(cfg), project="albef")
     if ckpt:
         model.load_state_dict(ckpt["model"])
     if cfg.eval_only:

@@ -142,6 +142,7 @@ class Config:
     eval_only: bool = False         # evaluate the --init-from / --resume weights and exit
     save_every: int = 1000          # steps between checkpoint_last.pt saves (and at every epoch end)
     log_every: int = 10             # steps between train records in metrics.jsonl
+    report_to: str = ""             # also send those records to "tensorboard", "wandb" or "tensorboard,wandb"
 
 
 VIT_G = dict(vision="eva", image_size=224, patch_size=14, vision_width=1408, vision_layers=39, vision_heads=16,
@@ -1586,7 +1587,7 @@ def main(argv=None):
         def evaluate_run():
             return evaluate_stage2(model, cfg, val, vqa, llm_tokenizer, device, precision)
     save_config(cfg, cfg.output_dir)
-    log = MetricLog(cfg.output_dir)
+    log = MetricLog(cfg.output_dir, cfg.report_to, dataclasses.asdict(cfg), project="blip2")
     if cfg.eval_only:
         metrics = evaluate_run()
         log.write({"step": ckpt["step"] if ckpt else 0, "epoch": 0, "split": "val", **metrics})

@@ -117,6 +117,7 @@ class Config:
     eval_only: bool = False         # evaluate the --init-from / --resume weights and exit
     save_every: int = 1000          # steps between checkpoint_last.pt saves (and at every epoch end)
     log_every: int = 10             # steps between train records in metrics.jsonl
+    report_to: str = ""             # also send those records to "tensorboard", "wandb" or "tensorboard,wandb"
 
 
 _BERT_BASE = dict(text_width=768, text_layers=12, text_heads=12, text_mlp_dim=3072, max_positions=512,
@@ -827,7 +828,7 @@ def main(argv=None):
         model.set_grad_checkpointing()
     loader, sampler, val, records = build_data(cfg, tokenizer, rank, world_size)
     save_config(cfg, cfg.output_dir)
-    log = MetricLog(cfg.output_dir)
+    log = MetricLog(cfg.output_dir, cfg.report_to, dataclasses.asdict(cfg), project="blip")
     if ckpt:
         model.load_state_dict(ckpt["model"])
 

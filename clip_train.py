@@ -90,6 +90,7 @@ class Config:
     eval_only: bool = False         # evaluate the --init-from / --resume weights and exit
     save_every: int = 1000          # steps between checkpoint_last.pt saves (and at every epoch end)
     log_every: int = 10             # steps between train records in metrics.jsonl
+    report_to: str = ""             # also send those records to "tensorboard", "wandb" or "tensorboard,wandb"
 
 
 _VIT_TEXT = dict(text_width=512, text_layers=12, text_heads=8, context_length=77, vocab_size=49408,
@@ -311,7 +312,7 @@ def main(argv=None):
         model.set_grad_checkpointing()
     loader, sampler, val, zeroshot = build_data(cfg, tokenizer, rank, world_size)
     save_config(cfg, cfg.output_dir)
-    log = MetricLog(cfg.output_dir)
+    log = MetricLog(cfg.output_dir, cfg.report_to, dataclasses.asdict(cfg), project="clip")
 
     if cfg.eval_only:
         if ckpt:

@@ -126,6 +126,7 @@ class Config:
     eval_only: bool = False         # evaluate the --init-from / --resume weights and exit
     save_every: int = 1000          # steps between checkpoint_last.pt saves (and at every epoch end)
     log_every: int = 10             # steps between train records in metrics.jsonl
+    report_to: str = ""             # also send those records to "tensorboard", "wandb" or "tensorboard,wandb"
 
 
 # open_clip's model_configs/coca_ViT-B-32.json and coca_ViT-L-14.json, with CLIP's recipe
@@ -788,7 +789,7 @@ def main(argv=None):
         model.set_grad_checkpointing()
     loader, sampler, val, zeroshot = build_data(cfg, tokenizer, rank, world_size)
     save_config(cfg, cfg.output_dir)
-    log = MetricLog(cfg.output_dir)
+    log = MetricLog(cfg.output_dir, cfg.report_to, dataclasses.asdict(cfg), project="coca")
     if ckpt:
         model.load_state_dict(ckpt["model"])
 

@@ -4,6 +4,7 @@ precision, checkpoints (atomic, fsynced, loaded with weights_only=True), the lif
 (SIGTERM / SIGUSR1 preemption, non-finite steps), and the metrics log."""
 import argparse
 import dataclasses
+import importlib.util
 import inspect
 import json
 import math
@@ -11,6 +12,7 @@ import os
 import pickle
 import random
 import re
+import secrets
 import signal
 import sys
 
@@ -96,7 +98,7 @@ def build_parser(config_cls, presets, description=None, choices=None, recipes_do
 
 
 # Fields a resumed run may change: where and how it runs, never what it trains.
-RESUME_MUTABLE = ("output_dir", "resume", "init_from", "eval_only", "workers", "log_every", "save_every",
+RESUME_MUTABLE = ("output_dir", "resume", "init_from", "eval_only", "workers", "log_every", "save_every", "report_to",
                   "precision", "compile", "grad_checkpointing", "image_root", "val_data", "zeroshot_data",
                   "max_bad_steps")
 
@@ -451,15 +453,50 @@ def first_nonfinite_module(model, inputs, forward):
 # ---- logging ----
 
 class MetricLog:
-    """Appends one JSON object per line to output_dir/metrics.jsonl (rank 0 only)."""
+    """Appends one JSON object per line to output_dir/metrics.jsonl (rank 0 only), and sends the same
+    records to TensorBoard (output_dir/tensorboard) and/or Weights & Biases with `report_to`
+    ("tensorboard", "wandb" or both, comma-separated), each imported only when asked: a scalar
+    `<split>/<name>` per number at the record's step. wandb follows its own settings (WANDB_MODE=offline
+    logs without a network; WANDB_PROJECT overrides `project`); a resumed run continues the same wandb
+    run (its id is kept in output_dir/wandb_run_id)."""
 
-    def __init__(self, output_dir):
+    def __init__(self, output_dir, report_to="", config=None, project="vlp"):
+        wanted = [x.strip() for x in report_to.split(",") if x.strip()]
+        for name in wanted:                  # every rank checks, so that no rank waits for a failed one
+            if name not in ("tensorboard", "wandb"):
+                raise UserError(f"--report-to {name!r}: expected tensorboard, wandb or both (comma-separated)")
+            if importlib.util.find_spec(name) is None:
+                raise UserError(f"--report-to {name} needs the {name} package: pip install {name}")
         self.path = os.path.join(output_dir, "metrics.jsonl") if dist.is_main() else None
+        self.tensorboard = self.wandb = None
+        if not dist.is_main():
+            return
+        if "tensorboard" in wanted:
+            from torch.utils.tensorboard import SummaryWriter
+            self.tensorboard = SummaryWriter(os.path.join(output_dir, "tensorboard"))
+        if "wandb" in wanted:
+            import wandb
+            id_file = os.path.join(output_dir, "wandb_run_id")
+            run_id = open(id_file).read().strip() if os.path.isfile(id_file) else secrets.token_hex(4)
+            with open(id_file, "w") as f:
+                f.write(run_id)
+            self.wandb = wandb.init(project=os.environ.get("WANDB_PROJECT", project), id=run_id, resume="allow",
+                                    dir=output_dir, name=os.path.basename(os.path.abspath(output_dir)), config=config,
+                                    reinit="finish_previous")
 
     def write(self, record):
-        if self.path:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+        if not self.path:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        scalars = {f"{record['split']}/{k}": v for k, v in record.items()
+                   if k not in ("step", "split") and isinstance(v, (int, float)) and not isinstance(v, bool)}
+        if self.tensorboard:
+            for key, value in scalars.items():
+                self.tensorboard.add_scalar(key, value, record["step"])
+            self.tensorboard.flush()
+        if self.wandb:
+            self.wandb.log(scalars, step=record["step"])
 
 
 def save_config(cfg, output_dir):
