@@ -97,7 +97,8 @@ class Config:
     # optimisation
     epochs: int = 1                 # passes over the training data
     max_steps: int = 0              # >0: train exactly this many steps (overrides epochs)
-    batch_size: int = 32            # per process; the queue grows by batch_size * world_size per step
+    batch_size: int = 32            # per process; the queue grows by batch_size * accum_steps * world_size per step
+    accum_steps: int = 1            # micro-batches per optimizer step, each against the step's queue (README)
     lr: float = 3e-4                # peak learning rate (1e-4 pretraining, 1e-5 fine-tuning in the paper)
     warmup_lr: float = 0.0          # warm-up starts here (1e-5 in the paper); 0: lr / warmup_steps
     min_lr: float = 0.0             # the cosine ends here (1e-5 pretraining, 1e-6 fine-tuning)
@@ -644,7 +645,8 @@ def build_data(cfg, tokenizer, rank, world_size):
     # open_clip's light crop, no flip (captions say left and right); ALBEF trains with
     # RandomResizedCrop(0.5-1), flips and RandAugment.
     example = Example(train_transform(cfg.image_size), tokenizer, cfg.max_length)
-    loader, sampler = train_loader(training_records(train_file, root, cfg.skip_bad), example, batch_size=cfg.batch_size, workers=cfg.workers, seed=cfg.seed,
+    loader, sampler = train_loader(training_records(train_file, root, cfg.skip_bad), example, batch_size=cfg.batch_size, accum_steps=cfg.accum_steps,
+                                   workers=cfg.workers, seed=cfg.seed,
                                    rank=rank, world_size=world_size, source=train_file, skip_bad=cfg.skip_bad,
                                    num_samples=cfg.train_num_samples, resampled=cfg.dataset_resampled)
     return loader, sampler, val

@@ -120,6 +120,7 @@ class Config:
     epochs: int = 1                 # passes over the training data
     max_steps: int = 0              # >0: train exactly this many steps (overrides epochs)
     batch_size: int = 32            # per process (100 in stage 1)
+    accum_steps: int = 1            # micro-batches per optimizer step; stage 1's ITC spans them all (README)
     lr: float = 3e-4                # peak learning rate (1e-4 in stage 1)
     warmup_lr: float = 0.0          # warm-up starts here (1e-6); 0: lr / warmup_steps
     min_lr: float = 0.0             # the cosine ends here (1e-5)
@@ -1076,7 +1077,8 @@ def build_data(cfg, tokenizer, rank, world_size):
         return None, None, val
     train_file = cfg.train_data or os.path.join(tiny_data(), "train.json")
     example = Example(train_transform(cfg.image_size), tokenizer, cfg.max_length)
-    loader, sampler = train_loader(training_records(train_file, root, cfg.skip_bad), example, batch_size=cfg.batch_size, workers=cfg.workers, seed=cfg.seed,
+    loader, sampler = train_loader(training_records(train_file, root, cfg.skip_bad), example, batch_size=cfg.batch_size, accum_steps=cfg.accum_steps,
+                                   workers=cfg.workers, seed=cfg.seed,
                                    rank=rank, world_size=world_size, source=train_file, skip_bad=cfg.skip_bad,
                                    num_samples=cfg.train_num_samples, resampled=cfg.dataset_resampled)
     return loader, sampler, val
@@ -1217,7 +1219,8 @@ def build_data_stage2(cfg, tok, decoder_only, rank, world_size):
             prompt, target = " ".join(words[:k]), " ".join(words[k:])
         return llm_example(tok, prompt, target, cfg.max_length, decoder_only, end)
 
-    loader, sampler = train_loader(records, Example(train_transform(cfg.image_size), encode=encode), batch_size=cfg.batch_size, workers=cfg.workers, seed=cfg.seed,
+    loader, sampler = train_loader(records, Example(train_transform(cfg.image_size), encode=encode), batch_size=cfg.batch_size, accum_steps=cfg.accum_steps,
+                                   workers=cfg.workers, seed=cfg.seed,
                                    rank=rank, world_size=world_size, source=train_file, skip_bad=cfg.skip_bad,
                                    num_samples=cfg.train_num_samples, resampled=cfg.dataset_resampled,
                                    collate_fn=collate_llm(tok.pad_token_id))

@@ -100,6 +100,7 @@ class Config:
     epochs: int = 1                 # passes over the training data
     max_steps: int = 0              # >0: train exactly this many steps (overrides epochs)
     batch_size: int = 32            # per process; ITC negatives and the queue see batch_size * world_size
+    accum_steps: int = 1            # micro-batches per optimizer step, each against the step's queue (README)
     lr: float = 3e-4                # pretraining; 1e-5 for fine-tuning
     weight_decay: float = 0.05      # AdamW decoupled weight decay
     warmup_steps: int = 50          # linear warm-up steps, then cosine to 0
@@ -544,7 +545,8 @@ def build_data(cfg, tokenizer, rank, world_size):
     # open_clip's light crop, no flip (captions say left and right); BLIP trains with
     # RandomResizedCrop(0.5-1), flips and RandAugment on COCO.
     example = Example(train_transform(cfg.image_size), tokenizer, cfg.max_length, prefix=prefix)
-    loader, sampler = train_loader(records, example, batch_size=cfg.batch_size, workers=cfg.workers, seed=cfg.seed,
+    loader, sampler = train_loader(records, example, batch_size=cfg.batch_size, accum_steps=cfg.accum_steps,
+                                   workers=cfg.workers, seed=cfg.seed,
                                    rank=rank, world_size=world_size, source=train_file, skip_bad=cfg.skip_bad,
                                    num_samples=cfg.train_num_samples, resampled=cfg.dataset_resampled)
     return loader, sampler, val, records

@@ -28,10 +28,11 @@ from common.data import (Example, ImageDataset, eval_transform, image_folder, lo
 from common.encoders import (TextTransformer, VisionTransformer, hf_clip_text_map, hf_clip_vision_map,
                              load_mapped, read_hf_checkpoint, resize_pos_embed)
 from common.metrics import embed_texts, retrieval_metrics, zeroshot_classifier_sharded, zeroshot_metrics
-from common.utils import (MetricLog, NonFiniteGuard, Preemption, UserError, adamw, autocast, check_finite,
+from common.utils import (FeatureCache, MetricLog, NonFiniteGuard, Preemption, UserError, adamw, autocast, check_finite,
                           check_resume_position, cli, cosine_schedule, first_nonfinite_module, grad_norm_,
                           load_checkpoint, param_groups, resolve_config, resolve_precision, rng_state,
-                          save_checkpoint, save_config, seed_everything, set_rng_state)
+                          save_checkpoint, save_config, seed_everything, set_rng_state, sync_gradients,
+                          micro_batches)
 
 
 # ---- config ----
@@ -69,7 +70,8 @@ class Config:
     # optimisation (open_clip params.py / paper Sec. 2.5)
     epochs: int = 2                 # passes over the training data
     max_steps: int = 0              # >0: train exactly this many steps (overrides epochs)
-    batch_size: int = 128           # per process; the contrastive batch is batch_size * world_size
+    batch_size: int = 128           # per process; the contrastive batch is batch_size * accum_steps * world_size
+    accum_steps: int = 1            # micro-batches per optimizer step (open_clip's accum_freq feature cache)
     lr: float = 5e-4                # peak learning rate (after warm-up)
     weight_decay: float = 0.2       # AdamW decoupled weight decay
     beta1: float = 0.9              # AdamW beta1
@@ -221,7 +223,8 @@ def build_data(cfg, tokenizer, rank, world_size):
         return None, None, val, zeroshot
     train_file = cfg.train_data or os.path.join(tiny_data(), "train.json")
     example = Example(train_transform(cfg.image_size), tokenizer, cfg.context_length)
-    loader, sampler = train_loader(training_records(train_file, root, cfg.skip_bad), example, batch_size=cfg.batch_size, workers=cfg.workers, seed=cfg.seed,
+    loader, sampler = train_loader(training_records(train_file, root, cfg.skip_bad), example, batch_size=cfg.batch_size, accum_steps=cfg.accum_steps,
+                                   workers=cfg.workers, seed=cfg.seed,
                                    rank=rank, world_size=world_size, source=train_file, skip_bad=cfg.skip_bad,
                                    num_samples=cfg.train_num_samples, resampled=cfg.dataset_resampled)
     return loader, sampler, val, zeroshot
@@ -328,7 +331,7 @@ def main(argv=None):
     # biases, embeddings and the temperature; the fused kernel.
     optimizer = adamw(param_groups(model, cfg.weight_decay, ("logit_scale",)), lr=cfg.lr,
                       betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
-    steps_per_epoch = len(loader)
+    steps_per_epoch = len(loader) // cfg.accum_steps
     check_resume_position(ckpt, steps_per_epoch)
     total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
     scheduler = cosine_schedule(optimizer, cfg.warmup_steps, total_steps)
@@ -362,19 +365,35 @@ def main(argv=None):
         if dist.is_main():
             save_checkpoint(os.path.join(cfg.output_dir, name), state)
 
+    def embed(batch):                             # (images, ids) -> ({"image", "text"}: (B, E) each, scale)
+        with autocast(precision, device):
+            image_emb, text_emb, logit_scale = ddp_model(*batch)
+        return {"image": image_emb.float(), "text": text_emb.float()}, logit_scale.float()
+
     pbar = tqdm(total=total_steps, initial=step, disable=not dist.is_main(), dynamic_ncols=True)
     metrics, tick, tick_step, stopped = {}, time.time(), step, False
     with Preemption() as preemption:
         while step < total_steps and not stopped:
             epoch = step // steps_per_epoch
-            sampler.set_epoch(epoch, skip=(step % steps_per_epoch) * cfg.batch_size)
-            for images, ids, _ in loader:
-                images = images.to(device, non_blocking=True)
-                ids = ids.to(device, non_blocking=True)
-                with autocast(precision, device):
-                    image_emb, text_emb, logit_scale = ddp_model(images, ids)
-                loss = clip_loss(image_emb.float(), text_emb.float(), logit_scale.float())
-                scaler.scale(loss).backward()
+            sampler.set_epoch(epoch, skip=(step % steps_per_epoch) * cfg.accum_steps * cfg.batch_size)
+            for group in micro_batches(loader, cfg.accum_steps):
+                micro = [(images.to(device, non_blocking=True), ids.to(device, non_blocking=True))
+                         for images, ids, _ in group]
+                # --accum-steps K: the contrastive batch is K x B (x world size), open_clip's feature
+                # cache: embed every micro-batch without gradient, then each again with gradient
+                # against the others' cached embeddings; the K backward passes sum to one K x B step
+                cache = FeatureCache(lambda batch: embed(batch)[0], micro)
+                for j, batch in enumerate(micro):
+                    cache.replay(j)
+                    last = j == len(micro) - 1
+                    with sync_gradients(ddp_model, last):
+                        live, logit_scale = embed(batch)
+                        emb = cache.features(j, live)
+                        # the temperature is in every pass; its gradient is taken once (open_clip's
+                        # accum_freq takes it in each pass, K times)
+                        loss = clip_loss(emb["image"], emb["text"], logit_scale if last else logit_scale.detach())
+                        scaler.scale(loss).backward()
+                images, ids = micro[-1]
                 scaler.unscale_(optimizer)
                 grad_norm = grad_norm_(model, cfg.grad_clip_norm)
                 # A non-finite loss or gradient skips the update on the device (no host sync)
@@ -390,7 +409,7 @@ def main(argv=None):
                     model, {"images": images}, lambda: model(images, ids)))
                 if step % cfg.log_every == 0 or step == total_steps:
                     loss_value = dist.all_reduce_mean(loss).item()
-                    speed = (step - tick_step) * cfg.batch_size * world_size / (time.time() - tick)
+                    speed = (step - tick_step) * cfg.accum_steps * cfg.batch_size * world_size / (time.time() - tick)
                     tick, tick_step = time.time(), step
                     lr = optimizer.param_groups[0]["lr"]
                     pbar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", samples_s=f"{speed:.0f}")

@@ -43,7 +43,8 @@ from common.encoders import (MLP, Attention, Block, KVCache, TextTransformer, Vi
 from common.generation import beam_search, greedy_or_sample
 from common.metrics import (caption_metrics, embed_texts, retrieval_metrics, zeroshot_classifier_sharded,
                             zeroshot_metrics)
-from common.utils import (MetricLog, MissingFileError, NonFiniteGuard, Preemption, UserError, adamw, autocast,
+from common.utils import (FeatureCache, MetricLog, MissingFileError, NonFiniteGuard, Preemption, UserError, adamw,
+                          autocast, micro_batches, sync_gradients,
                           check_finite, check_resume_position, cli, cosine_schedule, first_nonfinite_module,
                           grad_norm_, load_checkpoint, param_groups, resolve_config, resolve_precision, rng_state,
                           save_checkpoint, save_config, seed_everything, set_rng_state)
@@ -104,7 +105,8 @@ class Config:
     # optimisation (open_clip params.py, as CLIP)
     epochs: int = 2                 # passes over the training data
     max_steps: int = 0              # >0: train exactly this many steps (overrides epochs)
-    batch_size: int = 64            # per process; the contrastive batch is batch_size * world_size
+    batch_size: int = 64            # per process; the contrastive batch is batch_size * accum_steps * world_size
+    accum_steps: int = 1            # micro-batches per optimizer step (open_clip's accum_freq feature cache)
     lr: float = 5e-4                # peak learning rate (after warm-up)
     weight_decay: float = 0.2       # AdamW decoupled weight decay (0.1 for caption fine-tuning)
     beta1: float = 0.9              # AdamW beta1
@@ -576,13 +578,15 @@ def caption_positions(ids, pad_id):
     return positions, targets[positions]
 
 
-def caption_loss(logits, targets, device):
+def caption_loss(logits, targets, device, count=None):
     """Sec. 3.2, L_Cap: token cross-entropy of the next caption token (logits (n, V) at the
     non-padding positions). Averaged over the caption tokens of the whole global batch: each rank
     divides its sum by the global count / world size, so that DDP's gradient average gives one
     process's token mean over the whole batch, whatever the ranks' caption lengths (open_clip
-    takes each rank's own token mean, which weighs the ranks' tokens unequally)."""
-    count = dist.all_reduce_sum(torch.tensor(float(len(targets)), device=device))
+    takes each rank's own token mean, which weighs the ranks' tokens unequally). `count`: the global
+    token count when it spans more than these logits (the micro-batches of a step)."""
+    if count is None:
+        count = dist.all_reduce_sum(torch.tensor(float(len(targets)), device=device))
     return F.cross_entropy(logits.float(), targets, reduction="sum") * dist.world_size() / count.clamp(min=1)
 
 
@@ -601,7 +605,8 @@ def build_data(cfg, tokenizer, rank, world_size):
         return None, None, val, zeroshot
     train_file = cfg.train_data or os.path.join(tiny_data(), "train.json")
     example = Example(train_transform(cfg.image_size), tokenizer, cfg.context_length)
-    loader, sampler = train_loader(training_records(train_file, root, cfg.skip_bad), example, batch_size=cfg.batch_size, workers=cfg.workers, seed=cfg.seed,
+    loader, sampler = train_loader(training_records(train_file, root, cfg.skip_bad), example, batch_size=cfg.batch_size, accum_steps=cfg.accum_steps,
+                                   workers=cfg.workers, seed=cfg.seed,
                                    rank=rank, world_size=world_size, source=train_file, skip_bad=cfg.skip_bad,
                                    num_samples=cfg.train_num_samples, resampled=cfg.dataset_resampled)
     return loader, sampler, val, zeroshot
@@ -754,12 +759,22 @@ def freeze_unused(model, cfg):
             p.requires_grad_(False)
 
 
-def compute_losses(ddp_model, cfg, images, ids, positions, targets, device):
-    """The weighted objective L = lambda_Con L_Con + lambda_Cap L_Cap (Sec. 3.2) and its parts."""
+def compute_losses(ddp_model, cfg, images, ids, positions, targets, device, cache=None, j=0, count=None):
+    """The weighted objective L = lambda_Con L_Con + lambda_Cap L_Cap (Sec. 3.2) and its parts.
+
+    With --accum-steps K, for micro-batch j of a step: L_Con over all K micro-batches with the
+    others' embeddings from `cache` (FeatureCache), and micro-batch j's part of L_Cap, its token sum
+    over the step's token `count`; the K backward passes sum to the gradient of one K x B batch.
+    The temperature's gradient is taken in the last pass only (open_clip's accum_freq takes it in
+    each, K times)."""
     image_emb, text_emb, logit_scale, logits = ddp_model(images, ids, positions)
-    losses = {"loss_caption": caption_loss(logits, targets, device)}
+    losses = {"loss_caption": caption_loss(logits, targets, device, count)}
     if cfg.contrastive_weight:
-        losses["loss_contrastive"] = contrastive_loss(image_emb.float(), text_emb.float(), logit_scale.float())
+        emb = {"image": image_emb.float(), "text": text_emb.float()}
+        if cache is not None:
+            emb = cache.features(j, emb)
+            logit_scale = logit_scale if j == len(cache.cache) - 1 else logit_scale.detach()
+        losses["loss_contrastive"] = contrastive_loss(emb["image"], emb["text"], logit_scale.float())
     loss = cfg.caption_weight * losses["loss_caption"] + cfg.contrastive_weight * losses.get("loss_contrastive", 0.0)
     return loss, losses
 
@@ -806,7 +821,7 @@ def main(argv=None):
     # too) and the temperature (the pooler's queries decay, as in open_clip); the fused kernel.
     optimizer = adamw(param_groups(model, cfg.weight_decay, ("logit_scale",)), lr=cfg.lr,
                       betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
-    steps_per_epoch = len(loader)
+    steps_per_epoch = len(loader) // cfg.accum_steps
     check_resume_position(ckpt, steps_per_epoch)
     total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
     scheduler = cosine_schedule(optimizer, cfg.warmup_steps, total_steps)
@@ -839,21 +854,42 @@ def main(argv=None):
         if dist.is_main():
             save_checkpoint(os.path.join(cfg.output_dir, name), state)
 
+    def embed(batch):                             # (images, ids, positions, ...) -> {"image", "text"}: (B, E)
+        with autocast(precision, device):
+            image_emb, text_emb, _, _ = ddp_model(*batch[:3])
+        return {"image": image_emb.float(), "text": text_emb.float()}
+
     best_key = "cider" if cfg.task == "caption" else "r_mean"
     pbar = tqdm(total=total_steps, initial=step, disable=not dist.is_main(), dynamic_ncols=True)
     metrics, tick, tick_step, stopped = {}, time.time(), step, False
     with Preemption() as preemption:
         while step < total_steps and not stopped:
             epoch = step // steps_per_epoch
-            sampler.set_epoch(epoch, skip=(step % steps_per_epoch) * cfg.batch_size)
-            for images, ids, _ in loader:
-                ids = trim_padding(ids, cfg.pad_id)                   # on the host: no device sync
-                positions, targets = caption_positions(ids, cfg.pad_id)
-                images, ids = images.to(device, non_blocking=True), ids.to(device, non_blocking=True)
-                positions, targets = positions.to(device, non_blocking=True), targets.to(device, non_blocking=True)
-                with autocast(precision, device):
-                    loss, losses = compute_losses(ddp_model, cfg, images, ids, positions, targets, device)
-                scaler.scale(loss).backward()
+            sampler.set_epoch(epoch, skip=(step % steps_per_epoch) * cfg.accum_steps * cfg.batch_size)
+            for group in micro_batches(loader, cfg.accum_steps):
+                micro = []
+                for images, ids, _ in group:
+                    ids = trim_padding(ids, cfg.pad_id)               # on the host: no device sync
+                    positions, targets = caption_positions(ids, cfg.pad_id)
+                    micro.append(tuple(x.to(device, non_blocking=True) for x in (images, ids, positions, targets)))
+                # --accum-steps K: the contrastive batch is K x B (x world size) through open_clip's
+                # feature cache, and L_Cap the token mean over all K micro-batches (see compute_losses)
+                count = dist.all_reduce_sum(torch.tensor(float(sum(len(b[3]) for b in micro)), device=device))
+                cache = FeatureCache(embed, micro) if cfg.accum_steps > 1 and cfg.contrastive_weight else None
+                parts = []
+                for j, batch in enumerate(micro):
+                    if cache:
+                        cache.replay(j)
+                    with sync_gradients(ddp_model, j == len(micro) - 1):
+                        with autocast(precision, device):
+                            loss, losses = compute_losses(ddp_model, cfg, *batch, device, cache, j, count)
+                        scaler.scale(loss).backward()
+                    parts.append(losses)
+                # for the log: L_Con (the same in every pass) and L_Cap summed over the micro-batches
+                losses = {**parts[-1], "loss_caption": sum(p["loss_caption"] for p in parts)}
+                loss = cfg.caption_weight * losses["loss_caption"] + \
+                    cfg.contrastive_weight * losses.get("loss_contrastive", 0.0)
+                images, ids, positions, _ = micro[-1]
                 scaler.unscale_(optimizer)
                 grad_norm = grad_norm_(model, cfg.grad_clip_norm)
                 # A non-finite loss or gradient skips the update on the device (no host sync)
@@ -869,7 +905,7 @@ def main(argv=None):
                     model, {"images": b[0]}, lambda: model(*b)))
                 if step % cfg.log_every == 0 or step == total_steps:
                     values = {k: dist.all_reduce_mean(v).item() for k, v in {"loss": loss, **losses}.items()}
-                    speed = (step - tick_step) * cfg.batch_size * world_size / (time.time() - tick)
+                    speed = (step - tick_step) * cfg.accum_steps * cfg.batch_size * world_size / (time.time() - tick)
                     tick, tick_step = time.time(), step
                     lr = optimizer.param_groups[0]["lr"]
                     pbar.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{lr:.2e}", samples_s=f"{speed:.0f}")

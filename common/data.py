@@ -435,8 +435,8 @@ class ShardedSampler(torch.utils.data.Sampler):
             yield i, int.from_bytes(digest, "little") & 0x7FFF_FFFF_FFFF_FFFF
 
 
-def train_loader(data, example, *, batch_size, workers, seed, rank, world_size, source, skip_bad=False,
-                 num_samples=0, resampled=False, collate_fn=None):
+def train_loader(data, example, *, batch_size, workers, seed, rank, world_size, source, accum_steps=1,
+                 skip_bad=False, num_samples=0, resampled=False, collate_fn=None):
     """(loader, sampler) of the training data, `batch_size` per rank, the last incomplete batch dropped.
 
     `data`: the records of an annotation file (read_annotations), or a webdataset shard spec
@@ -447,14 +447,17 @@ def train_loader(data, example, *, batch_size, workers, seed, rank, world_size, 
     The loader has its own seeded generator: starting an epoch (or a resume) must not consume the
     global RNG that dropout, masking and negative sampling use. A global batch larger than the data
     is an error naming `source` (the annotation file)."""
+    if accum_steps < 1:
+        raise UserError(f"--accum-steps must be at least 1, not {accum_steps}")
     if isinstance(data, str):
         from .shards import shard_loader
-        return shard_loader(data, example, batch_size=batch_size, workers=workers, seed=seed, rank=rank,
-                            world_size=world_size, num_samples=num_samples, resampled=resampled, collate_fn=collate_fn)
+        return shard_loader(data, example, batch_size=batch_size, accum_steps=accum_steps, workers=workers, seed=seed,
+                            rank=rank, world_size=world_size, num_samples=num_samples, resampled=resampled,
+                            collate_fn=collate_fn)
     train_set = ImageTextDataset(data, example, skip_bad=skip_bad)
-    if batch_size * world_size > len(train_set):
-        raise UserError(f"--batch-size {batch_size} x {world_size} process(es) is larger than the "
-                        f"{len(train_set)} image-caption pairs of {source}; use a smaller --batch-size")
+    if batch_size * accum_steps * world_size > len(train_set):
+        raise UserError(f"--batch-size {batch_size} x --accum-steps {accum_steps} x {world_size} process(es) is larger "
+                        f"than the {len(train_set)} image-caption pairs of {source}; use a smaller --batch-size")
     sampler = ShardedSampler(len(train_set), rank=rank, world_size=world_size, seed=seed)
     loader = torch.utils.data.DataLoader(train_set, batch_size=batch_size, sampler=sampler, drop_last=True,
                                          num_workers=workers, pin_memory=torch.cuda.is_available(), collate_fn=collate_fn,

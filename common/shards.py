@@ -321,24 +321,25 @@ class ShardStream(torch.utils.data.IterableDataset):
 
 class ShardLoader:
     """The training loader of webdataset shards, with the interface the scripts use for annotation
-    files (DataLoader + ShardedSampler in one): `len()` is the steps per epoch, `set_epoch(epoch,
+    files (DataLoader + ShardedSampler in one): `len()` is the batches per epoch (a multiple of
+    accum_steps), `set_epoch(epoch,
     skip)` before iterating, `state_dict()` / `load_state_dict()` for the checkpoint (what makes a
     mid-epoch resume exact), `stats()` for the counts of skipped samples (summed over ranks)."""
 
     def __init__(self, spec, example, *, batch_size, workers, seed, rank, world_size, num_samples=0,
-                 resampled=False, collate_fn=None):
+                 resampled=False, collate_fn=None, accum_steps=1):
         urls = expand_shards(spec)
         total, origin = count_samples(urls, num_samples)
-        steps = total // (batch_size * world_size)
+        steps = total // (batch_size * accum_steps * world_size) * accum_steps     # batches per rank and epoch
         if steps == 0:
-            raise UserError(f"--batch-size {batch_size} x {world_size} process(es) is larger than the {total} samples "
-                            f"of an epoch ({origin}); use a smaller --batch-size")
+            raise UserError(f"--batch-size {batch_size} x --accum-steps {accum_steps} x {world_size} process(es) is "
+                            f"larger than the {total} samples of an epoch ({origin}); use a smaller --batch-size")
         self.workers, self.batch_size, self.steps = workers, batch_size, steps
         self.dataset = ShardStream(urls, example, batch_size=batch_size, steps=steps, seed=seed, rank=rank,
                                    world_size=world_size, workers=workers, resampled=resampled, collate_fn=collate_fn)
         W = self.dataset.workers
         if rank == 0:
-            log.warning("%d shard(s), %d samples per epoch (%s): %d steps of %d x %d; %s", len(urls), total, origin,
+            log.warning("%d shard(s), %d samples per epoch (%s): %d batches of %d per rank (x %d ranks); %s", len(urls), total, origin,
                         steps, batch_size, world_size,
                         "shards drawn with replacement" if resampled else
                         f"{len(urls) // (world_size * W)}+ shard(s) per worker" if self.dataset.per_shard else

@@ -3,6 +3,7 @@ the Config dataclass, user errors, seeding, optimiser groups, warm-up + cosine s
 precision, checkpoints (atomic, fsynced, loaded with weights_only=True), the lifecycle guards
 (SIGTERM / SIGUSR1 preemption, non-finite steps), and the metrics log."""
 import argparse
+import contextlib
 import dataclasses
 import importlib.util
 import inspect
@@ -448,6 +449,67 @@ def first_nonfinite_module(model, inputs, forward):
         for h in handles:
             h.remove()
     return found[0] if found else "none (the forward is finite: the loss or the backward overflowed)"
+
+
+# ---- gradient accumulation ----
+
+def micro_batches(loader, k):
+    """Groups of `k` consecutive batches of `loader` (one optimizer step each); a last incomplete
+    group is dropped, as the loaders drop a last incomplete batch."""
+    group = []
+    for batch in loader:
+        group.append(batch)
+        if len(group) == k:
+            yield group
+            group = []
+
+
+def sync_gradients(model, last):
+    """DDP all-reduces gradients in the backward of the last micro-batch only (no_sync before it):
+    one all-reduce per optimizer step, of the summed micro-batch gradients."""
+    return contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
+
+
+def _rng():
+    return torch.get_rng_state(), (torch.cuda.get_rng_state() if torch.cuda.is_available() else None)
+
+
+def _set_rng(state):
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1])
+
+
+class FeatureCache:
+    """open_clip's accum_freq for a contrastive loss over K micro-batches (REFERENCE 0).
+
+    Pass 1 (`FeatureCache(forward, batches)`): every micro-batch's features {name: (B, ...)} without
+    gradient, and the RNG state it started from. Pass 2, for each micro-batch j: `replay(j)` restores
+    that state (the same dropout draws as pass 1), the caller runs the forward again with gradient and
+    `features(j, live)` puts those features in j's place among the cached ones, (K*B, ...) each. The
+    loss over K*B is then the loss of one K*B batch, and as only micro-batch j's features carry
+    gradient in pass j, the K backward passes sum to exactly that batch's gradient. With K = 1 there
+    is no pass 1 (nothing to cache)."""
+
+    def __init__(self, forward, batches):
+        self.cache, self.states = [None] * len(batches), [None] * len(batches)
+        if len(batches) == 1:
+            return
+        with torch.no_grad():
+            for j, batch in enumerate(batches):
+                self.states[j] = _rng()
+                self.cache[j] = {k: v.detach() for k, v in forward(batch).items()}
+
+    def replay(self, j):
+        if self.states[j] is not None:
+            _set_rng(self.states[j])
+
+    def features(self, j, live):
+        """{name: (K*B, ...)}: micro-batch j's from `live` (with gradient), the others' from pass 1."""
+        if len(self.cache) == 1:
+            return live
+        return {k: torch.cat([c[k] for c in self.cache[:j]] + [v] + [c[k] for c in self.cache[j + 1:]])
+                for k, v in live.items()}
 
 
 # ---- logging ----
