@@ -34,7 +34,7 @@ from common.encoders import (BertEncoder, BertLMHead, VisionTransformer, hf_bert
                              hf_vit_map, load_mapped, read_hf_checkpoint, read_weights_file, resize_pos_embed,
                              timm_vit_map)
 from common.metrics import image_tokens, rerank_topk, retrieval_metrics
-from common.utils import (MetricLog, NonFiniteGuard, Preemption, UserError, adamw, autocast,
+from common.utils import (MetricLog, micro_batches, sync_gradients, NonFiniteGuard, Preemption, UserError, adamw, autocast,
                           check_finite, check_resume_position, cli, cosine_schedule, first_nonfinite_module,
                           grad_norm_, precision_dtype, resolve_config, resolve_precision, rng_state,
                           save_checkpoint, save_config, seed_everything, set_rng_state)
@@ -202,7 +202,7 @@ class ALBEF(nn.Module):
         self.register_buffer("text_queue", F.normalize(torch.randn(cfg.embed_dim, cfg.queue_size), dim=0))
         self.register_buffer("idx_queue", torch.full((1, cfg.queue_size), -100, dtype=torch.long))
         self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
-        self._ptr, self.pending_keys, self._ema_params = None, None, None
+        self._ptr, self.pending_keys, self._ema_params = None, [], None
         self.register_load_state_dict_post_hook(lambda module, keys: setattr(module, "_ptr", None))
 
     # -- the momentum model and the queues --
@@ -229,9 +229,9 @@ class ALBEF(nn.Module):
         the momentum model at the start of the next forward; doing it right after the update is
         the same sequence, and lets a skipped step leave the momentum model untouched."""
         self.momentum_update(ok)
-        if self.pending_keys is not None:
-            self.dequeue_and_enqueue(*self.pending_keys, ok=ok)
-            self.pending_keys = None
+        for keys in self.pending_keys:       # one entry per micro-batch of the step, in order
+            self.dequeue_and_enqueue(*keys, ok=ok)
+        self.pending_keys = []
 
     @torch.no_grad()
     def momentum_update(self, ok=None):
@@ -327,7 +327,7 @@ class ALBEF(nn.Module):
         the queue (Eq. 1-2); targets alpha * q (the momentum model's softmax) + (1 - alpha) * y
         (Eq. 6), y the ground truth: the diagonal in pretraining, every key with the same image id
         in retrieval fine-tuning (model_retrieval.py). This batch's keys wait in `pending_keys`
-        for finish_step() to enqueue them."""
+        for finish_step() to enqueue them (with --accum-steps, every micro-batch's, after the step)."""
         with torch.no_grad():
             image_keys = torch.cat([image_feat_m.T, self.image_queue.clone()], 1)       # (E, B + M)
             text_keys = torch.cat([text_feat_m.T, self.text_queue.clone()], 1)
@@ -349,7 +349,8 @@ class ALBEF(nn.Module):
             sim_t2i = text_feat.float() @ image_keys / self.temp
             loss_i2t = -(F.log_softmax(sim_i2t, 1) * i2t_targets).sum(1).mean()
             loss_t2i = -(F.log_softmax(sim_t2i, 1) * t2i_targets).sum(1).mean()
-        self.pending_keys = (image_feat_m.float(), text_feat_m.float(), idx)
+        if torch.is_grad_enabled():            # a training forward (not a no-grad diagnosis)
+            self.pending_keys.append((image_feat_m.float(), text_feat_m.float(), idx))
         return (loss_i2t + loss_t2i) / 2
 
     def loss_itm(self, text_embeds, mask, image_embeds, idx, image_feat, text_feat, image_feat_m, text_feat_m):
@@ -874,7 +875,7 @@ def main(argv=None):
 
     freeze_unused(model, cfg.task)
     optimizer = adamw(param_groups(model, cfg.weight_decay), lr=cfg.lr)
-    steps_per_epoch = len(loader)
+    steps_per_epoch = len(loader) // cfg.accum_steps
     check_resume_position(ckpt, steps_per_epoch)
     total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
     # Warm-up from warmup_lr, then cosine to min_lr, per step (ALBEF: timm's per-epoch cosine, with
@@ -917,16 +918,24 @@ def main(argv=None):
     with Preemption() as preemption:
         while step < total_steps and not stopped:
             epoch = step // steps_per_epoch
-            sampler.set_epoch(epoch, skip=(step % steps_per_epoch) * cfg.batch_size)
-            for images, ids, idx in loader:
-                images, ids = images.to(device, non_blocking=True), ids.to(device, non_blocking=True)
-                idx = idx.to(device, non_blocking=True)                      # image ids: positives share one
-                mask = (ids != tokenizer.pad_id).long()
+            sampler.set_epoch(epoch, skip=(step % steps_per_epoch) * cfg.accum_steps * cfg.batch_size)
+            for group in micro_batches(loader, cfg.accum_steps):
                 alpha = alpha_at(cfg, step, steps_per_epoch, device)
-                with autocast(precision, device):
-                    losses = ddp_model(images, ids, mask, idx, alpha, cfg.task)
+                # --accum-steps K: every micro-batch against the momentum model and queue as they
+                # are at the start of the step (its ITC targets, its own ITM negatives), the mean
+                # of their losses; the EMA and the K micro-batches' enqueue follow the one update
+                parts = []
+                for j, (images, ids, idx) in enumerate(group):
+                    images, ids = images.to(device, non_blocking=True), ids.to(device, non_blocking=True)
+                    idx = idx.to(device, non_blocking=True)                  # image ids: positives share one
+                    mask = (ids != tokenizer.pad_id).long()
+                    with sync_gradients(ddp_model, j == len(group) - 1):
+                        with autocast(precision, device):
+                            losses = ddp_model(images, ids, mask, idx, alpha, cfg.task)
+                        scaler.scale(sum(losses.values()) / len(group)).backward()
+                    parts.append(losses)
+                losses = {k: sum(p[k] for p in parts) / len(parts) for k in parts[0]}
                 loss = sum(losses.values())                 # L = L_mlm + L_itc + L_itm, unweighted (Sec. 3.2)
-                scaler.scale(loss).backward()
                 scaler.unscale_(optimizer)
                 grad_norm = grad_norm_(model, cfg.grad_clip_norm)
                 # A non-finite loss or gradient skips the update, the momentum EMA and the enqueue,
@@ -942,7 +951,7 @@ def main(argv=None):
                     model, {"images": b[0]}, lambda: model(*b, cfg.task)))
                 if step % cfg.log_every == 0 or step == total_steps:
                     values = {k: dist.all_reduce_mean(v).item() for k, v in {"loss": loss, **losses}.items()}
-                    speed = (step - tick_step) * cfg.batch_size * world_size / (time.time() - tick)
+                    speed = (step - tick_step) * cfg.accum_steps * cfg.batch_size * world_size / (time.time() - tick)
                     tick, tick_step = time.time(), step
                     lr = optimizer.param_groups[0]["lr"]
                     pbar.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{lr:.2e}", samples_s=f"{speed:.0f}")

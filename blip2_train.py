@@ -34,7 +34,8 @@ from common.encoders import (BertAttention, BertLMHead, VisionTransformer, _bert
                              hf_bert_map, hf_blip_vision_map, hf_clip_vision_map, load_mapped, open_clip_vision_map,
                              read_hf_checkpoint, read_weights_file, resize_pos_embed, timm_vit_map)
 from common.metrics import caption_metrics, image_tokens, rerank_topk, retrieval_metrics, vqa_accuracy
-from common.utils import (MetricLog, MissingFileError, NonFiniteGuard, Preemption, UserError, adamw, autocast,
+from common.utils import (FeatureCache, MetricLog, MissingFileError, NonFiniteGuard, Preemption, UserError, adamw,
+                          autocast, micro_batches, sync_gradients,
                           check_finite, check_resume_position, cli, cosine_schedule, first_nonfinite_module,
                           grad_norm_, resolve_config, resolve_precision, rng_state,
                           save_checkpoint, save_config, seed_everything, set_rng_state)
@@ -465,28 +466,48 @@ class BLIP2(nn.Module):
     def encode_text(self, ids, mask):
         return self.text_embed(self.text_pass(ids, mask))
 
-    def forward(self, images, ids, mask, idx=None, task="pretrain", labels=None):
+    def forward(self, images, ids, mask, idx=None, task="pretrain", labels=None, cache=None, j=0, count=None):
         """Stage 1: the three losses of one step (Sec. 3.2), sharing one image-encoder pass and one
         query pass; idx: (B,) image ids (positives share one in retrieval fine-tuning). Stage 2: the
-        language modeling loss of the text given the image (Sec. 3.3); see llm_logits."""
+        language modeling loss of the text given the image (Sec. 3.3); see llm_logits.
+
+        With --accum-steps K, for micro-batch j of a step: ITC over all K micro-batches, the others'
+        features from `cache` (a FeatureCache of itc_features), and the text losses as this
+        micro-batch's part of the step's token mean (`count`: the step's global token count), so
+        that the K backward passes sum to one K x B step; ITM stays this micro-batch's (its hard
+        negatives among its own B x world size pairs)."""
         if self.cfg.stage == 2:
-            return {"loss_lm": self.loss_llm(images, ids, mask, labels)}
+            return {"loss_lm": self.loss_llm(images, ids, mask, labels, count)}
         image_embeds = self.image_features(images)                    # (B, 1 + P, Dv)
         query_output, query_kv = self.query_pass(image_embeds)        # (B, Q, D)
         image_feats = self.image_embed(query_output)                  # (B, Q, E)
         text_feat = self.text_embed(self.text_pass(ids, mask))        # (B, E)
         losses = {}
         # --- ITC: image-text contrastive learning (uni-modal mask) ---
-        losses["loss_itc"], sim_i2t, sim_t2i, idx_all = self.loss_itc(image_feats, text_feat, idx, task)
+        if cache is None:
+            losses["loss_itc"], sim_i2t, sim_t2i, idx_all = self.loss_itc(image_feats, text_feat, idx, task)
+        else:
+            with torch.no_grad():            # this micro-batch's similarities: its ITM negatives
+                _, sim_i2t, sim_t2i, idx_all = self.loss_itc(image_feats, text_feat, idx, task)
+            step = cache.features(j, {"image": image_feats, "text": text_feat, "idx": idx})
+            # the temperature's gradient is taken in the last pass only (it is in all K)
+            losses["loss_itc"] = self.loss_itc(step["image"], step["text"], step["idx"], task,
+                                               temp_grad=j == len(cache.cache) - 1)[0]
         # --- ITM: image-text matching with hard negatives (bi-directional mask) ---
         losses["loss_itm"] = self.loss_itm(image_embeds, ids, mask, idx, idx_all, sim_i2t, sim_t2i)
         # --- ITG: image-grounded text generation (multi-modal causal mask) ---
-        losses["loss_lm"] = self.loss_lm(ids, mask, query_kv)
+        losses["loss_lm"] = self.loss_lm(ids, mask, query_kv, count)
         return losses
+
+    def itc_features(self, images, ids, mask):
+        """{"image": (B, Q, E), "text": (B, E)}: what ITC compares, in forward's order (the feature
+        cache of --accum-steps runs this, then forward replays the same dropout draws)."""
+        image_feats = self.image_embed(self.query_pass(self.image_features(images))[0])
+        return {"image": image_feats, "text": self.text_embed(self.text_pass(ids, mask))}
 
     # ---- losses ----
 
-    def loss_itc(self, image_feats, text_feat, idx, task):
+    def loss_itc(self, image_feats, text_feat, idx, task, temp_grad=True):
         """Sec. 3.2 ITC: the similarity of an image and a text is the highest of the Q query-text
         similarities, over temperature; negatives are every other pair of the global batch. Targets:
         the diagonal (pretraining) or every pair with the same image id (retrieval fine-tuning),
@@ -499,11 +520,12 @@ class BLIP2(nn.Module):
         difference). Returns the loss, the similarities (B, N) without gradient and the gathered ids."""
         image_all, text_all = dist.gather_with_grad(image_feats), dist.gather_with_grad(text_feat)  # (N, Q, E), (N, E)
         idx_all = dist.gather_no_grad(idx)
+        temp = self.temp if temp_grad else self.temp.detach()
         B, N = idx.shape[0], idx_all.shape[0]
         # fp32 similarities: at temperature 0.07 bf16's spacing would blur the logits that matter
         with torch.autocast(image_feats.device.type, enabled=False):
-            sim_i2t = torch.einsum("bqe,ne->bnq", image_feats.float(), text_all.float()).amax(-1) / self.temp
-            sim_t2i = torch.einsum("be,nqe->bnq", text_feat.float(), image_all.float()).amax(-1) / self.temp
+            sim_i2t = torch.einsum("bqe,ne->bnq", image_feats.float(), text_all.float()).amax(-1) / temp
+            sim_t2i = torch.einsum("be,nqe->bnq", text_feat.float(), image_all.float()).amax(-1) / temp
             if task == "retrieval":
                 positive = (idx[:, None] == idx_all[None, :]).float()
             else:
@@ -562,13 +584,14 @@ class BLIP2(nn.Module):
         h, _ = self.qformer(ids=dec, mask=text_rows, past=query_kv)
         return self.lm_head(h[:, :-1]).float(), dec[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
 
-    def loss_lm(self, ids, mask, query_kv):
+    def loss_lm(self, ids, mask, query_kv, count=None):
         """Sec. 3.2 ITG: generate the text from the queries, cross-entropy of the next token with
         label smoothing 0.1. Averaged over the text tokens of the global batch (each rank's sum
         over the global count / world size, so that DDP's average is one process's mean); LAVIS
         averages per rank."""
         logits, labels = self.itg_logits(ids, mask, query_kv)
-        count = dist.all_reduce_sum((labels != -100).sum().float())
+        if count is None:
+            count = dist.all_reduce_sum((labels != -100).sum().float())
         loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum",
                                label_smoothing=self.cfg.label_smoothing)
         return loss * dist.world_size() / count.clamp(min=1)
@@ -607,13 +630,14 @@ class BLIP2(nn.Module):
         decoder_ids = lm.prepare_decoder_input_ids_from_labels(labels=labels)
         return lm(inputs_embeds=x, attention_mask=m, decoder_input_ids=decoder_ids, use_cache=False).logits, labels
 
-    def loss_llm(self, images, ids, mask, labels):
+    def loss_llm(self, images, ids, mask, labels, count=None):
         """Sec. 3.3: the language modeling loss (decoder-only) or the prefix language modeling loss
         (encoder-decoder), cross-entropy without smoothing (as LAVIS), averaged over the target
         tokens of the global batch (each rank's sum over the global count / world size, so that
         DDP's average is one process's mean; LAVIS and transformers average per rank)."""
         logits, labels = self.llm_logits(images, ids, mask, labels)
-        count = dist.all_reduce_sum((labels != -100).sum().float())
+        if count is None:
+            count = dist.all_reduce_sum((labels != -100).sum().float())
         loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100, reduction="sum")
         return loss * dist.world_size() / count.clamp(min=1)
 
@@ -1601,7 +1625,7 @@ def main(argv=None):
 
     groups = param_groups(model, cfg)
     optimizer = adamw(groups, lr=cfg.lr)
-    steps_per_epoch = len(loader)
+    steps_per_epoch = len(loader) // cfg.accum_steps
     check_resume_position(ckpt, steps_per_epoch)
     total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
     # Warm-up from warmup_lr, then cosine to min_lr, per step (LAVIS: warm-up over the first
@@ -1643,22 +1667,43 @@ def main(argv=None):
     with Preemption() as preemption:
         while step < total_steps and not stopped:
             epoch = step // steps_per_epoch
-            sampler.set_epoch(epoch, skip=(step % steps_per_epoch) * cfg.batch_size)
-            for batch in loader:
+            sampler.set_epoch(epoch, skip=(step % steps_per_epoch) * cfg.accum_steps * cfg.batch_size)
+            for group in micro_batches(loader, cfg.accum_steps):
+                micro, tokens = [], 0
+                for batch in group:
+                    if cfg.stage == 1:
+                        images, ids, idx = batch
+                        ids = trim_padding(ids, tokenizer.pad_id) if not cfg.compile else ids
+                        tokens += int((ids[:, 1:] != tokenizer.pad_id).sum())      # ITG's targets
+                        images, ids = images.to(device, non_blocking=True), ids.to(device, non_blocking=True)
+                        idx = idx.to(device, non_blocking=True)                  # image ids: positives share one
+                        mask = (ids != tokenizer.pad_id).long()
+                        micro.append(dict(images=images, ids=ids, mask=mask, idx=idx, task=cfg.task))
+                    else:   # padded to the batch's longest text by collate_llm
+                        tokens += int((batch[3] != -100).sum())
+                        images, ids, mask, labels = (x.to(device, non_blocking=True) for x in batch[:4])
+                        micro.append(dict(images=images, ids=ids, mask=mask, labels=labels))
+                # --accum-steps K (see forward): ITC over the K micro-batches through the feature
+                # cache, the text losses over the step's tokens, ITM the micro-batches' mean
+                count = dist.all_reduce_sum(torch.tensor(float(tokens), device=device))
+                cache = FeatureCache(lambda b: {**model.itc_features(b["images"], b["ids"], b["mask"]), "idx": b["idx"]},
+                                     micro) if cfg.stage == 1 and len(micro) > 1 else None
+                parts = []
+                for j, inputs in enumerate(micro):
+                    if cache:
+                        cache.replay(j)
+                    with sync_gradients(ddp_model, j == len(micro) - 1):
+                        with autocast(precision, device):
+                            losses = ddp_model(**inputs, cache=cache, j=j, count=count)
+                        # stage 1: L_itc + L_itm + L_itg (LAVIS: unweighted)
+                        scaler.scale(sum(v / len(micro) if k == "loss_itm" else v for k, v in losses.items())).backward()
+                    parts.append(losses)
+                losses = {"loss_lm": sum(p["loss_lm"] for p in parts)}                 # parts of the step's mean
                 if cfg.stage == 1:
-                    images, ids, idx = batch
-                    ids = trim_padding(ids, tokenizer.pad_id) if not cfg.compile else ids
-                    images, ids = images.to(device, non_blocking=True), ids.to(device, non_blocking=True)
-                    idx = idx.to(device, non_blocking=True)                      # image ids: positives share one
-                    mask = (ids != tokenizer.pad_id).long()
-                    inputs = dict(images=images, ids=ids, mask=mask, idx=idx, task=cfg.task)
-                else:   # padded to the batch's longest text by collate_llm
-                    images, ids, mask, labels = (x.to(device, non_blocking=True) for x in batch[:4])
-                    inputs = dict(images=images, ids=ids, mask=mask, labels=labels)
-                with autocast(precision, device):
-                    losses = ddp_model(**inputs)
-                loss = sum(losses.values())          # stage 1: L_itc + L_itm + L_itg (LAVIS: unweighted)
-                scaler.scale(loss).backward()
+                    losses = {"loss_itc": parts[-1]["loss_itc"],                        # the step's, in every pass
+                              "loss_itm": sum(p["loss_itm"] for p in parts) / len(parts), **losses}
+                loss = sum(losses.values())
+                inputs = micro[-1]
                 scaler.unscale_(optimizer)
                 grad_norm = grad_norm_(model, cfg.grad_clip_norm)
                 ok = guard.check(loss, grad_norm, scaler)        # a non-finite step is skipped on the device
@@ -1671,7 +1716,7 @@ def main(argv=None):
                     model, {"images": b["images"]}, lambda: model(**b)))
                 if step % cfg.log_every == 0 or step == total_steps:
                     values = {k: dist.all_reduce_mean(v).item() for k, v in {"loss": loss, **losses}.items()}
-                    speed = (step - tick_step) * cfg.batch_size * world_size / (time.time() - tick)
+                    speed = (step - tick_step) * cfg.accum_steps * cfg.batch_size * world_size / (time.time() - tick)
                     tick, tick_step = time.time(), step
                     lr = max(g["lr"] for g in optimizer.param_groups)       # the Q-Former's
                     pbar.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{lr:.2e}", samples_s=f"{speed:.0f}")
