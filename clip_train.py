@@ -18,19 +18,18 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from common import dist
 from common.data import (Example, ImageDataset, eval_transform, image_folder, load_tokenizer,
                          read_annotations, retrieval_texts, tiny_data, train_loader, train_transform,
                          training_records)
-from common.encoders import (TextTransformer, VisionTransformer, hf_clip_text_map, hf_clip_vision_map,
+from common.encoders import (Block, TextTransformer, VisionTransformer, hf_clip_text_map, hf_clip_vision_map,
                              load_mapped, read_hf_checkpoint, resize_pos_embed)
 from common.metrics import embed_texts, retrieval_metrics, zeroshot_classifier_sharded, zeroshot_metrics
 from common.utils import (FeatureCache, MetricLog, NonFiniteGuard, Preemption, UserError, adamw, autocast, check_finite,
                           check_resume_position, cli, cosine_schedule, first_nonfinite_module, grad_norm_,
-                          load_checkpoint, param_groups, resolve_config, resolve_precision, rng_state,
+                          load_checkpoint, param_groups, precision_dtype, resolve_config, resolve_precision, rng_state,
                           save_checkpoint, save_config, seed_everything, set_rng_state, sync_gradients,
                           micro_batches)
 
@@ -83,6 +82,7 @@ class Config:
     precision: str = "auto"         # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16 (GradScaler)
     max_bad_steps: int = 10         # abort after this many non-finite steps in a row (each one is skipped)
     grad_checkpointing: bool = False  # recompute activations in backward (less memory, ~1/3 more compute)
+    fsdp: bool = False              # shard weights, gradients and AdamW state over the ranks (FSDP2), not DDP
     compile: bool = False           # torch.compile the model
     # run
     output_dir: str = "runs/clip"   # metrics.jsonl, config.json, checkpoints (and captions.json) go here
@@ -317,9 +317,9 @@ def main(argv=None):
     save_config(cfg, cfg.output_dir)
     log = MetricLog(cfg.output_dir, cfg.report_to, dataclasses.asdict(cfg), project="clip")
 
+    if ckpt:
+        model.load_state_dict(ckpt["model"])
     if cfg.eval_only:
-        if ckpt:
-            model.load_state_dict(ckpt["model"])
         metrics = evaluate(model, cfg, val, zeroshot, tokenizer, device, precision)
         log.write({"step": ckpt["step"] if ckpt else 0, "epoch": 0, "split": "val", **metrics})
         if dist.is_main():
@@ -327,6 +327,10 @@ def main(argv=None):
         dist.cleanup()
         return metrics
 
+    # DDP, or FSDP2 sharding each transformer block and the rest (--fsdp)
+    ddp_model = dist.parallelize(model, cfg.fsdp, device, (Block,), precision_dtype(precision))
+    if cfg.compile:
+        ddp_model = torch.compile(ddp_model)
     # AdamW as the paper (Sec. 2.5, beta2 0.98, eps 1e-6), decoupled decay off for gains,
     # biases, embeddings and the temperature; the fused kernel.
     optimizer = adamw(param_groups(model, cfg.weight_decay, ("logit_scale",)), lr=cfg.lr,
@@ -340,8 +344,7 @@ def main(argv=None):
     seed_everything(cfg.seed + rank)              # each rank its own stream from here (dropout, ...)
     step, best = 0, -1.0
     if ckpt:
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
+        dist.load_optimizer_state_dict(model, optimizer, ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         scaler.load_state_dict(ckpt["scaler"])
         step, best, guard.total = ckpt["step"], ckpt["best"], ckpt["bad_steps"]
@@ -351,13 +354,11 @@ def main(argv=None):
             print(f"resumed from {cfg.resume} at step {step}")
     del ckpt
 
-    ddp_model = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None) if world_size > 1 else model
-    if cfg.compile:
-        ddp_model = torch.compile(ddp_model)
-
     def checkpoint(name):
         check_finite(model)
-        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+        # under FSDP both are gathered to rank 0, in the layout of a non-FSDP run
+        state = {"model": dist.full_state_dict(model), "optimizer": dist.optimizer_state_dict(model, optimizer),
+                 "scheduler": scheduler.state_dict(),
                  "scaler": scaler.state_dict(), "step": step, "epoch": step // steps_per_epoch, "best": best,
                  "bad_steps": guard.total, "steps_per_epoch": steps_per_epoch, "world_size": world_size,
                  "config": dataclasses.asdict(cfg), "rng": dist.gather_objects(rng_state()),
@@ -414,7 +415,7 @@ def main(argv=None):
                     lr = optimizer.param_groups[0]["lr"]
                     pbar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", samples_s=f"{speed:.0f}")
                     log.write({"step": step, "epoch": epoch, "split": "train", "loss": loss_value, "lr": lr,
-                               "logit_scale": model.logit_scale.exp().item(), "samples_per_s": speed,
+                               "logit_scale": dist.value(model.logit_scale).exp().item(), "samples_per_s": speed,
                                "grad_norm": grad_norm.item(), "bad_steps": guard.total,
                                **sampler.stats()})
                 if preemption.requested():   # SIGTERM / SIGUSR1 on any rank: save this step and leave
@@ -434,7 +435,8 @@ def main(argv=None):
                 break
             # end of an epoch (or of training): evaluate, keep the best, save
             guard.flush()
-            metrics = evaluate(model, cfg, val, zeroshot, tokenizer, device, precision)
+            with dist.full_parameters(model):     # FSDP: every unit gathered while evaluating
+                metrics = evaluate(model, cfg, val, zeroshot, tokenizer, device, precision)
             log.write({"step": step, "epoch": epoch, "split": "val", **metrics})
             if metrics and dist.is_main():
                 tqdm.write(f"epoch {epoch} step {step}: " + " ".join(f"{k} {v:.2f}" for k, v in metrics.items()))
@@ -446,7 +448,8 @@ def main(argv=None):
             tick, tick_step = time.time(), step  # samples/s counts training only
     pbar.close()
     if not metrics and not stopped:   # resumed a finished run: evaluate its weights again
-        metrics = evaluate(model, cfg, val, zeroshot, tokenizer, device, precision)
+        with dist.full_parameters(model):
+            metrics = evaluate(model, cfg, val, zeroshot, tokenizer, device, precision)
     if dist.is_main():
         print(json.dumps(metrics or {"step": step}))
     dist.cleanup()

@@ -194,3 +194,137 @@ def shard_range(n, rank_=None, world=None):
     rank_ = rank() if rank_ is None else rank_
     world = world_size() if world is None else world
     return n * rank_ // world, n * (rank_ + 1) // world
+
+
+# ---- data parallelism: DDP or FSDP2 (--fsdp) ----
+
+def parallelize(model, fsdp, device, block_types=(), param_dtype=None, unsharded=()):
+    """The model every rank trains: DistributedDataParallel (each rank a full copy, gradients
+    all-reduced), or with `fsdp` FSDP2 (fsdp_wrap: sharded); the model itself in one process."""
+    if world_size() == 1:
+        if fsdp:
+            print("--fsdp: a single process has nothing to shard; training without it", flush=True)
+        return model
+    if fsdp:
+        return fsdp_wrap(model, block_types, None if param_dtype == torch.float32 else param_dtype, unsharded)
+    from torch.nn.parallel import DistributedDataParallel
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def is_fsdp(model):
+    from torch.distributed.fsdp import FSDPModule
+    return isinstance(model, FSDPModule)
+
+
+def fsdp_wrap(model, block_types, param_dtype=None, unsharded=()):
+    """PyTorch FSDP2 in place of DDP (REFERENCE 12): `fully_shard` on every block of `block_types`,
+    then on the root, over all ranks. Parameters, gradients and AdamW's state are sharded (each rank
+    keeps 1/W); a block's parameters are all-gathered for its forward and backward only. Frozen
+    parameters (ALBEF's and BLIP's momentum encoders, BLIP-2's frozen ViT) are sharded too and never
+    get gradients, except those of the `unsharded` modules (BLIP-2's frozen LM), which stay whole on
+    every rank as with DDP. 0-D parameters (logit_scale, temp) become 1-element first (fully_shard takes no
+    scalars; full_state_dict squeezes them back). Mixed precision: the blocks gather their parameters
+    in `param_dtype` (bf16/fp16, or None: as they are) and reduce gradients in fp32; the root (the
+    embeddings, projections and temperatures) stays fp32. Call after loading weights and before
+    building the optimizer (whose parameters become the sharded ones)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    device = next(model.parameters()).device
+    mesh = init_device_mesh(device.type, (world_size(),))    # an explicit CPU mesh under gloo (REFERENCE 12.1)
+    model.param_order = {name: i for i, (name, _) in enumerate(model.named_parameters())}
+    model.scalar_params = set()
+    for module_name, module in model.named_modules():
+        for name, p in list(module.named_parameters(recurse=False)):
+            if p.ndim == 0:
+                setattr(module, name, torch.nn.Parameter(p.detach().reshape(1), requires_grad=p.requires_grad))
+                model.scalar_params.add(f"{module_name}.{name}" if module_name else name)
+    ignored = {p for m in unsharded for p in m.parameters()}
+    for module in model.modules():
+        if isinstance(module, block_types) and not set(module.parameters()) & ignored:
+            fully_shard(module, mesh=mesh, mp_policy=MixedPrecisionPolicy(param_dtype=param_dtype,
+                                                                          reduce_dtype=torch.float32))
+    fully_shard(model, mesh=mesh, mp_policy=MixedPrecisionPolicy(reduce_dtype=torch.float32),
+                ignored_params=ignored or None)
+    return model
+
+
+def named_parameters(model):
+    """model.named_parameters() in the order of the unwrapped model. fully_shard re-registers a
+    module's own parameters, which moves the root's before its children's; the optimizer is built
+    in this order so that its state means the same with and without --fsdp."""
+    named = list(model.named_parameters())
+    order = getattr(model, "param_order", None)
+    return sorted(named, key=lambda x: order[x[0]]) if order else named
+
+
+def local(t):
+    """A tensor's local values: its shard for a DTensor (FSDP), else itself."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def value(t):
+    """A DTensor's full value (a collective under FSDP: every rank calls it), else the tensor."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def full_state_dict(model):
+    """The model's state dict as a non-FSDP run saves it: under FSDP gathered to rank 0 (others
+    get {}), 1-element scalars squeezed back to 0-D. A collective under FSDP."""
+    if not is_fsdp(model):
+        return model.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return {k: v.reshape(()) if k in model.scalar_params else v for k, v in state.items()}
+
+
+def _param_names(model, optimizer):
+    names = {id(p): n for n, p in model.named_parameters()}
+    return [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+
+
+def optimizer_state_dict(model, optimizer):
+    """The optimizer's state dict as a non-FSDP run saves it (parameters by position): under FSDP
+    gathered to rank 0 (others get {}). A collective under FSDP."""
+    if not is_fsdp(model):
+        return optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+    full = get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not full:
+        return {}
+    position = {name: i for i, name in enumerate(_param_names(model, optimizer))}
+    squeeze = lambda name, k, v: v.reshape(()) if name in model.scalar_params and k != "step" else v  # noqa: E731
+    return {"state": {position[n]: {k: squeeze(n, k, v) for k, v in s.items()} for n, s in full["state"].items()},
+            "param_groups": [{**g, "params": [position[n] for n in g["params"]]} for g in full["param_groups"]]}
+
+
+def load_optimizer_state_dict(model, optimizer, state):
+    """Load what optimizer_state_dict saved (with or without --fsdp) into this run's optimizer."""
+    if not is_fsdp(model):
+        optimizer.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    names = _param_names(model, optimizer)
+    unsqueeze = lambda name, k, v: v.reshape(1) if name in model.scalar_params and k != "step" else v  # noqa: E731
+    full = {"state": {names[i]: {k: unsqueeze(names[i], k, v) for k, v in s.items()} for i, s in state["state"].items()},
+            "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in state["param_groups"]]}
+    set_optimizer_state_dict(model, optimizer, full, options=StateDictOptions(full_state_dict=True))
+
+
+class full_parameters:
+    """Context manager: every FSDP unit of `model` all-gathered for the duration (evaluation,
+    generation), so that any method of any module runs, and ranks may run different numbers of
+    forwards. A no-op without FSDP."""
+
+    def __init__(self, model):
+        from torch.distributed.fsdp import FSDPModule
+        self.units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+
+    def __enter__(self):
+        for unit in self.units:
+            unit.set_reshard_after_forward(False, recurse=False)
+            unit.unshard()
+
+    def __exit__(self, *exc):
+        for unit in self.units:
+            unit.reshard()
+            unit.set_reshard_after_forward(True, recurse=False)

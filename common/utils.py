@@ -100,7 +100,7 @@ def build_parser(config_cls, presets, description=None, choices=None, recipes_do
 
 # Fields a resumed run may change: where and how it runs, never what it trains.
 RESUME_MUTABLE = ("output_dir", "resume", "init_from", "eval_only", "workers", "log_every", "save_every", "report_to",
-                  "precision", "compile", "grad_checkpointing", "image_root", "val_data", "zeroshot_data",
+                  "precision", "compile", "grad_checkpointing", "fsdp", "image_root", "val_data", "zeroshot_data",
                   "max_bad_steps")
 
 
@@ -173,7 +173,7 @@ def param_groups(model, weight_decay, extra_no_decay=()):
     """AdamW groups: no weight decay on biases, norms, embeddings, 1-D tensors and the named
     extras (e.g. logit_scale), as open_clip's exclude_from_wd plus the embedding tables."""
     decay, no_decay = [], []
-    for name, p in model.named_parameters():
+    for name, p in dist.named_parameters(model):
         if not p.requires_grad:
             continue
         if p.ndim < 2 or "embedding" in name or any(e in name for e in extra_no_decay):
@@ -190,11 +190,13 @@ def adamw(groups, **kwargs):
 
 
 def grad_norm_(model, max_norm=0.0):
-    """The total gradient norm as a device tensor (no host sync), clipped to `max_norm` when > 0."""
+    """The total gradient norm as a device tensor (no host sync), clipped to `max_norm` when > 0.
+    Under FSDP the norm over every rank's shards (a collective)."""
     params = [p for p in model.parameters() if p.grad is not None]
+    norm = dist.value(torch.nn.utils.get_total_norm([p.grad for p in params]))
     if max_norm > 0:
-        return torch.nn.utils.clip_grad_norm_(params, max_norm)
-    return torch.nn.utils.get_total_norm([p.grad for p in params])
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+    return norm
 
 
 def cosine_schedule(optimizer, warmup_steps, total_steps, warmup_from=None, final=0.0):
@@ -253,10 +255,14 @@ def set_rng_state(state):
 
 
 def check_finite(module):
-    """A checkpoint is never written from non-finite weights: error naming the first such tensor."""
-    for name, t in module.state_dict().items():
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            raise RunAborted(f"weight {name} is not finite: refusing to write a checkpoint from it")
+    """A checkpoint is never written from non-finite weights: error naming the first such tensor (on
+    every rank: under FSDP each checks its shards and they agree)."""
+    bad = next((name for name, t in module.state_dict().items()
+                if t.is_floating_point() and not bool(torch.isfinite(dist.local(t)).all())), None)
+    if dist.is_fsdp(module):
+        bad = next((b for b in dist.gather_objects(bad) if b), None)
+    if bad:
+        raise RunAborted(f"weight {bad} is not finite: refusing to write a checkpoint from it")
 
 
 def save_checkpoint(path, state):
@@ -465,8 +471,12 @@ def micro_batches(loader, k):
 
 
 def sync_gradients(model, last):
-    """DDP all-reduces gradients in the backward of the last micro-batch only (no_sync before it):
-    one all-reduce per optimizer step, of the summed micro-batch gradients."""
+    """DDP all-reduces (FSDP reduce-scatters) gradients in the backward of the last micro-batch only:
+    one reduction per optimizer step, of the summed micro-batch gradients (FSDP2's
+    set_requires_gradient_sync, DDP's no_sync)."""
+    if hasattr(model, "set_requires_gradient_sync"):
+        model.set_requires_gradient_sync(last)
+        return contextlib.nullcontext()
     return contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
 
 

@@ -1,0 +1,63 @@
+"""--fsdp (PyTorch FSDP2) on CPU with gloo, 2 processes: the same losses and evaluation as DDP,
+checkpoints in the layout of a non-FSDP run (0-D temperatures, AdamW state by position) that load
+without FSDP and back, mid-run in both directions."""
+import os
+
+import pytest
+import torch
+
+import clip_train
+from tests.test_clip_train import SMALL, read_metrics, subset, train_losses  # noqa: F401  (fixture)
+from tests.test_distributed import sigterm_mid_run, torchrun
+
+
+def run_ok(args, timeout=600):
+    proc = torchrun(args, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def assert_close_losses(got, want, steps, tol=1e-5):
+    assert sorted(got) == list(range(1, steps + 1)), sorted(got)
+    for step in got:
+        assert abs(got[step] - want[step]) <= tol * max(1.0, abs(want[step])), (step, got[step], want[step])
+
+
+def val_metrics(out):
+    return [{k: v for k, v in r.items() if k not in ("step", "epoch", "split")} for r in read_metrics(out)
+            if r["split"] == "val"]
+
+
+def test_clip_fsdp_equals_ddp_and_checkpoints_round_trip(tmp_path, subset):  # noqa: F811
+    args = ["clip_train.py", *SMALL, *subset, "--max-steps", "8", "--save-every", "100"]
+    ddp, fsdp = str(tmp_path / "ddp"), str(tmp_path / "fsdp")
+    run_ok([*args, "--output-dir", ddp])
+    run_ok([*args, "--output-dir", fsdp, "--fsdp"])
+    assert_close_losses(train_losses(fsdp), train_losses(ddp), 8)
+    assert len(val_metrics(ddp)) == len(val_metrics(fsdp)) == 2                # epoch 0's end (step 6), step 8
+    for got, want in zip(val_metrics(fsdp), val_metrics(ddp)):
+        assert got == pytest.approx(want, abs=1e-4)
+    # the checkpoint has the layout of a non-FSDP run: the same keys, shapes (0-D logit_scale) and
+    # AdamW state by position
+    a, b = (torch.load(os.path.join(d, "checkpoint_last.pt"), weights_only=True) for d in (ddp, fsdp))
+    assert {k: v.shape for k, v in a["model"].items()} == {k: v.shape for k, v in b["model"].items()}
+    assert b["model"]["logit_scale"].shape == ()
+    for k in a["model"]:
+        assert torch.allclose(a["model"][k], b["model"][k], atol=1e-5), k
+    assert a["optimizer"]["param_groups"] == b["optimizer"]["param_groups"]
+    for i, s in a["optimizer"]["state"].items():
+        assert s["exp_avg"].shape == b["optimizer"]["state"][i]["exp_avg"].shape, i
+        assert torch.allclose(s["exp_avg_sq"], b["optimizer"]["state"][i]["exp_avg_sq"], atol=1e-6), i
+    # FSDP -> one process: its weights give the FSDP run's evaluation
+    metrics = clip_train.main([*SMALL, *subset, "--init-from", os.path.join(fsdp, "checkpoint_last.pt"), "--eval-only",
+                               "--output-dir", str(tmp_path / "eval")])
+    assert metrics == pytest.approx(val_metrics(fsdp)[-1], abs=1e-4)
+    # mid-run, both ways: stopped by SIGTERM under one, resumed under the other, the losses of
+    # the uninterrupted DDP run (weights and AdamW state carried over)
+    for first, then in ((["--fsdp"], []), ([], ["--fsdp"])):
+        out = str(tmp_path / ("from_fsdp" if first else "to_fsdp"))
+        log = sigterm_mid_run("clip_train.py", [*args[1:], *first], out, 3, str(tmp_path / "log.txt"))
+        saved = torch.load(os.path.join(out, "checkpoint_last.pt"), weights_only=True)["step"]
+        assert 3 <= saved < 8, log[-2000:]
+        run_ok([*args, "--output-dir", out, "--resume", "auto", *then])
+        assert_close_losses(train_losses(out), train_losses(ddp), 8)
