@@ -24,20 +24,19 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from common import dist
 from common.data import (Example, load_tokenizer, read_annotations, retrieval_texts, tiny_data, train_loader,
                          train_transform, training_records)
-from common.encoders import (BertEncoder, BertLMHead, VisionTransformer, hf_bert_lm_head_map, hf_bert_map,
-                             hf_vit_map, load_mapped, read_hf_checkpoint, read_weights_file, resize_pos_embed,
-                             timm_vit_map)
+from common.encoders import (BertEncoder, BertLMHead, BertLayer, Block, VisionTransformer, hf_bert_lm_head_map,
+                             hf_bert_map, hf_vit_map, load_mapped, read_hf_checkpoint, read_weights_file,
+                             resize_pos_embed, timm_vit_map)
 from common.metrics import image_tokens, rerank_topk, retrieval_metrics
-from common.utils import (MetricLog, micro_batches, sync_gradients, NonFiniteGuard, Preemption, UserError, adamw, autocast,
-                          check_finite, check_resume_position, cli, cosine_schedule, first_nonfinite_module,
-                          grad_norm_, precision_dtype, resolve_config, resolve_precision, rng_state,
-                          save_checkpoint, save_config, seed_everything, set_rng_state)
+from common.utils import (MetricLog, NonFiniteGuard, Preemption, UserError, adamw, autocast, check_finite,
+                          check_resume_position, cli, cosine_schedule, first_nonfinite_module, grad_norm_,
+                          micro_batches, precision_dtype, resolve_config, resolve_precision, rng_state, save_checkpoint,
+                          save_config, seed_everything, set_rng_state, sync_gradients)
 
 
 # ---- config ----
@@ -109,6 +108,7 @@ class Config:
     precision: str = "auto"         # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16 (GradScaler)
     max_bad_steps: int = 10         # abort after this many non-finite steps in a row (each one is skipped)
     grad_checkpointing: bool = False  # recompute activations in backward (less memory, ~1/3 more compute)
+    fsdp: bool = False              # shard weights, gradients and AdamW state over the ranks (FSDP2), not DDP
     compile: bool = False           # torch.compile the model
     # run
     output_dir: str = "runs/albef"  # metrics.jsonl, config.json and checkpoints go here
@@ -229,6 +229,7 @@ class ALBEF(nn.Module):
         the momentum model at the start of the next forward; doing it right after the update is
         the same sequence, and lets a skipped step leave the momentum model untouched."""
         self.momentum_update(ok)
+        self.temp.clamp_(0.001, 0.5)         # as forward does; under FSDP this is the sharded parameter
         for keys in self.pending_keys:       # one entry per micro-batch of the step, in order
             self.dequeue_and_enqueue(*keys, ok=ok)
         self.pending_keys = []
@@ -817,7 +818,7 @@ def param_groups(model, weight_decay):
     """AdamW groups as ALBEF's add_weight_decay: no decay on biases and 1-D tensors (LayerNorms,
     the class token; here also the 0-d temperature, which the official code decays)."""
     decay, no_decay = [], []
-    for name, p in model.named_parameters():
+    for name, p in dist.named_parameters(model):       # the unwrapped order (FSDP re-registers)
         if p.requires_grad:
             (no_decay if p.ndim < 2 or name.endswith(".bias") else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
@@ -874,6 +875,10 @@ def main(argv=None):
         return metrics
 
     freeze_unused(model, cfg.task)
+    # DDP, or FSDP2 sharding each transformer block and the rest (--fsdp)
+    ddp_model = dist.parallelize(model, cfg.fsdp, device, (Block, BertLayer), precision_dtype(precision))
+    if cfg.compile:
+        ddp_model = torch.compile(ddp_model)
     optimizer = adamw(param_groups(model, cfg.weight_decay), lr=cfg.lr)
     steps_per_epoch = len(loader) // cfg.accum_steps
     check_resume_position(ckpt, steps_per_epoch)
@@ -887,7 +892,7 @@ def main(argv=None):
     seed_everything(cfg.seed + rank)              # each rank its own stream from here (masks, negatives, dropout)
     step, best = 0, -1.0
     if ckpt:
-        optimizer.load_state_dict(ckpt["optimizer"])
+        dist.load_optimizer_state_dict(model, optimizer, ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         scaler.load_state_dict(ckpt["scaler"])
         step, best, guard.total = ckpt["step"], ckpt["best"], ckpt["bad_steps"]
@@ -898,14 +903,12 @@ def main(argv=None):
     del ckpt
     # broadcast_buffers=False: the queues are identical on every rank already (enqueued from
     # gathered features); re-broadcasting them would cost queue_size x E floats per step.
-    ddp_model = (DDP(model, device_ids=[local_rank] if device.type == "cuda" else None, broadcast_buffers=False)
-                 if world_size > 1 else model)
-    if cfg.compile:
-        ddp_model = torch.compile(ddp_model)
 
     def checkpoint(name):
         check_finite(model)
-        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+        # under FSDP both are gathered to rank 0, in the layout of a non-FSDP run
+        state = {"model": dist.full_state_dict(model), "optimizer": dist.optimizer_state_dict(model, optimizer),
+                 "scheduler": scheduler.state_dict(),
                  "scaler": scaler.state_dict(), "step": step, "epoch": step // steps_per_epoch, "best": best,
                  "bad_steps": guard.total, "steps_per_epoch": steps_per_epoch, "world_size": world_size,
                  "config": dataclasses.asdict(cfg), "rng": dist.gather_objects(rng_state()),
@@ -956,7 +959,7 @@ def main(argv=None):
                     lr = optimizer.param_groups[0]["lr"]
                     pbar.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{lr:.2e}", samples_s=f"{speed:.0f}")
                     log.write({"step": step, "epoch": epoch, "split": "train", **values, "lr": lr,
-                               "temp": model.temp.item(), "alpha": float(alpha), "samples_per_s": speed,
+                               "temp": dist.value(model.temp).item(), "alpha": float(alpha), "samples_per_s": speed,
                                "grad_norm": grad_norm.item(), "bad_steps": guard.total,
                                **sampler.stats()})
                 if preemption.requested():   # SIGTERM / SIGUSR1 on any rank: save this step and leave
@@ -975,7 +978,8 @@ def main(argv=None):
             if stopped:
                 break
             guard.flush()
-            metrics = evaluate(model, cfg, val, tokenizer, device, precision)
+            with dist.full_parameters(model):     # FSDP: every unit gathered while evaluating
+                metrics = evaluate(model, cfg, val, tokenizer, device, precision)
             log.write({"step": step, "epoch": epoch, "split": "val", **metrics})
             if metrics and dist.is_main():
                 tqdm.write(f"epoch {epoch} step {step}: " + " ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
@@ -986,7 +990,8 @@ def main(argv=None):
             tick, tick_step = time.time(), step
     pbar.close()
     if not metrics and not stopped:   # resumed a finished run: evaluate its weights again
-        metrics = evaluate(model, cfg, val, tokenizer, device, precision)
+        with dist.full_parameters(model):     # FSDP: every unit gathered while evaluating
+            metrics = evaluate(model, cfg, val, tokenizer, device, precision)
     if dist.is_main():
         print(json.dumps(metrics or {"step": step}))
     dist.cleanup()

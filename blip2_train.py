@@ -23,22 +23,20 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.checkpoint import checkpoint as recompute
 from tqdm import tqdm
 
 from common import dist
 from common.data import (Example, ImageDataset, eval_transform, load_tokenizer, read_annotations, read_json,
                          retrieval_texts, tiny_data, train_loader, train_transform, training_records)
-from common.encoders import (BertAttention, BertLMHead, VisionTransformer, _bert_init, hf_bert_lm_head_map,
-                             hf_bert_map, hf_blip_vision_map, hf_clip_vision_map, load_mapped, open_clip_vision_map,
+from common.encoders import (BertAttention, BertLMHead, Block, VisionTransformer, _bert_init, hf_bert_lm_head_map, hf_bert_map,
+                             hf_blip_vision_map, hf_clip_vision_map, load_mapped, open_clip_vision_map,
                              read_hf_checkpoint, read_weights_file, resize_pos_embed, timm_vit_map)
 from common.metrics import caption_metrics, image_tokens, rerank_topk, retrieval_metrics, vqa_accuracy
 from common.utils import (FeatureCache, MetricLog, MissingFileError, NonFiniteGuard, Preemption, UserError, adamw,
-                          autocast, micro_batches, sync_gradients,
-                          check_finite, check_resume_position, cli, cosine_schedule, first_nonfinite_module,
-                          grad_norm_, resolve_config, resolve_precision, rng_state,
-                          save_checkpoint, save_config, seed_everything, set_rng_state)
+                          autocast, check_finite, check_resume_position, cli, cosine_schedule, first_nonfinite_module,
+                          grad_norm_, micro_batches, precision_dtype, resolve_config, resolve_precision, rng_state,
+                          save_checkpoint, save_config, seed_everything, set_rng_state, sync_gradients)
 
 
 # ---- config ----
@@ -133,6 +131,7 @@ class Config:
     precision: str = "auto"         # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16 (GradScaler)
     max_bad_steps: int = 10         # abort after this many non-finite steps in a row (each one is skipped)
     grad_checkpointing: bool = False  # recompute the Q-Former's (and a trained encoder's) activations in backward
+    fsdp: bool = False              # shard weights, gradients and AdamW state over the ranks (FSDP2), not DDP
     compile: bool = False           # torch.compile the model
     # run
     output_dir: str = "runs/blip2"  # metrics.jsonl, config.json and checkpoints go here
@@ -1539,7 +1538,7 @@ def param_groups(model, cfg):
     temp; as LAVIS 1.0.2's runner); a trained encoder's layer i gets lr x layer_decay^(L + 1 - i)
     (LAVIS's get_optimizer_params: embeddings as layer 0)."""
     L, groups = cfg.vision_layers, {}
-    for name, p in model.named_parameters():
+    for name, p in dist.named_parameters(model):       # the unwrapped order (FSDP re-registers)
         if not p.requires_grad:
             continue
         decay = p.ndim >= 2 and not name.endswith(".bias")
@@ -1623,6 +1622,18 @@ def main(argv=None):
         dist.cleanup()
         return metrics
 
+    # DDP, or FSDP2 (--fsdp) sharding each block of the encoder (frozen: without gradients), of the
+    # Q-Former and of a trained LM, then the rest; a frozen LM is not sharded
+    keep = set(model.trainable_state_dict())       # what the checkpoints hold
+    lm_trains = cfg.stage == 2 and not model.llm_frozen
+    if lm_trains:
+        from transformers.modeling_layers import GradientCheckpointingLayer
+    ddp_model = dist.parallelize(model, cfg.fsdp, device,
+                                 (Block, QFormerLayer) + ((GradientCheckpointingLayer,) if lm_trains else ()),
+                                 precision_dtype(precision),
+                                 unsharded=[model.language_model] if cfg.stage == 2 and not lm_trains else [])
+    if cfg.compile:
+        ddp_model = torch.compile(ddp_model)
     groups = param_groups(model, cfg)
     optimizer = adamw(groups, lr=cfg.lr)
     steps_per_epoch = len(loader) // cfg.accum_steps
@@ -1637,7 +1648,7 @@ def main(argv=None):
     seed_everything(cfg.seed + rank)              # each rank its own stream from here (negatives, dropout)
     step, best = 0, -1.0
     if ckpt:
-        optimizer.load_state_dict(ckpt["optimizer"])
+        dist.load_optimizer_state_dict(model, optimizer, ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         scaler.load_state_dict(ckpt["scaler"])
         step, best, guard.total = ckpt["step"], ckpt["best"], ckpt["bad_steps"]
@@ -1646,13 +1657,11 @@ def main(argv=None):
         if dist.is_main():
             print(f"resumed from {cfg.resume} at step {step}")
     del ckpt
-    ddp_model = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None) if world_size > 1 else model
-    if cfg.compile:
-        ddp_model = torch.compile(ddp_model)
 
     def checkpoint(name):
         check_finite(model)
-        state = {"model": model.trainable_state_dict(), "optimizer": optimizer.state_dict(),
+        # under FSDP both are gathered to rank 0, in the layout of a non-FSDP run
+        state = {"model": dist.full_state_dict(model, keep), "optimizer": dist.optimizer_state_dict(model, optimizer),
                  "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "step": step,
                  "epoch": step // steps_per_epoch, "best": best, "bad_steps": guard.total,
                  "steps_per_epoch": steps_per_epoch, "world_size": world_size, "config": dataclasses.asdict(cfg),
@@ -1720,7 +1729,7 @@ def main(argv=None):
                     tick, tick_step = time.time(), step
                     lr = max(g["lr"] for g in optimizer.param_groups)       # the Q-Former's
                     pbar.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{lr:.2e}", samples_s=f"{speed:.0f}")
-                    extra = {"temp": model.temp.item()} if cfg.stage == 1 else {}
+                    extra = {"temp": dist.value(model.temp).item()} if cfg.stage == 1 else {}
                     log.write({"step": step, "epoch": epoch, "split": "train", **values, "lr": lr, **extra,
                                "samples_per_s": speed, "grad_norm": grad_norm.item(), "bad_steps": guard.total,
                                **sampler.stats()})
@@ -1740,7 +1749,8 @@ def main(argv=None):
             if stopped:
                 break
             guard.flush()
-            metrics = evaluate_run()
+            with dist.full_parameters(model):     # FSDP: every unit gathered while evaluating
+                metrics = evaluate_run()
             log.write({"step": step, "epoch": epoch, "split": "val", **metrics})
             if metrics and dist.is_main():
                 tqdm.write(f"epoch {epoch} step {step}: " + " ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
@@ -1752,7 +1762,8 @@ def main(argv=None):
             tick, tick_step = time.time(), step
     pbar.close()
     if not metrics and not stopped:   # resumed a finished run: evaluate its weights again
-        metrics = evaluate_run()
+        with dist.full_parameters(model):
+            metrics = evaluate_run()
     if dist.is_main():
         print(json.dumps(metrics or {"step": step}))
     dist.cleanup()

@@ -21,20 +21,20 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from common import dist
 from common.data import (Example, ImageDataset, eval_transform, load_tokenizer, read_annotations, retrieval_texts,
                          tiny_data, train_loader, train_transform, training_records)
-from common.encoders import (BertEncoder, BertLMHead, KVCache, VisionTransformer, hf_bert_lm_head_map,
+from common.encoders import (BertEncoder, BertLMHead, BertLayer, Block, KVCache, VisionTransformer, hf_bert_lm_head_map,
                              hf_bert_map, hf_blip_vision_map, load_mapped, read_hf_checkpoint, resize_pos_embed)
 from common.generation import beam_search, greedy_or_sample
 from common.metrics import caption_metrics, image_tokens, rerank_topk, retrieval_metrics
-from common.utils import (MetricLog, micro_batches, sync_gradients, NonFiniteGuard, Preemption, UserError, adamw, autocast, check_finite,
+from common.utils import (MetricLog, NonFiniteGuard, Preemption, UserError, adamw, autocast, check_finite,
                           check_resume_position, cli, cosine_schedule, first_nonfinite_module, grad_norm_,
-                          load_checkpoint, param_groups, resolve_config, resolve_precision, rng_state,
-                          save_checkpoint, save_config, seed_everything, set_rng_state)
+                          load_checkpoint, micro_batches, param_groups, precision_dtype, resolve_config,
+                          resolve_precision, rng_state, save_checkpoint, save_config, seed_everything, set_rng_state,
+                          sync_gradients)
 
 
 # ---- config ----
@@ -109,6 +109,7 @@ class Config:
     precision: str = "auto"         # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16 (GradScaler)
     max_bad_steps: int = 10         # abort after this many non-finite steps in a row (each one is skipped)
     grad_checkpointing: bool = False  # recompute activations in backward (less memory, ~1/3 more compute)
+    fsdp: bool = False              # shard weights, gradients and AdamW state over the ranks (FSDP2), not DDP
     compile: bool = False           # torch.compile the model
     # run
     output_dir: str = "runs/blip"   # metrics.jsonl, config.json, checkpoints (and captions.json) go here
@@ -225,6 +226,7 @@ class BLIP(nn.Module):
         momentum encoders at the start of the next forward; doing it here, right after the update,
         is the same sequence, and lets a skipped step leave them untouched."""
         self.momentum_update(ok)
+        self.temp.clamp_(0.001, 0.5)         # as forward does; under FSDP this is the sharded parameter
         for keys in self.pending_keys:       # one entry per micro-batch of the step, in order
             self.dequeue_and_enqueue(*keys, ok=ok)
         self.pending_keys = []
@@ -862,6 +864,10 @@ def main(argv=None):
     freeze_unused(model, cfg.task)
     # AdamW, weight decay 0.05 (BLIP applies it to every parameter; here biases, norms,
     # embeddings and the temperature are exempt, as in BLIP-2/LAVIS's recipe).
+    # DDP, or FSDP2 sharding each transformer block and the rest (--fsdp)
+    ddp_model = dist.parallelize(model, cfg.fsdp, device, (Block, BertLayer), precision_dtype(precision))
+    if cfg.compile:
+        ddp_model = torch.compile(ddp_model)
     optimizer = adamw(param_groups(model, cfg.weight_decay, ("temp",)), lr=cfg.lr)
     steps_per_epoch = len(loader) // cfg.accum_steps
     check_resume_position(ckpt, steps_per_epoch)
@@ -874,7 +880,7 @@ def main(argv=None):
     seed_everything(cfg.seed + rank)              # each rank its own stream from here (dropout, negatives)
     step, best = 0, -1.0
     if ckpt:
-        optimizer.load_state_dict(ckpt["optimizer"])
+        dist.load_optimizer_state_dict(model, optimizer, ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         scaler.load_state_dict(ckpt["scaler"])
         step, best, guard.total = ckpt["step"], ckpt["best"], ckpt["bad_steps"]
@@ -885,14 +891,12 @@ def main(argv=None):
     del ckpt
     # broadcast_buffers=False: the queues are identical on every rank already (enqueued from
     # gathered features); re-broadcasting them would cost queue_size x E floats per step.
-    ddp_model = (DDP(model, device_ids=[local_rank] if device.type == "cuda" else None, broadcast_buffers=False)
-                 if world_size > 1 else model)
-    if cfg.compile:
-        ddp_model = torch.compile(ddp_model)
 
     def checkpoint(name):
         check_finite(model)
-        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+        # under FSDP both are gathered to rank 0, in the layout of a non-FSDP run
+        state = {"model": dist.full_state_dict(model), "optimizer": dist.optimizer_state_dict(model, optimizer),
+                 "scheduler": scheduler.state_dict(),
                  "scaler": scaler.state_dict(), "step": step, "epoch": step // steps_per_epoch, "best": best,
                  "bad_steps": guard.total, "steps_per_epoch": steps_per_epoch, "world_size": world_size,
                  "config": dataclasses.asdict(cfg), "rng": dist.gather_objects(rng_state()),
@@ -944,7 +948,7 @@ def main(argv=None):
                     lr = optimizer.param_groups[0]["lr"]
                     pbar.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{lr:.2e}", samples_s=f"{speed:.0f}")
                     log.write({"step": step, "epoch": epoch, "split": "train", **values, "lr": lr,
-                               "temp": model.temp.item(), "samples_per_s": speed, "grad_norm": grad_norm.item(),
+                               "temp": dist.value(model.temp).item(), "samples_per_s": speed, "grad_norm": grad_norm.item(),
                                "bad_steps": guard.total,
                                **sampler.stats()})
                 if preemption.requested():   # SIGTERM / SIGUSR1 on any rank: save this step and leave
@@ -963,7 +967,8 @@ def main(argv=None):
             if stopped:
                 break
             guard.flush()
-            metrics = evaluate(model, cfg, val, tokenizer, device, precision, cfg.output_dir)
+            with dist.full_parameters(model):     # FSDP: every unit gathered while evaluating
+                metrics = evaluate(model, cfg, val, tokenizer, device, precision, cfg.output_dir)
             log.write({"step": step, "epoch": epoch, "split": "val", **metrics})
             if metrics and dist.is_main():
                 tqdm.write(f"epoch {epoch} step {step}: " + " ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
@@ -974,7 +979,8 @@ def main(argv=None):
             tick, tick_step = time.time(), step
     pbar.close()
     if not metrics and not stopped:   # resumed a finished run: evaluate its weights again
-        metrics = evaluate(model, cfg, val, tokenizer, device, precision, cfg.output_dir)
+        with dist.full_parameters(model):     # FSDP: every unit gathered while evaluating
+            metrics = evaluate(model, cfg, val, tokenizer, device, precision, cfg.output_dir)
     if dist.is_main():
         print(json.dumps(metrics or {"step": step}))
     dist.cleanup()

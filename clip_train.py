@@ -29,9 +29,9 @@ from common.encoders import (Block, TextTransformer, VisionTransformer, hf_clip_
 from common.metrics import embed_texts, retrieval_metrics, zeroshot_classifier_sharded, zeroshot_metrics
 from common.utils import (FeatureCache, MetricLog, NonFiniteGuard, Preemption, UserError, adamw, autocast, check_finite,
                           check_resume_position, cli, cosine_schedule, first_nonfinite_module, grad_norm_,
-                          load_checkpoint, param_groups, precision_dtype, resolve_config, resolve_precision, rng_state,
-                          save_checkpoint, save_config, seed_everything, set_rng_state, sync_gradients,
-                          micro_batches)
+                          load_checkpoint, micro_batches, param_groups, precision_dtype, resolve_config,
+                          resolve_precision, rng_state, save_checkpoint, save_config, seed_everything, set_rng_state,
+                          sync_gradients)
 
 
 # ---- config ----

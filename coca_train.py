@@ -29,7 +29,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.checkpoint import checkpoint as grad_checkpoint
 from tqdm import tqdm
 
@@ -37,17 +36,17 @@ from common import dist
 from common.data import (Example, ImageDataset, eval_transform, image_folder, load_tokenizer,
                          read_annotations, retrieval_texts, tiny_data, train_loader, train_transform,
                          training_records)
-from common.encoders import (MLP, Attention, Block, KVCache, TextTransformer, VisionTransformer, blocks_map,
+from common.encoders import (Attention, Block, KVCache, MLP, TextTransformer, VisionTransformer, blocks_map,
                              load_mapped, open_clip_blocks_map, open_clip_cross_attention_map, open_clip_vision_map,
                              read_weights_file, resize_pos_embed, split_mha_in_proj)
 from common.generation import beam_search, greedy_or_sample
 from common.metrics import (caption_metrics, embed_texts, retrieval_metrics, zeroshot_classifier_sharded,
                             zeroshot_metrics)
 from common.utils import (FeatureCache, MetricLog, MissingFileError, NonFiniteGuard, Preemption, UserError, adamw,
-                          autocast, micro_batches, sync_gradients,
-                          check_finite, check_resume_position, cli, cosine_schedule, first_nonfinite_module,
-                          grad_norm_, load_checkpoint, param_groups, resolve_config, resolve_precision, rng_state,
-                          save_checkpoint, save_config, seed_everything, set_rng_state)
+                          autocast, check_finite, check_resume_position, cli, cosine_schedule, first_nonfinite_module,
+                          grad_norm_, load_checkpoint, micro_batches, param_groups, precision_dtype, resolve_config,
+                          resolve_precision, rng_state, save_checkpoint, save_config, seed_everything, set_rng_state,
+                          sync_gradients)
 
 
 # ---- config ----
@@ -118,6 +117,7 @@ class Config:
     precision: str = "auto"         # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16 (GradScaler)
     max_bad_steps: int = 10         # abort after this many non-finite steps in a row (each one is skipped)
     grad_checkpointing: bool = False  # recompute activations in backward (less memory, ~1/3 more compute)
+    fsdp: bool = False              # shard weights, gradients and AdamW state over the ranks (FSDP2), not DDP
     compile: bool = False           # torch.compile the model
     # run
     output_dir: str = "runs/coca"   # metrics.jsonl, config.json, checkpoints and captions.json go here
@@ -817,6 +817,10 @@ def main(argv=None):
         return metrics
 
     freeze_unused(model, cfg)
+    # DDP, or FSDP2 sharding each transformer block and the rest (--fsdp)
+    ddp_model = dist.parallelize(model, cfg.fsdp, device, (Block, CrossAttentionBlock), precision_dtype(precision))
+    if cfg.compile:
+        ddp_model = torch.compile(ddp_model)
     # AdamW as open_clip (beta2 0.98, eps 1e-6), no decay on gains, biases, embeddings (the CLS
     # too) and the temperature (the pooler's queries decay, as in open_clip); the fused kernel.
     optimizer = adamw(param_groups(model, cfg.weight_decay, ("logit_scale",)), lr=cfg.lr,
@@ -830,7 +834,7 @@ def main(argv=None):
     seed_everything(cfg.seed + rank)              # each rank its own stream from here
     step, best = 0, -1.0
     if ckpt:
-        optimizer.load_state_dict(ckpt["optimizer"])
+        dist.load_optimizer_state_dict(model, optimizer, ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         scaler.load_state_dict(ckpt["scaler"])
         step, best, guard.total = ckpt["step"], ckpt["best"], ckpt["bad_steps"]
@@ -840,13 +844,12 @@ def main(argv=None):
             print(f"resumed from {cfg.resume} at step {step}")
     del ckpt
 
-    ddp_model = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None) if world_size > 1 else model
-    if cfg.compile:
-        ddp_model = torch.compile(ddp_model)
 
     def checkpoint(name):
         check_finite(model)
-        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+        # under FSDP both are gathered to rank 0, in the layout of a non-FSDP run
+        state = {"model": dist.full_state_dict(model), "optimizer": dist.optimizer_state_dict(model, optimizer),
+                 "scheduler": scheduler.state_dict(),
                  "scaler": scaler.state_dict(), "step": step, "epoch": step // steps_per_epoch, "best": best,
                  "bad_steps": guard.total, "steps_per_epoch": steps_per_epoch, "world_size": world_size,
                  "config": dataclasses.asdict(cfg), "rng": dist.gather_objects(rng_state()),
@@ -910,7 +913,7 @@ def main(argv=None):
                     lr = optimizer.param_groups[0]["lr"]
                     pbar.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{lr:.2e}", samples_s=f"{speed:.0f}")
                     log.write({"step": step, "epoch": epoch, "split": "train", **values, "lr": lr,
-                               "logit_scale": model.logit_scale.exp().item(), "samples_per_s": speed,
+                               "logit_scale": dist.value(model.logit_scale).exp().item(), "samples_per_s": speed,
                                "grad_norm": grad_norm.item(), "bad_steps": guard.total,
                                **sampler.stats()})
                 if preemption.requested():   # SIGTERM / SIGUSR1 on any rank: save this step and leave
@@ -930,7 +933,8 @@ def main(argv=None):
                 break
             # end of an epoch (or of training): evaluate, keep the best, save
             guard.flush()
-            metrics = evaluate(model, cfg, val, zeroshot, tokenizer, device, precision, cfg.output_dir)
+            with dist.full_parameters(model):     # FSDP: every unit gathered while evaluating
+                metrics = evaluate(model, cfg, val, zeroshot, tokenizer, device, precision, cfg.output_dir)
             log.write({"step": step, "epoch": epoch, "split": "val", **metrics})
             if metrics and dist.is_main():
                 tqdm.write(f"epoch {epoch} step {step}: " + " ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
@@ -941,7 +945,8 @@ def main(argv=None):
             tick, tick_step = time.time(), step  # samples/s counts training only
     pbar.close()
     if not metrics and not stopped:   # resumed a finished run: evaluate its weights again
-        metrics = evaluate(model, cfg, val, zeroshot, tokenizer, device, precision, cfg.output_dir)
+        with dist.full_parameters(model):     # FSDP: every unit gathered while evaluating
+            metrics = evaluate(model, cfg, val, zeroshot, tokenizer, device, precision, cfg.output_dir)
     if dist.is_main():
         print(json.dumps(metrics or {"step": step}))
     dist.cleanup()

@@ -1,6 +1,7 @@
 """Distributed helpers: process-group set-up from torchrun's environment and the gathers
 every contrastive loss needs. Every function works unchanged in a single process (no
 process group): gathers return their input, `rank()` is 0, `world_size()` is 1."""
+import collections
 import os
 
 import torch
@@ -239,8 +240,12 @@ def fsdp_wrap(model, block_types, param_dtype=None, unsharded=()):
                 setattr(module, name, torch.nn.Parameter(p.detach().reshape(1), requires_grad=p.requires_grad))
                 model.scalar_params.add(f"{module_name}.{name}" if module_name else name)
     ignored = {p for m in unsharded for p in m.parameters()}
-    for module in model.modules():
-        if isinstance(module, block_types) and not set(module.parameters()) & ignored:
+    blocks = [m for m in model.modules() if isinstance(m, block_types)]
+    owners = collections.Counter(p for m in blocks for p in m.parameters())
+    for module in blocks:
+        # a block sharing weights with another (BLIP's text decoder layers share all but self-attention
+        # with the encoder's) cannot be a unit of its own: its parameters stay with the root's
+        if all(owners[p] == 1 and p not in ignored for p in module.parameters()):
             fully_shard(module, mesh=mesh, mp_policy=MixedPrecisionPolicy(param_dtype=param_dtype,
                                                                           reduce_dtype=torch.float32))
     fully_shard(model, mesh=mesh, mp_policy=MixedPrecisionPolicy(reduce_dtype=torch.float32),
@@ -267,14 +272,19 @@ def value(t):
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
-def full_state_dict(model):
-    """The model's state dict as a non-FSDP run saves it: under FSDP gathered to rank 0 (others
-    get {}), 1-element scalars squeezed back to 0-D. A collective under FSDP."""
+def full_state_dict(model, keep=None):
+    """The model's state dict as a non-FSDP run saves it (only the keys in `keep`, if given): under
+    FSDP each sharded tensor gathered in turn, to rank 0 (others get {}), 1-element scalars squeezed
+    back to 0-D. A collective under FSDP: every rank calls it."""
+    state = {k: v for k, v in model.state_dict().items() if keep is None or k in keep}
     if not is_fsdp(model):
-        return model.state_dict()
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    return {k: v.reshape(()) if k in model.scalar_params else v for k, v in state.items()}
+        return state
+    out = {}
+    for k, v in state.items():
+        v = v.full_tensor() if hasattr(v, "full_tensor") else v          # an all-gather, the same on every rank
+        if is_main():
+            out[k] = (v.reshape(()) if k in model.scalar_params else v).detach().cpu()
+    return out
 
 
 def _param_names(model, optimizer):

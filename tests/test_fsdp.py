@@ -24,8 +24,9 @@ def assert_close_losses(got, want, steps, tol=1e-5):
 
 
 def val_metrics(out):
-    return [{k: v for k, v in r.items() if k not in ("step", "epoch", "split")} for r in read_metrics(out)
-            if r["split"] == "val"]
+    """The val records of metrics.jsonl without their position and timings."""
+    return [{k: v for k, v in r.items() if k not in ("step", "epoch", "split") and not k.endswith("_s")}
+            for r in read_metrics(out) if r["split"] == "val"]
 
 
 def test_clip_fsdp_equals_ddp_and_checkpoints_round_trip(tmp_path, subset):  # noqa: F811
@@ -61,3 +62,31 @@ def test_clip_fsdp_equals_ddp_and_checkpoints_round_trip(tmp_path, subset):  # n
         assert 3 <= saved < 8, log[-2000:]
         run_ok([*args, "--output-dir", out, "--resume", "auto", *then])
         assert_close_losses(train_losses(out), train_losses(ddp), 8)
+
+
+def script_args(name, subset):  # noqa: F811
+    from tests import test_albef_train, test_blip2_stage2_train, test_blip2_train, test_blip_train, test_coca_train
+    from tests.test_albef_train import data_args
+    small = {"albef": test_albef_train.SMALL, "blip": test_blip_train.SMALL, "coca": test_coca_train.SMALL,
+             "blip2": test_blip2_train.SMALL, "blip2_stage2": [*test_blip2_train.SMALL, *test_blip2_stage2_train.STAGE2]}
+    data = data_args(subset) if name != "coca" else subset
+    return [f"{name.replace('_stage2', '')}_train.py", *small[name], *data, "--batch-size", "4"]
+
+
+@pytest.mark.parametrize("name", ["albef", "blip", "coca", "blip2", "blip2_stage2"])
+def test_fsdp_equals_ddp_in_every_script(name, tmp_path, subset):  # noqa: F811
+    """3 steps and an evaluation under FSDP and under DDP: the same losses, metrics and checkpoint."""
+    args = [*script_args(name, subset), "--max-steps", "3"]
+    ddp, fsdp = str(tmp_path / "ddp"), str(tmp_path / "fsdp")
+    run_ok([*args, "--output-dir", ddp])
+    run_ok([*args, "--output-dir", fsdp, "--fsdp"])
+    assert_close_losses(train_losses(fsdp), train_losses(ddp), 3, tol=1e-4)
+    (got,), (want,) = val_metrics(fsdp), val_metrics(ddp)
+    assert got == pytest.approx(want, abs=1e-3)
+    a, b = (torch.load(os.path.join(d, "checkpoint_last.pt"), weights_only=True) for d in (ddp, fsdp))
+    assert {k: v.shape for k, v in a["model"].items()} == {k: v.shape for k, v in b["model"].items()}
+    for k in a["model"]:
+        assert torch.allclose(a["model"][k].float(), b["model"][k].float(), atol=1e-4), k
+    assert a["optimizer"]["param_groups"] == b["optimizer"]["param_groups"]
+    assert {i: s["exp_avg"].shape for i, s in a["optimizer"]["state"].items()} == \
+        {i: s["exp_avg"].shape for i, s in b["optimizer"]["state"].items()}
