@@ -218,7 +218,7 @@ def is_fsdp(model):
 
 
 def fsdp_wrap(model, block_types, param_dtype=None, unsharded=()):
-    """PyTorch FSDP2 in place of DDP (REFERENCE 12): `fully_shard` on every block of `block_types`,
+    """PyTorch FSDP2 in place of DDP (as open_clip's main branch): `fully_shard` on every block of `block_types`,
     then on the root, over all ranks. Parameters, gradients and AdamW's state are sharded (each rank
     keeps 1/W); a block's parameters are all-gathered for its forward and backward only. Frozen
     parameters (ALBEF's and BLIP's momentum encoders, BLIP-2's frozen ViT) are sharded too and never
@@ -231,7 +231,8 @@ def fsdp_wrap(model, block_types, param_dtype=None, unsharded=()):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     device = next(model.parameters()).device
-    mesh = init_device_mesh(device.type, (world_size(),))    # an explicit CPU mesh under gloo (REFERENCE 12.1)
+    mesh = init_device_mesh(device.type, (world_size(),))    # explicit: under gloo on a GPU machine the
+                                                             # default mesh would be CUDA (pytorch#132471)
     model.param_order = {name: i for i, (name, _) in enumerate(model.named_parameters())}
     model.scalar_params = set()
     for module_name, module in model.named_modules():

@@ -6,7 +6,7 @@ captions of one image, as data/make_shards.py writes them). `--train-data` names
 `shards/{00000..01023}.tar` (braces expanded), several sources joined with `::`, or `pipe:` commands
 (`pipe:aws s3 cp s3://bucket/{00000..00329}.tar -`), as open_clip.
 
-The pipeline (open_clip's get_wds_dataset, REFERENCE 11.1), one generator per DataLoader worker:
+The pipeline (as open_clip's get_wds_dataset), one generator per DataLoader worker:
   1. shard order: shuffled with (seed, epoch), the same on every rank;
   2. split: rank r takes every R-th shard of that order and worker w every W-th of those (with fewer
      shards than R x W, every worker reads all of them and keeps every (R*W)-th sample, logged);

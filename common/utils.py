@@ -491,7 +491,7 @@ def _set_rng(state):
 
 
 class FeatureCache:
-    """open_clip's accum_freq for a contrastive loss over K micro-batches (REFERENCE 0).
+    """open_clip's accum_freq for a contrastive loss over K micro-batches.
 
     Pass 1 (`FeatureCache(forward, batches)`): every micro-batch's features {name: (B, ...)} without
     gradient, and the RNG state it started from. Pass 2, for each micro-batch j: `replay(j)` restores
