@@ -202,7 +202,7 @@ class ALBEF(nn.Module):
         self.register_buffer("text_queue", F.normalize(torch.randn(cfg.embed_dim, cfg.queue_size), dim=0))
         self.register_buffer("idx_queue", torch.full((1, cfg.queue_size), -100, dtype=torch.long))
         self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
-        self._ptr, self.pending_keys, self._ema_params = None, [], None
+        self._ptr, self.pending_keys, self._ema_params = None, None, None
         self.register_load_state_dict_post_hook(lambda module, keys: setattr(module, "_ptr", None))
 
     # -- the momentum model and the queues --
@@ -223,16 +223,18 @@ class ALBEF(nn.Module):
                 p_m.copy_(p)
 
     @torch.no_grad()
-    def finish_step(self, ok=None):
+    def finish_step(self, ok=None, keys=None):
         """After the optimizer step: the momentum EMA and the enqueue of this step's momentum keys,
         both only if the step was finite (`ok`, a 0-d bool tensor; None = finite). ALBEF updates
         the momentum model at the start of the next forward; doing it right after the update is
         the same sequence, and lets a skipped step leave the momentum model untouched."""
         self.momentum_update(ok)
         self.temp.clamp_(0.001, 0.5)         # as forward does; under FSDP this is the sharded parameter
-        for keys in self.pending_keys:       # one entry per micro-batch of the step, in order
-            self.dequeue_and_enqueue(*keys, ok=ok)
-        self.pending_keys = []
+        if keys is None:                     # `keys`: each micro-batch's pending_keys (--accum-steps), in order
+            keys = [self.pending_keys] if self.pending_keys is not None else []
+        for k in keys:
+            self.dequeue_and_enqueue(*k, ok=ok)
+        self.pending_keys = None
 
     @torch.no_grad()
     def momentum_update(self, ok=None):
@@ -328,7 +330,7 @@ class ALBEF(nn.Module):
         the queue (Eq. 1-2); targets alpha * q (the momentum model's softmax) + (1 - alpha) * y
         (Eq. 6), y the ground truth: the diagonal in pretraining, every key with the same image id
         in retrieval fine-tuning (model_retrieval.py). This batch's keys wait in `pending_keys`
-        for finish_step() to enqueue them (with --accum-steps, every micro-batch's, after the step)."""
+        for finish_step() to enqueue them."""
         with torch.no_grad():
             image_keys = torch.cat([image_feat_m.T, self.image_queue.clone()], 1)       # (E, B + M)
             text_keys = torch.cat([text_feat_m.T, self.text_queue.clone()], 1)
@@ -350,8 +352,7 @@ class ALBEF(nn.Module):
             sim_t2i = text_feat.float() @ image_keys / self.temp
             loss_i2t = -(F.log_softmax(sim_i2t, 1) * i2t_targets).sum(1).mean()
             loss_t2i = -(F.log_softmax(sim_t2i, 1) * t2i_targets).sum(1).mean()
-        if torch.is_grad_enabled():            # a training forward (not a no-grad diagnosis)
-            self.pending_keys.append((image_feat_m.float(), text_feat_m.float(), idx))
+        self.pending_keys = (image_feat_m.float(), text_feat_m.float(), idx)
         return (loss_i2t + loss_t2i) / 2
 
     def loss_itm(self, text_embeds, mask, image_embeds, idx, image_feat, text_feat, image_feat_m, text_feat_m):
@@ -647,10 +648,8 @@ def build_data(cfg, tokenizer, rank, world_size):
     # open_clip's light crop, no flip (captions say left and right); ALBEF trains with
     # RandomResizedCrop(0.5-1), flips and RandAugment.
     example = Example(train_transform(cfg.image_size), tokenizer, cfg.max_length)
-    loader, sampler = train_loader(training_records(train_file, root, cfg.skip_bad), example, batch_size=cfg.batch_size, accum_steps=cfg.accum_steps,
-                                   workers=cfg.workers, seed=cfg.seed,
-                                   rank=rank, world_size=world_size, source=train_file, skip_bad=cfg.skip_bad,
-                                   num_samples=cfg.train_num_samples, resampled=cfg.dataset_resampled)
+    records = training_records(train_file, root, cfg.skip_bad)          # an annotation file's, or shards
+    loader, sampler = train_loader(records, example, cfg, rank, world_size, train_file)
     return loader, sampler, val
 
 
@@ -927,7 +926,7 @@ def main(argv=None):
                 # --accum-steps K: every micro-batch against the momentum model and queue as they
                 # are at the start of the step (its ITC targets, its own ITM negatives), the mean
                 # of their losses; the EMA and the K micro-batches' enqueue follow the one update
-                parts = []
+                parts, keys = [], []
                 for j, (images, ids, idx) in enumerate(group):
                     images, ids = images.to(device, non_blocking=True), ids.to(device, non_blocking=True)
                     idx = idx.to(device, non_blocking=True)                  # image ids: positives share one
@@ -937,6 +936,7 @@ def main(argv=None):
                             losses = ddp_model(images, ids, mask, idx, alpha, cfg.task)
                         scaler.scale(sum(losses.values()) / len(group)).backward()
                     parts.append(losses)
+                    keys.append(model.pending_keys)
                 losses = {k: sum(p[k] for p in parts) / len(parts) for k in parts[0]}
                 loss = sum(losses.values())                 # L = L_mlm + L_itc + L_itm, unweighted (Sec. 3.2)
                 scaler.unscale_(optimizer)
@@ -947,7 +947,7 @@ def main(argv=None):
                 guard.step(optimizer, scaler, ok)
                 optimizer.zero_grad(set_to_none=True)
                 scheduler.step()
-                model.finish_step(ok)
+                model.finish_step(ok, keys)
                 step += 1
                 pbar.update(1)
                 guard.account(step, ok, lambda b=(images, ids, mask, idx, alpha): first_nonfinite_module(

@@ -1100,10 +1100,8 @@ def build_data(cfg, tokenizer, rank, world_size):
         return None, None, val
     train_file = cfg.train_data or os.path.join(tiny_data(), "train.json")
     example = Example(train_transform(cfg.image_size), tokenizer, cfg.max_length)
-    loader, sampler = train_loader(training_records(train_file, root, cfg.skip_bad), example, batch_size=cfg.batch_size, accum_steps=cfg.accum_steps,
-                                   workers=cfg.workers, seed=cfg.seed,
-                                   rank=rank, world_size=world_size, source=train_file, skip_bad=cfg.skip_bad,
-                                   num_samples=cfg.train_num_samples, resampled=cfg.dataset_resampled)
+    records = training_records(train_file, root, cfg.skip_bad)          # an annotation file's, or shards
+    loader, sampler = train_loader(records, example, cfg, rank, world_size, train_file)
     return loader, sampler, val
 
 
@@ -1242,11 +1240,8 @@ def build_data_stage2(cfg, tok, decoder_only, rank, world_size):
             prompt, target = " ".join(words[:k]), " ".join(words[k:])
         return llm_example(tok, prompt, target, cfg.max_length, decoder_only, end)
 
-    loader, sampler = train_loader(records, Example(train_transform(cfg.image_size), encode=encode), batch_size=cfg.batch_size, accum_steps=cfg.accum_steps,
-                                   workers=cfg.workers, seed=cfg.seed,
-                                   rank=rank, world_size=world_size, source=train_file, skip_bad=cfg.skip_bad,
-                                   num_samples=cfg.train_num_samples, resampled=cfg.dataset_resampled,
-                                   collate_fn=collate_llm(tok.pad_token_id))
+    loader, sampler = train_loader(records, Example(train_transform(cfg.image_size), encode=encode), cfg, rank,
+                                   world_size, train_file, collate_fn=collate_llm(tok.pad_token_id))
     return loader, sampler, val, vqa
 
 

@@ -205,7 +205,7 @@ class BLIP(nn.Module):
         self.register_buffer("text_queue", F.normalize(torch.randn(cfg.embed_dim, cfg.queue_size), dim=0))
         self.register_buffer("idx_queue", torch.full((1, cfg.queue_size), -100, dtype=torch.long))
         self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
-        self._ptr, self.pending_keys, self._ema_params = None, [], None
+        self._ptr, self.pending_keys, self._ema_params = None, None, None
         self.register_load_state_dict_post_hook(lambda module, keys: setattr(module, "_ptr", None))
 
     def model_pairs(self):
@@ -220,16 +220,18 @@ class BLIP(nn.Module):
             m.load_state_dict(online.state_dict())
 
     @torch.no_grad()
-    def finish_step(self, ok=None):
+    def finish_step(self, ok=None, keys=None):
         """After the optimizer step: the momentum EMA and the enqueue of this step's momentum keys,
         both only if the step was finite (`ok`, a 0-d bool tensor; None = finite). BLIP updates the
         momentum encoders at the start of the next forward; doing it here, right after the update,
         is the same sequence, and lets a skipped step leave them untouched."""
         self.momentum_update(ok)
         self.temp.clamp_(0.001, 0.5)         # as forward does; under FSDP this is the sharded parameter
-        for keys in self.pending_keys:       # one entry per micro-batch of the step, in order
-            self.dequeue_and_enqueue(*keys, ok=ok)
-        self.pending_keys = []
+        if keys is None:                     # `keys`: each micro-batch's pending_keys (--accum-steps), in order
+            keys = [self.pending_keys] if self.pending_keys is not None else []
+        for k in keys:
+            self.dequeue_and_enqueue(*k, ok=ok)
+        self.pending_keys = None
 
     @torch.no_grad()
     def momentum_update(self, ok=None):
@@ -318,8 +320,7 @@ class BLIP(nn.Module):
 
     def loss_itc(self, images, ids, mask, idx, image_feat, text_feat, alpha, task):
         """alpha: a 0-d tensor (a Python float would recompile a compiled step at every new value).
-        The momentum keys of this batch wait in `pending_keys` for finish_step() to enqueue them
-        (with --accum-steps, every micro-batch's, after the step)."""
+        The momentum keys of this batch wait in `pending_keys` for finish_step() to enqueue them."""
         with torch.no_grad():
             image_feat_m = F.normalize(self.vision_proj_m(self.visual_encoder_m(images)[:, 0]), dim=-1)
             text_feat_m = F.normalize(self.text_proj_m(self.text_encoder_m(ids, mask)[:, 0]), dim=-1)
@@ -346,8 +347,7 @@ class BLIP(nn.Module):
             sim_t2i = text_feat.float() @ image_keys / self.temp
             loss_i2t = -(F.log_softmax(sim_i2t, 1) * i2t_targets).sum(1).mean()
             loss_t2i = -(F.log_softmax(sim_t2i, 1) * t2i_targets).sum(1).mean()
-        if torch.is_grad_enabled():            # a training forward (not a no-grad diagnosis)
-            self.pending_keys.append((image_feat_m, text_feat_m, idx))
+        self.pending_keys = (image_feat_m, text_feat_m, idx)
         return (loss_i2t + loss_t2i) / 2
 
     def loss_itm(self, ids, mask, idx, image_embeds, image_feat, text_feat, all_ranks):
@@ -549,10 +549,7 @@ def build_data(cfg, tokenizer, rank, world_size):
     # open_clip's light crop, no flip (captions say left and right); BLIP trains with
     # RandomResizedCrop(0.5-1), flips and RandAugment on COCO.
     example = Example(train_transform(cfg.image_size), tokenizer, cfg.max_length, prefix=prefix)
-    loader, sampler = train_loader(records, example, batch_size=cfg.batch_size, accum_steps=cfg.accum_steps,
-                                   workers=cfg.workers, seed=cfg.seed,
-                                   rank=rank, world_size=world_size, source=train_file, skip_bad=cfg.skip_bad,
-                                   num_samples=cfg.train_num_samples, resampled=cfg.dataset_resampled)
+    loader, sampler = train_loader(records, example, cfg, rank, world_size, train_file)
     return loader, sampler, val, records
 
 
@@ -916,7 +913,7 @@ def main(argv=None):
                 # --accum-steps K: every micro-batch against the momentum model and queue as they
                 # are at the start of the step (its ITC targets, its own ITM negatives), the mean
                 # of their losses; the EMA and the K micro-batches' enqueue follow the one update
-                parts = []
+                parts, keys = [], []
                 for j, (images, ids, idx) in enumerate(group):
                     images, ids = images.to(device, non_blocking=True), ids.to(device, non_blocking=True)
                     idx = idx.to(device, non_blocking=True)                  # image ids: positives share one
@@ -926,6 +923,7 @@ def main(argv=None):
                             losses = ddp_model(images, ids, mask, idx, alpha, cfg.task, prompt_length)
                         scaler.scale(sum(losses.values()) / len(group)).backward()
                     parts.append(losses)
+                    keys.append(model.pending_keys)
                 losses = {k: sum(p[k] for p in parts) / len(parts) for k in parts[0]}
                 loss = sum(losses.values())                 # unweighted sum, as the paper
                 scaler.unscale_(optimizer)
@@ -936,7 +934,7 @@ def main(argv=None):
                 guard.step(optimizer, scaler, ok)
                 optimizer.zero_grad(set_to_none=True)
                 scheduler.step()
-                model.finish_step(ok)
+                model.finish_step(ok, keys)
                 step += 1
                 pbar.update(1)
                 guard.account(step, ok, lambda b=(images, ids, mask, idx, alpha): first_nonfinite_module(

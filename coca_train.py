@@ -605,10 +605,8 @@ def build_data(cfg, tokenizer, rank, world_size):
         return None, None, val, zeroshot
     train_file = cfg.train_data or os.path.join(tiny_data(), "train.json")
     example = Example(train_transform(cfg.image_size), tokenizer, cfg.context_length)
-    loader, sampler = train_loader(training_records(train_file, root, cfg.skip_bad), example, batch_size=cfg.batch_size, accum_steps=cfg.accum_steps,
-                                   workers=cfg.workers, seed=cfg.seed,
-                                   rank=rank, world_size=world_size, source=train_file, skip_bad=cfg.skip_bad,
-                                   num_samples=cfg.train_num_samples, resampled=cfg.dataset_resampled)
+    records = training_records(train_file, root, cfg.skip_bad)          # an annotation file's, or shards
+    loader, sampler = train_loader(records, example, cfg, rank, world_size, train_file)
     return loader, sampler, val, zeroshot
 
 

@@ -435,29 +435,32 @@ class ShardedSampler(torch.utils.data.Sampler):
             yield i, int.from_bytes(digest, "little") & 0x7FFF_FFFF_FFFF_FFFF
 
 
-def train_loader(data, example, *, batch_size, workers, seed, rank, world_size, source, accum_steps=1,
-                 skip_bad=False, num_samples=0, resampled=False, collate_fn=None):
-    """(loader, sampler) of the training data, `batch_size` per rank, the last incomplete batch dropped.
+def train_loader(data, example, cfg, rank, world_size, source, collate_fn=None):
+    """(loader, sampler) of the training data: cfg.batch_size per rank, the last incomplete batch
+    dropped (cfg: the run's Config; also accum_steps, workers, seed, skip_bad, train_num_samples,
+    dataset_resampled).
 
     `data`: the records of an annotation file (read_annotations), or a webdataset shard spec
-    (common.shards: streamed, `num_samples` per epoch, `resampled` draws shards with replacement).
-    `example` (an Example) makes (image, text) of an image and caption. The sampler has
-    set_epoch(epoch, skip), state_dict(), load_state_dict() and stats() for both kinds.
+    (common.shards: streamed, cfg.train_num_samples per epoch or sizes.json's). `example` (an
+    Example) makes (image, text) of an image and caption. The sampler has set_epoch(epoch, skip),
+    state_dict(), load_state_dict() and stats() for both kinds.
 
     The loader has its own seeded generator: starting an epoch (or a resume) must not consume the
     global RNG that dropout, masking and negative sampling use. A global batch larger than the data
     is an error naming `source` (the annotation file)."""
+    batch_size, accum_steps, workers, seed = cfg.batch_size, cfg.accum_steps, cfg.workers, cfg.seed
     if accum_steps < 1:
         raise UserError(f"--accum-steps must be at least 1, not {accum_steps}")
     if isinstance(data, str):
         from .shards import shard_loader
         return shard_loader(data, example, batch_size=batch_size, accum_steps=accum_steps, workers=workers, seed=seed,
-                            rank=rank, world_size=world_size, num_samples=num_samples, resampled=resampled,
-                            collate_fn=collate_fn)
-    train_set = ImageTextDataset(data, example, skip_bad=skip_bad)
+                            rank=rank, world_size=world_size, num_samples=cfg.train_num_samples,
+                            resampled=cfg.dataset_resampled, collate_fn=collate_fn)
+    train_set = ImageTextDataset(data, example, skip_bad=cfg.skip_bad)
     if batch_size * accum_steps * world_size > len(train_set):
-        raise UserError(f"--batch-size {batch_size} x --accum-steps {accum_steps} x {world_size} process(es) is larger "
-                        f"than the {len(train_set)} image-caption pairs of {source}; use a smaller --batch-size")
+        accum = f" x --accum-steps {accum_steps}" if accum_steps > 1 else ""
+        raise UserError(f"--batch-size {batch_size}{accum} x {world_size} process(es) is larger than the "
+                        f"{len(train_set)} image-caption pairs of {source}; use a smaller --batch-size")
     sampler = ShardedSampler(len(train_set), rank=rank, world_size=world_size, seed=seed)
     loader = torch.utils.data.DataLoader(train_set, batch_size=batch_size, sampler=sampler, drop_last=True,
                                          num_workers=workers, pin_memory=torch.cuda.is_available(), collate_fn=collate_fn,

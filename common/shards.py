@@ -332,8 +332,9 @@ class ShardLoader:
         total, origin = count_samples(urls, num_samples)
         steps = total // (batch_size * accum_steps * world_size) * accum_steps     # batches per rank and epoch
         if steps == 0:
-            raise UserError(f"--batch-size {batch_size} x --accum-steps {accum_steps} x {world_size} process(es) is "
-                            f"larger than the {total} samples of an epoch ({origin}); use a smaller --batch-size")
+            accum = f" x --accum-steps {accum_steps}" if accum_steps > 1 else ""
+            raise UserError(f"--batch-size {batch_size}{accum} x {world_size} process(es) is larger than the {total} "
+                            f"samples of an epoch ({origin}); use a smaller --batch-size")
         self.workers, self.batch_size, self.steps = workers, batch_size, steps
         self.dataset = ShardStream(urls, example, batch_size=batch_size, steps=steps, seed=seed, rank=rank,
                                    world_size=world_size, workers=workers, resampled=resampled, collate_fn=collate_fn)

@@ -18,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import types
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -28,8 +29,9 @@ def worker(args):
     source = args.annotations if args.impl == "json" else args.shards
     size = 224 if args.images == "jpeg256" else 64
     example = Example(train_transform(size), Tokenizer(os.path.join(tiny_data(), "tokenizer")), 32)
-    loader, sampler = train_loader(training_records(source), example, batch_size=args.batch_size, workers=args.workers,
-                                   seed=0, rank=0, world_size=1, source=source)
+    cfg = types.SimpleNamespace(batch_size=args.batch_size, accum_steps=1, workers=args.workers, seed=0, skip_bad=False,
+                                train_num_samples=0, dataset_resampled=False)
+    loader, sampler = train_loader(training_records(source), example, cfg, 0, 1, source)
     sampler.set_epoch(0)
     n, start = 0, None
     for i, (images, ids, _) in enumerate(loader):

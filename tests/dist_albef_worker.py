@@ -45,7 +45,7 @@ def main(out, val_file):
     sum(losses.values()).backward()
     finite = all(bool(torch.isfinite(v)) for v in losses.values())
     model.cfg.itm_negatives = "local"
-    model.pending_keys = []
+    model.pending_keys = None
     model.eval()
     val = albef_train.read_annotations(val_file)
     metrics, n_itm = albef_train.evaluate_retrieval(model, cfg, val, tok, torch.device("cpu"), "fp32")
