@@ -217,13 +217,16 @@ class ShardStream(torch.utils.data.IterableDataset):
                         raise UserError(f"{empty} shards in a row drawn from --train-data held no sample")
             yield from shuffle_buffer(drawn(), rng, SHUFFLE_BUFFER)
             return
+        order = list(self.urls)
+        random.Random(f"{self.seed}/{epoch}").shuffle(order)                  # the same on every rank
+        if self.per_shard:
+            mine, keep = order[self.rank::R][role::W], None
+        else:                       # too few shards: everyone reads all, keeps every (R*W)-th sample
+            mine, keep = order, self.rank * W + role
         for rnd in range(1 << 62):
-            order = list(self.urls)
-            random.Random(f"{self.seed}/{epoch}/{rnd}").shuffle(order)       # the same on every rank
-            if self.per_shard:
-                mine, keep = order[self.rank::R][role::W], None
-            else:                   # too few shards: everyone reads all, keeps every (R*W)-th sample
-                mine, keep = order, self.rank * W + role
+            if rnd:                 # the same shards again, in another order
+                mine = list(mine)
+                random.Random(f"{self.seed}/{epoch}/{rnd}/{self.rank}/{role}").shuffle(mine)
 
             def samples():
                 i = 0
