@@ -230,10 +230,10 @@ class ALBEF(nn.Module):
         the same sequence, and lets a skipped step leave the momentum model untouched."""
         self.momentum_update(ok)
         self.temp.clamp_(0.001, 0.5)         # as forward does; under FSDP this is the sharded parameter
-        if keys is None:                     # `keys`: each micro-batch's pending_keys (--accum-steps), in order
-            keys = [self.pending_keys] if self.pending_keys is not None else []
-        for k in keys:
-            self.dequeue_and_enqueue(*k, ok=ok)
+        # `keys`: each micro-batch's pending_keys (--accum-steps), in order; None where no ITC ran (captioning)
+        for k in [self.pending_keys] if keys is None else keys:
+            if k is not None:
+                self.dequeue_and_enqueue(*k, ok=ok)
         self.pending_keys = None
 
     @torch.no_grad()
