@@ -1626,7 +1626,8 @@ def main(argv=None):
     ddp_model = dist.parallelize(model, cfg.fsdp, device,
                                  (Block, QFormerLayer) + ((GradientCheckpointingLayer,) if lm_trains else ()),
                                  precision_dtype(precision),
-                                 unsharded=[model.language_model] if cfg.stage == 2 and not lm_trains else [])
+                                 unsharded=[model.language_model] if cfg.stage == 2 and not lm_trains else [],
+                                 methods=("itc_features",))            # --accum-steps' feature cache calls it
     if cfg.compile:
         ddp_model = torch.compile(ddp_model)
     groups = param_groups(model, cfg)

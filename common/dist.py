@@ -199,7 +199,7 @@ def shard_range(n, rank_=None, world=None):
 
 # ---- data parallelism: DDP or FSDP2 (--fsdp) ----
 
-def parallelize(model, fsdp, device, block_types=(), param_dtype=None, unsharded=()):
+def parallelize(model, fsdp, device, block_types=(), param_dtype=None, unsharded=(), methods=()):
     """The model every rank trains: DistributedDataParallel (each rank a full copy, gradients
     all-reduced), or with `fsdp` FSDP2 (fsdp_wrap: sharded); the model itself in one process."""
     if world_size() == 1:
@@ -207,7 +207,7 @@ def parallelize(model, fsdp, device, block_types=(), param_dtype=None, unsharded
             print("--fsdp: a single process has nothing to shard; training without it", flush=True)
         return model
     if fsdp:
-        return fsdp_wrap(model, block_types, None if param_dtype == torch.float32 else param_dtype, unsharded)
+        return fsdp_wrap(model, block_types, None if param_dtype == torch.float32 else param_dtype, unsharded, methods)
     from torch.nn.parallel import DistributedDataParallel
     return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
@@ -217,7 +217,7 @@ def is_fsdp(model):
     return isinstance(model, FSDPModule)
 
 
-def fsdp_wrap(model, block_types, param_dtype=None, unsharded=()):
+def fsdp_wrap(model, block_types, param_dtype=None, unsharded=(), methods=()):
     """PyTorch FSDP2 in place of DDP (as open_clip's main branch): `fully_shard` on every block of `block_types`,
     then on the root, over all ranks. Parameters, gradients and AdamW's state are sharded (each rank
     keeps 1/W); a block's parameters are all-gathered for its forward and backward only. Frozen
@@ -227,9 +227,11 @@ def fsdp_wrap(model, block_types, param_dtype=None, unsharded=()):
     scalars; full_state_dict squeezes them back). Mixed precision: the blocks gather their parameters
     in `param_dtype` (bf16/fp16, or None: as they are) and reduce gradients in fp32; the root (the
     embeddings, projections and temperatures) stays fp32. Call after loading weights and before
-    building the optimizer (whose parameters become the sharded ones)."""
+    building the optimizer (whose parameters become the sharded ones). `methods`: the model's methods
+    other than forward that training calls (BLIP-2's itc_features), made to gather the root's
+    parameters as forward does (open_clip registers encode_image and encode_text so)."""
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
     device = next(model.parameters()).device
     mesh = init_device_mesh(device.type, (world_size(),))    # explicit: under gloo on a GPU machine the
                                                              # default mesh would be CUDA (pytorch#132471)
@@ -251,6 +253,8 @@ def fsdp_wrap(model, block_types, param_dtype=None, unsharded=()):
                                                                           reduce_dtype=torch.float32))
     fully_shard(model, mesh=mesh, mp_policy=MixedPrecisionPolicy(reduce_dtype=torch.float32),
                 ignored_params=ignored or None)
+    for name in methods:
+        register_fsdp_forward_method(model, name)
     return model
 
 

@@ -67,9 +67,9 @@ def test_clip_fsdp_equals_ddp_and_checkpoints_round_trip(tmp_path, subset):  # n
 def script_args(name, subset):  # noqa: F811
     from tests import test_albef_train, test_blip2_stage2_train, test_blip2_train, test_blip_train, test_coca_train
     from tests.test_albef_train import data_args
-    small = {"albef": test_albef_train.SMALL, "blip": test_blip_train.SMALL, "coca": test_coca_train.SMALL,
+    small = {"clip": SMALL, "albef": test_albef_train.SMALL, "blip": test_blip_train.SMALL, "coca": test_coca_train.SMALL,
              "blip2": test_blip2_train.SMALL, "blip2_stage2": [*test_blip2_train.SMALL, *test_blip2_stage2_train.STAGE2]}
-    data = data_args(subset) if name != "coca" else subset
+    data = data_args(subset) if name not in ("clip", "coca") else subset
     return [f"{name.replace('_stage2', '')}_train.py", *small[name], *data, "--batch-size", "4"]
 
 
@@ -101,3 +101,17 @@ def test_clip_fsdp_bf16_mixed_precision_runs_close_to_ddp(tmp_path, subset):  # 
     run_ok([*args, "--output-dir", fsdp, "--fsdp"])
     assert_close_losses(train_losses(fsdp), train_losses(ddp), 3, tol=1e-2)
     assert train_losses(fsdp) != train_losses(ddp)          # the blocks did run on bf16 weights
+
+
+@pytest.mark.parametrize("name", ["clip", "blip2"])
+def test_fsdp_with_accumulation_equals_ddp(name, tmp_path, subset):  # noqa: F811
+    """--accum-steps 2 under FSDP (gradient sync on the last micro-batch only; BLIP-2's feature cache
+    calling itc_features outside forward) gives DDP's losses."""
+    from tests import test_blip2_train
+    small = {"clip": SMALL, "blip2": test_blip2_train.SMALL}[name]
+    args = [f"{name}_train.py", *small, "--train-data", subset[1], "--tokenizer", subset[-1], "--batch-size", "4",
+            "--accum-steps", "2", "--max-steps", "2"]
+    ddp, fsdp = str(tmp_path / "ddp"), str(tmp_path / "fsdp")
+    run_ok([*args, "--output-dir", ddp])
+    run_ok([*args, "--output-dir", fsdp, "--fsdp"])
+    assert_close_losses(train_losses(fsdp), train_losses(ddp), 2, tol=1e-4)
