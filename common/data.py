@@ -456,6 +456,9 @@ def train_loader(data, example, cfg, rank, world_size, source, collate_fn=None):
         return shard_loader(data, example, batch_size=batch_size, accum_steps=accum_steps, workers=workers, seed=seed,
                             rank=rank, world_size=world_size, num_samples=cfg.train_num_samples,
                             resampled=cfg.dataset_resampled, collate_fn=collate_fn)
+    if cfg.train_num_samples or cfg.dataset_resampled:
+        raise UserError(f"--train-num-samples and --dataset-resampled apply to webdataset shards; --train-data {source} "
+                        f"is an annotation file, whose epoch is its image-caption pairs")
     train_set = ImageTextDataset(data, example, skip_bad=cfg.skip_bad)
     if batch_size * accum_steps * world_size > len(train_set):
         accum = f" x --accum-steps {accum_steps}" if accum_steps > 1 else ""

@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 import clip_train
+from common.data import tiny_data
 from common.shards import ShardLoader, expand_shards
 from common.utils import MissingFileError, UserError
 from data import make_shards
@@ -216,6 +217,10 @@ def test_shard_errors_name_the_culprit(tmp_path, shards48):
         loader("pipe:cat " + os.path.join(folder, "00000.tar"))
     with pytest.raises(UserError, match="larger than the 48 samples"):
         loader(shards48, batch_size=49)
+    # the shard-only flags with an annotation file are an error, not silently ignored
+    with pytest.raises(UserError, match="--train-num-samples and --dataset-resampled apply to webdataset shards"):
+        clip_train.main(["--train-data", os.path.join(folder, "..", "imgs", "ann.json"), "--train-num-samples", "10",
+                         "--tokenizer", os.path.join(tiny_data(), "tokenizer"), "--output-dir", str(tmp_path / "run")])
     # a pipe: source streams like a file
     texts = epoch_texts(loader("pipe:cat " + os.path.join(folder, "00000.tar"), num_samples=6))
     assert sorted(texts) == [f"image {i} caption 0" for i in range(6)]
