@@ -875,7 +875,9 @@ def main(argv=None):
 
     freeze_unused(model, cfg.task)
     # DDP, or FSDP2 sharding each transformer block and the rest (--fsdp)
-    ddp_model = dist.parallelize(model, cfg.fsdp, device, (Block, BertLayer), precision_dtype(precision))
+    ddp_model = dist.parallelize(model, cfg.fsdp, device, (Block, BertLayer), precision_dtype(precision),
+                                 # the queues are identical on every rank (enqueued from gathered keys):
+                                 broadcast_buffers=False)  # DDP re-sending them costs queue_size x E per step
     if cfg.compile:
         ddp_model = torch.compile(ddp_model)
     optimizer = adamw(param_groups(model, cfg.weight_decay), lr=cfg.lr)
@@ -900,8 +902,6 @@ def main(argv=None):
         if dist.is_main():
             print(f"resumed from {cfg.resume} at step {step}")
     del ckpt
-    # broadcast_buffers=False: the queues are identical on every rank already (enqueued from
-    # gathered features); re-broadcasting them would cost queue_size x E floats per step.
 
     def checkpoint(name):
         check_finite(model)

@@ -13,6 +13,7 @@ prompt (Sec. 3.3; the next issue of this repository: `--stage 2` is refused unti
     python blip2_train.py --preset vit-g --eval-only --init-from Salesforce/blip2-itm-vit-g/ \\
         --val-data coco_karpathy_test.json --k-test 128                   # transformers' published weights
 """
+import contextlib
 import dataclasses
 import json
 import os
@@ -1685,23 +1686,24 @@ def main(argv=None):
                         mask = (ids != tokenizer.pad_id).long()
                         micro.append(dict(images=images, ids=ids, mask=mask, idx=idx, task=cfg.task))
                     else:   # padded to the batch's longest text by collate_llm
-                        tokens += int((batch[3] != -100).sum())
+                        labels = batch[3][:, 1:] if model.decoder_only else batch[3]   # as llm_logits scores them
+                        tokens += int((labels != -100).sum())
                         images, ids, mask, labels = (x.to(device, non_blocking=True) for x in batch[:4])
                         micro.append(dict(images=images, ids=ids, mask=mask, labels=labels))
                 # --accum-steps K (see forward): ITC over the K micro-batches through the feature
                 # cache, the text losses over the step's tokens, ITM the micro-batches' mean
                 count = dist.all_reduce_sum(torch.tensor(float(tokens), device=device))
-                cache = FeatureCache(lambda b: {**model.itc_features(b["images"], b["ids"], b["mask"]), "idx": b["idx"]},
-                                     micro) if cfg.stage == 1 and len(micro) > 1 else None
+                features = lambda b: {**model.itc_features(b["images"], b["ids"], b["mask"]), "idx": b["idx"]}  # noqa: E731
+                cache = FeatureCache(features, micro) if cfg.stage == 1 and len(micro) > 1 else None
                 parts = []
                 for j, inputs in enumerate(micro):
-                    if cache:
-                        cache.replay(j)
-                    with sync_gradients(ddp_model, j == len(micro) - 1):
+                    replay = cache.replay(j) if cache else contextlib.nullcontext()
+                    with replay, sync_gradients(ddp_model, j == len(micro) - 1):
                         with autocast(precision, device):
                             losses = ddp_model(**inputs, cache=cache, j=j, count=count)
-                        # stage 1: L_itc + L_itm + L_itg (LAVIS: unweighted)
-                        scaler.scale(sum(v / len(micro) if k == "loss_itm" else v for k, v in losses.items())).backward()
+                        # stage 1: L_itc + L_itm + L_itg (LAVIS: unweighted); ITM the micro-batches' mean
+                        loss = sum(v / len(micro) if k == "loss_itm" else v for k, v in losses.items())
+                        scaler.scale(loss).backward()
                     parts.append(losses)
                 losses = {"loss_lm": sum(p["loss_lm"] for p in parts)}                 # parts of the step's mean
                 if cfg.stage == 1:

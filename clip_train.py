@@ -383,9 +383,8 @@ def main(argv=None):
                 # against the others' cached embeddings; the K backward passes sum to one K x B step
                 cache = FeatureCache(lambda batch: embed(batch)[0], micro)
                 for j, batch in enumerate(micro):
-                    cache.replay(j)
                     last = j == len(micro) - 1
-                    with sync_gradients(ddp_model, last):
+                    with cache.replay(j), sync_gradients(ddp_model, last):
                         live, logit_scale = embed(batch)
                         emb = cache.features(j, live)
                         # the temperature is in every pass; its gradient is taken once (open_clip's

@@ -19,6 +19,7 @@ decoder stacks) the comments say so, and `--pooler paper` gives the paper's two 
     python coca_train.py --preset coca-vit-b-32 --init-from open_clip_pytorch_model.bin --eval-only \\
         --val-data coco_test.json                                         # zero-shot retrieval + captions
 """
+import contextlib
 import dataclasses
 import json
 import math
@@ -879,9 +880,8 @@ def main(argv=None):
                 cache = FeatureCache(embed, micro) if cfg.accum_steps > 1 and cfg.contrastive_weight else None
                 parts = []
                 for j, batch in enumerate(micro):
-                    if cache:
-                        cache.replay(j)
-                    with sync_gradients(ddp_model, j == len(micro) - 1):
+                    replay = cache.replay(j) if cache else contextlib.nullcontext()
+                    with replay, sync_gradients(ddp_model, j == len(micro) - 1):
                         with autocast(precision, device):
                             loss, losses = compute_losses(ddp_model, cfg, *batch, device, cache, j, count)
                         scaler.scale(loss).backward()

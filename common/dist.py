@@ -199,9 +199,11 @@ def shard_range(n, rank_=None, world=None):
 
 # ---- data parallelism: DDP or FSDP2 (--fsdp) ----
 
-def parallelize(model, fsdp, device, block_types=(), param_dtype=None, unsharded=(), methods=()):
+def parallelize(model, fsdp, device, block_types=(), param_dtype=None, unsharded=(), methods=(), broadcast_buffers=True):
     """The model every rank trains: DistributedDataParallel (each rank a full copy, gradients
-    all-reduced), or with `fsdp` FSDP2 (fsdp_wrap: sharded); the model itself in one process."""
+    all-reduced), or with `fsdp` FSDP2 (fsdp_wrap: sharded); the model itself in one process.
+    broadcast_buffers=False: DDP does not copy rank 0's buffers before every forward (ALBEF's and
+    BLIP's queues, which every rank updates identically)."""
     if world_size() == 1:
         if fsdp:
             print("--fsdp: a single process has nothing to shard; training without it", flush=True)
@@ -209,7 +211,8 @@ def parallelize(model, fsdp, device, block_types=(), param_dtype=None, unsharded
     if fsdp:
         return fsdp_wrap(model, block_types, None if param_dtype == torch.float32 else param_dtype, unsharded, methods)
     from torch.nn.parallel import DistributedDataParallel
-    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                   broadcast_buffers=broadcast_buffers)
 
 
 def is_fsdp(model):
@@ -333,6 +336,7 @@ class full_parameters:
     def __init__(self, model):
         from torch.distributed.fsdp import FSDPModule
         self.units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+        self.root = model
 
     def __enter__(self):
         for unit in self.units:
@@ -340,6 +344,6 @@ class full_parameters:
             unit.unshard()
 
     def __exit__(self, *exc):
-        for unit in self.units:
-            unit.reshard()
-            unit.set_reshard_after_forward(True, recurse=False)
+        for unit in self.units:                # back to fully_shard's default: the root stays gathered
+            unit.reshard()                     # after forward (backward needs it at once), blocks not
+            unit.set_reshard_after_forward(unit is not self.root, recurse=False)

@@ -70,8 +70,8 @@ def _webdataset():
 def expand_shards(spec):
     """The shard URLs of a --train-data spec: `::`-separated sources, braces expanded (webdataset's
     expand_urls). A missing local shard is an error naming it."""
-    from webdataset.shardlists import expand_urls
     _webdataset()
+    from webdataset.shardlists import expand_urls
     urls = expand_urls(spec)
     missing = [u for u in urls if not _is_remote(u) and not os.path.isfile(u)]
     if missing:
@@ -381,8 +381,11 @@ class ShardLoader:
         self.dataset.start = {"batches": batches, "pos": dict(self.pos), "counts": dict(self.counts)}
 
     def __iter__(self):
+        # its own generator: starting an epoch (or a resume) must not draw from the global RNG that
+        # dropout, masking and negative sampling use (the workers' seeds are not used by the stream)
         loader = torch.utils.data.DataLoader(self.dataset, batch_size=None, num_workers=self.workers,
-                                             pin_memory=torch.cuda.is_available(), persistent_workers=False)
+                                             pin_memory=torch.cuda.is_available(), persistent_workers=False,
+                                             generator=torch.Generator().manual_seed(self.dataset.seed))
         for batch, meta in loader:
             if meta[0] == "error":
                 raise UserError(meta[1])

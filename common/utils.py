@@ -480,39 +480,42 @@ def sync_gradients(model, last):
     return contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
 
 
-def _rng():
-    return torch.get_rng_state(), (torch.cuda.get_rng_state() if torch.cuda.is_available() else None)
-
-
-def _set_rng(state):
-    torch.set_rng_state(state[0])
-    if state[1] is not None:
-        torch.cuda.set_rng_state(state[1])
+@contextlib.contextmanager
+def _seeded(seed):
+    """Run the block on the CPU (and this GPU's) generator seeded with `seed`; the generators'
+    states outside it are untouched."""
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        torch.default_generator.manual_seed(seed)
+        if devices:
+            torch.cuda.manual_seed(seed)
+        yield
 
 
 class FeatureCache:
     """open_clip's accum_freq for a contrastive loss over K micro-batches.
 
     Pass 1 (`FeatureCache(forward, batches)`): every micro-batch's features {name: (B, ...)} without
-    gradient, and the RNG state it started from. Pass 2, for each micro-batch j: `replay(j)` restores
-    that state (the same dropout draws as pass 1), the caller runs the forward again with gradient and
-    `features(j, live)` puts those features in j's place among the cached ones, (K*B, ...) each. The
-    loss over K*B is then the loss of one K*B batch, and as only micro-batch j's features carry
-    gradient in pass j, the K backward passes sum to exactly that batch's gradient. With K = 1 there
-    is no pass 1 (nothing to cache)."""
+    gradient, each micro-batch on its own random stream (a seed drawn from the run's generator).
+    Pass 2, for each micro-batch j: within `replay(j)` (that stream again: the same dropout draws as
+    pass 1, and what the step draws after the features, ITM negatives say, is its own) the caller
+    runs the forward again with gradient, and `features(j, live)` puts those features in j's place
+    among the cached ones, (K*B, ...) each. The loss over K*B is then the loss of one K*B batch, and
+    as only micro-batch j's features carry gradient in pass j, the K backward passes sum to exactly
+    that batch's gradient. With K = 1 there is no pass 1 and replay changes nothing."""
 
     def __init__(self, forward, batches):
-        self.cache, self.states = [None] * len(batches), [None] * len(batches)
+        self.cache, self.seeds = [None] * len(batches), [None] * len(batches)
         if len(batches) == 1:
             return
         with torch.no_grad():
             for j, batch in enumerate(batches):
-                self.states[j] = _rng()
-                self.cache[j] = {k: v.detach() for k, v in forward(batch).items()}
+                self.seeds[j] = int(torch.randint(1 << 62, ()))
+                with self.replay(j):
+                    self.cache[j] = {k: v.detach() for k, v in forward(batch).items()}
 
     def replay(self, j):
-        if self.states[j] is not None:
-            _set_rng(self.states[j])
+        return contextlib.nullcontext() if self.seeds[j] is None else _seeded(self.seeds[j])
 
     def features(self, j, live):
         """{name: (K*B, ...)}: micro-batch j's from `live` (with gradient), the others' from pass 1."""

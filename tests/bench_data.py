@@ -1,7 +1,8 @@
 """Data-loading throughput: the same images and captions read from an annotation file (JSON, one
 file per image) and from webdataset shards (data/make_shards.py), through the training loaders
-the scripts use (common.data.train_loader: decoding, CLIP's 64 px training crop, tokenizing, in
-DataLoader workers), alternating, each measurement in a fresh process. Not collected by pytest.
+the scripts use (common.data.train_loader: decoding, CLIP's training crop, tokenizing, in
+DataLoader workers; the 224 px crop, or 64 px for --images tiny), alternating, each measurement in a
+fresh process. Not collected by pytest.
 
     python tests/bench_data.py [--images jpeg256|tiny --rounds 3 --batches 60 --workers 2 --batch-size 64]
 

@@ -135,9 +135,9 @@ def test_blip2_stage1_accumulation_itc_and_itg_equal_one_big_batch_itm_per_micro
     cache = FeatureCache(lambda b: {**model.itc_features(b["images"], b["ids"], b["mask"]), "idx": b["idx"]}, micro)
     itc = []
     for j, b in enumerate(micro):
-        cache.replay(j)
-        part = model(**b, cache=cache, j=j, count=count)
-        (part["loss_itc"] + part["loss_lm"]).backward()
+        with cache.replay(j):
+            part = model(**b, cache=cache, j=j, count=count)
+            (part["loss_itc"] + part["loss_lm"]).backward()
         itc.append(part["loss_itc"])
     assert torch.allclose(itc[0], losses["loss_itc"], atol=1e-6) and torch.allclose(itc[1], losses["loss_itc"], atol=1e-6)
     grads = {n: p.grad for n, p in big.named_parameters() if p.grad is not None}

@@ -12,7 +12,12 @@ from tests.test_distributed import sigterm_mid_run, torchrun
 
 
 def run_ok(args, timeout=600):
+    """torchrun, once more if a rank died of SIGABRT: gloo with an FSDP device mesh aborts about one
+    launch in ten on CPU in torch 2.15, before or after training, with no Python error (seen here
+    and in small scripts without our code); any other failure fails the test at once."""
     proc = torchrun(args, timeout=timeout)
+    if proc.returncode and "Signal 6 (SIGABRT)" in proc.stderr:
+        proc = torchrun(args, timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
 
