@@ -12,9 +12,9 @@ from tests.test_distributed import sigterm_mid_run, torchrun
 
 
 def run_ok(args, timeout=600):
-    """torchrun, once more if a rank died of SIGABRT: gloo with an FSDP device mesh aborts about one
-    launch in ten on CPU in torch 2.15, before or after training, with no Python error (seen here
-    and in small scripts without our code); any other failure fails the test at once."""
+    """torchrun, once more if a rank died of SIGABRT: on CPU with gloo and an FSDP device mesh, torch
+    2.15 now and then aborts a rank with no Python error (1 of 8 launches of a small script without
+    our code, about 1 in 20 of these); any other failure fails the test at once."""
     proc = torchrun(args, timeout=timeout)
     if proc.returncode and "Signal 6 (SIGABRT)" in proc.stderr:
         proc = torchrun(args, timeout=timeout)
