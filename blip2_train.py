@@ -13,7 +13,6 @@ prompt (Sec. 3.3; the next issue of this repository: `--stage 2` is refused unti
     python blip2_train.py --preset vit-g --eval-only --init-from Salesforce/blip2-itm-vit-g/ \\
         --val-data coco_karpathy_test.json --k-test 128                   # transformers' published weights
 """
-import contextlib
 import dataclasses
 import json
 import os
@@ -484,7 +483,7 @@ class BLIP2(nn.Module):
         text_feat = self.text_embed(self.text_pass(ids, mask))        # (B, E)
         losses = {}
         # --- ITC: image-text contrastive learning (uni-modal mask) ---
-        if cache is None:
+        if cache is None or not cache.active:
             losses["loss_itc"], sim_i2t, sim_t2i, idx_all = self.loss_itc(image_feats, text_feat, idx, task)
         else:
             with torch.no_grad():            # this micro-batch's similarities: its ITM negatives
@@ -1694,11 +1693,10 @@ def main(argv=None):
                 # cache, the text losses over the step's tokens, ITM the micro-batches' mean
                 count = dist.all_reduce_sum(torch.tensor(float(tokens), device=device))
                 features = lambda b: {**model.itc_features(b["images"], b["ids"], b["mask"]), "idx": b["idx"]}  # noqa: E731
-                cache = FeatureCache(features, micro) if cfg.stage == 1 and len(micro) > 1 else None
+                cache = FeatureCache(features if cfg.stage == 1 else None, micro)
                 parts = []
                 for j, inputs in enumerate(micro):
-                    replay = cache.replay(j) if cache else contextlib.nullcontext()
-                    with replay, sync_gradients(ddp_model, j == len(micro) - 1):
+                    with cache.replay(j), sync_gradients(ddp_model, j == len(micro) - 1):
                         with autocast(precision, device):
                             losses = ddp_model(**inputs, cache=cache, j=j, count=count)
                         # stage 1: L_itc + L_itm + L_itg (LAVIS: unweighted); ITM the micro-batches' mean

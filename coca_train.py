@@ -19,7 +19,6 @@ decoder stacks) the comments say so, and `--pooler paper` gives the paper's two 
     python coca_train.py --preset coca-vit-b-32 --init-from open_clip_pytorch_model.bin --eval-only \\
         --val-data coco_test.json                                         # zero-shot retrieval + captions
 """
-import contextlib
 import dataclasses
 import json
 import math
@@ -770,7 +769,7 @@ def compute_losses(ddp_model, cfg, images, ids, positions, targets, device, cach
     losses = {"loss_caption": caption_loss(logits, targets, device, count)}
     if cfg.contrastive_weight:
         emb = {"image": image_emb.float(), "text": text_emb.float()}
-        if cache is not None:
+        if cache is not None and cache.active:
             emb = cache.features(j, emb)
             logit_scale = logit_scale if j == len(cache.cache) - 1 else logit_scale.detach()
         losses["loss_contrastive"] = contrastive_loss(emb["image"], emb["text"], logit_scale.float())
@@ -877,11 +876,10 @@ def main(argv=None):
                 # --accum-steps K: the contrastive batch is K x B (x world size) through open_clip's
                 # feature cache, and L_Cap the token mean over all K micro-batches (see compute_losses)
                 count = dist.all_reduce_sum(torch.tensor(float(sum(len(b[3]) for b in micro)), device=device))
-                cache = FeatureCache(embed, micro) if cfg.accum_steps > 1 and cfg.contrastive_weight else None
+                cache = FeatureCache(embed if cfg.contrastive_weight else None, micro)
                 parts = []
                 for j, batch in enumerate(micro):
-                    replay = cache.replay(j) if cache else contextlib.nullcontext()
-                    with replay, sync_gradients(ddp_model, j == len(micro) - 1):
+                    with cache.replay(j), sync_gradients(ddp_model, j == len(micro) - 1):
                         with autocast(precision, device):
                             loss, losses = compute_losses(ddp_model, cfg, *batch, device, cache, j, count)
                         scaler.scale(loss).backward()

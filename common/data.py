@@ -452,10 +452,11 @@ def train_loader(data, example, cfg, rank, world_size, source, collate_fn=None):
     if accum_steps < 1:
         raise UserError(f"--accum-steps must be at least 1, not {accum_steps}")
     if isinstance(data, str):
-        from .shards import shard_loader
-        return shard_loader(data, example, batch_size=batch_size, accum_steps=accum_steps, workers=workers, seed=seed,
-                            rank=rank, world_size=world_size, num_samples=cfg.train_num_samples,
-                            resampled=cfg.dataset_resampled, collate_fn=collate_fn)
+        from .shards import ShardLoader
+        loader = ShardLoader(data, example, batch_size=batch_size, accum_steps=accum_steps, workers=workers, seed=seed,
+                             rank=rank, world_size=world_size, num_samples=cfg.train_num_samples,
+                             resampled=cfg.dataset_resampled, collate_fn=collate_fn)
+        return loader, loader                  # the loader is its own sampler
     if cfg.train_num_samples or cfg.dataset_resampled:
         raise UserError(f"--train-num-samples and --dataset-resampled apply to webdataset shards; --train-data {source} "
                         f"is an annotation file, whose epoch is its image-caption pairs")

@@ -414,9 +414,3 @@ class ShardLoader:
             total.update(c)
         values = dist.host_sum([total[k] for k in COUNTS])
         return {("data_shards_reread" if k == "reread" else f"data_skipped_{k}"): v for k, v in zip(COUNTS, values)}
-
-
-def shard_loader(spec, example, **kwargs):
-    """(loader, sampler) as common.data.train_loader returns them; both are the ShardLoader."""
-    loader = ShardLoader(spec, example, **kwargs)
-    return loader, loader

@@ -502,11 +502,13 @@ class FeatureCache:
     runs the forward again with gradient, and `features(j, live)` puts those features in j's place
     among the cached ones, (K*B, ...) each. The loss over K*B is then the loss of one K*B batch, and
     as only micro-batch j's features carry gradient in pass j, the K backward passes sum to exactly
-    that batch's gradient. With K = 1 there is no pass 1 and replay changes nothing."""
+    that batch's gradient. With K = 1, or no `forward` (nothing contrastive to cache), there is no
+    pass 1 (`active` is False): replay changes nothing and features are the live ones."""
 
     def __init__(self, forward, batches):
         self.cache, self.seeds = [None] * len(batches), [None] * len(batches)
-        if len(batches) == 1:
+        self.active = forward is not None and len(batches) > 1
+        if not self.active:
             return
         with torch.no_grad():
             for j, batch in enumerate(batches):
@@ -519,7 +521,7 @@ class FeatureCache:
 
     def features(self, j, live):
         """{name: (K*B, ...)}: micro-batch j's from `live` (with gradient), the others' from pass 1."""
-        if len(self.cache) == 1:
+        if not self.active:
             return live
         return {k: torch.cat([c[k] for c in self.cache[:j]] + [v] + [c[k] for c in self.cache[j + 1:]])
                 for k, v in live.items()}
