@@ -44,7 +44,8 @@ from .utils import MissingFileError, UserError
 log = logging.getLogger("shards")
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
-COUNTS = ("no_text", "no_image", "bad_image", "bad_shard", "reread")   # what metrics.jsonl reports
+COUNTS = ("no_text", "no_image", "bad_image", "bad_shard", "reread", "shared")   # what metrics.jsonl reports
+STAT_NAMES = {"reread": "data_shards_reread", "shared": "data_shards_shared"}      # the others: data_skipped_*
 SHUFFLE_BUFFER = 2000          # raw samples per worker (open_clip: 5,000 decoded-later samples)
 LOGGED_PER_KIND = 5            # warnings per worker and kind before only powers of ten are logged
 
@@ -231,6 +232,9 @@ class ShardStream(torch.utils.data.IterableDataset):
             def samples():
                 i = 0
                 for url in mine:
+                    if keep is not None:
+                        note("shared", f"{url}: read by all {R * W} workers (fewer shards than {R} rank(s) x {W} "
+                                       f"worker(s)); this one keeps every {R * W}th sample")
                     for sample in shard_samples(url, note):
                         if keep is None or i % (R * W) == keep:
                             yield sample
@@ -408,9 +412,10 @@ class ShardLoader:
 
     def stats(self):
         """{data_skipped_<kind>: count} over all ranks since the run began (`data_shards_reread` for
-        re-read rounds). A collective: every rank calls it."""
+        re-read rounds, `data_shards_shared` for shard reads shared by every worker because there are
+        fewer shards than ranks x workers). A collective: every rank calls it."""
         total = collections.Counter(self.finished)
         for c in self.counts.values():
             total.update(c)
         values = dist.host_sum([total[k] for k in COUNTS])
-        return {("data_shards_reread" if k == "reread" else f"data_skipped_{k}"): v for k, v in zip(COUNTS, values)}
+        return {STAT_NAMES.get(k, f"data_skipped_{k}"): v for k, v in zip(COUNTS, values)}

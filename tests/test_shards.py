@@ -144,7 +144,7 @@ def test_bad_samples_and_shards_are_logged_and_counted(tmp_path, caplog):
         texts = epoch_texts(ld)
     assert sorted(texts) == sorted(good)
     assert ld.stats() == {"data_skipped_no_text": 1, "data_skipped_no_image": 1, "data_skipped_bad_image": 1,
-                          "data_skipped_bad_shard": 2, "data_shards_reread": 0}
+                          "data_skipped_bad_shard": 2, "data_shards_reread": 0, "data_shards_shared": 0}
     for what in ("00000.tar:000000002 has no caption", "00001.tar:000000009 has no image",
                  "cannot read image", "00002.tar:000000017.png", "00003.tar is unreadable after 4 sample(s)",
                  "00004.tar is unreadable after 3 sample(s)", "without its end-of-archive block"):
@@ -185,11 +185,17 @@ def test_mid_epoch_resume_is_exact_with_bad_samples_and_workers(tmp_path):
 
 def test_more_workers_than_shards_split_by_sample(shards48, caplog):
     """2 shards for 2 ranks x 2 workers: every worker reads both and keeps its share of the samples
-    (logged); each sample is still read once per epoch."""
+    (logged, and counted: 2 ranks x 2 workers x 2 shards read); each sample is still read once per
+    epoch."""
     two = shards48.replace("00007", "00001")
+    loaders = [loader(two, workers=2, batch_size=3, rank=r, world_size=2) for r in range(2)]
     with caplog.at_level("WARNING"):
-        per_rank = [epoch_texts(loader(two, workers=2, batch_size=3, rank=r, world_size=2)) for r in range(2)]
+        per_rank = [epoch_texts(ld) for ld in loaders]
     assert "fewer shards than 2 rank(s) x 2 worker(s)" in caplog.text
+    assert [ld.stats()["data_shards_shared"] for ld in loaders] == [4, 4]       # one process: its rank's
+    with caplog.at_level("WARNING"):            # a worker's own log line (workers=0: in this process)
+        epoch_texts(loader(two, batch_size=2, rank=2, world_size=3))
+    assert "00001.tar: read by all 3 workers (fewer shards than 3 rank(s) x 1 worker(s))" in caplog.text
     texts = per_rank[0] + per_rank[1]
     assert sorted(texts) == sorted(f"image {i} caption 0" for i in range(12))
 
