@@ -1608,7 +1608,8 @@ def main(argv=None):
         def evaluate_run():
             return evaluate_stage2(model, cfg, val, vqa, llm_tokenizer, device, precision)
     save_config(cfg, cfg.output_dir)
-    log = MetricLog(cfg.output_dir, cfg.report_to, dataclasses.asdict(cfg), project="blip2")
+    log = MetricLog(cfg.output_dir, cfg.report_to, dataclasses.asdict(cfg), project="blip2",
+                    resumed=ckpt is not None)
     if cfg.eval_only:
         metrics = evaluate_run()
         log.write({"step": ckpt["step"] if ckpt else 0, "epoch": 0, "split": "val", **metrics})

@@ -313,7 +313,8 @@ def main(argv=None):
         model.set_grad_checkpointing()
     loader, sampler, val, zeroshot = build_data(cfg, tokenizer, rank, world_size)
     save_config(cfg, cfg.output_dir)
-    log = MetricLog(cfg.output_dir, cfg.report_to, dataclasses.asdict(cfg), project="clip")
+    log = MetricLog(cfg.output_dir, cfg.report_to, dataclasses.asdict(cfg), project="clip",
+                    resumed=ckpt is not None)
 
     if ckpt:
         model.load_state_dict(ckpt["model"])

@@ -534,10 +534,11 @@ class MetricLog:
     records to TensorBoard (output_dir/tensorboard) and/or Weights & Biases with `report_to`
     ("tensorboard", "wandb" or both, comma-separated), each imported only when asked: a scalar
     `<split>/<name>` per number at the record's step. wandb follows its own settings (WANDB_MODE=offline
-    logs without a network; WANDB_PROJECT overrides `project`); a resumed run continues the same wandb
-    run (its id is kept in output_dir/wandb_run_id)."""
+    logs without a network; WANDB_PROJECT overrides `project`); a resumed run (`resumed`) continues the
+    same wandb run (its id is kept in output_dir/wandb_run_id), a new run in the same folder starts
+    another (wandb would drop the steps it had already seen)."""
 
-    def __init__(self, output_dir, report_to="", config=None, project="vlp"):
+    def __init__(self, output_dir, report_to="", config=None, project="vlp", resumed=False):
         wanted = [x.strip() for x in report_to.split(",") if x.strip()]
         for name in wanted:                  # every rank checks, so that no rank waits for a failed one
             if name not in ("tensorboard", "wandb"):
@@ -554,7 +555,7 @@ class MetricLog:
         if "wandb" in wanted:
             import wandb
             id_file = os.path.join(output_dir, "wandb_run_id")
-            run_id = open(id_file).read().strip() if os.path.isfile(id_file) else secrets.token_hex(4)
+            run_id = open(id_file).read().strip() if resumed and os.path.isfile(id_file) else secrets.token_hex(4)
             with open(id_file, "w") as f:
                 f.write(run_id)
             self.wandb = wandb.init(project=os.environ.get("WANDB_PROJECT", project), id=run_id, resume="allow",

@@ -1,5 +1,6 @@
 """--report-to: TensorBoard and Weights & Biases (offline, no network) receive the records of
-metrics.jsonl, read back from the files they write; neither is imported unless asked."""
+metrics.jsonl, read back from the files they write; a resumed run continues its wandb run; neither
+is imported unless asked."""
 import glob
 import json
 import os
@@ -72,7 +73,32 @@ def test_tensorboard_and_offline_wandb_get_the_records_of_metrics_jsonl(tmp_path
     assert all(got[k] == pytest.approx(v, rel=1e-6, abs=1e-6) for k, v in want.items())   # stored as float32
     run_file, = glob.glob(os.path.join(out, "wandb", "offline-run-*", "run-*.wandb"))
     assert wandb_history(run_file) == want
-    assert open(os.path.join(out, "wandb_run_id")).read() in run_file
+    run_id = open(os.path.join(out, "wandb_run_id")).read()
+    assert run_id in run_file
+    # a new run in the same folder starts another wandb run (wandb drops the steps it has seen, so
+    # reusing the id would lose its records) ...
+    clip_train.main([*SMALL, *subset, "--max-steps", "1", "--output-dir", out, "--report-to", "wandb"])
+    wandb.finish()
+    assert open(os.path.join(out, "wandb_run_id")).read() != run_id
+    # ... and --resume continues its run with the steps after the checkpoint
+    cut = str(tmp_path / "cut")
+
+    class StopAt2(clip_train.Preemption):
+        def requested(self):
+            self.calls = getattr(self, "calls", 0) + 1
+            return self.calls == 2
+    monkeypatch.setattr(clip_train, "Preemption", StopAt2)
+    clip_train.main([*SMALL, *subset, "--max-steps", "4", "--output-dir", cut, "--report-to", "wandb"])
+    wandb.finish()
+    monkeypatch.setattr(clip_train, "Preemption", StopAt2.__mro__[1])
+    first, = glob.glob(os.path.join(cut, "wandb", "offline-run-*", "run-*.wandb"))
+    clip_train.main([*SMALL, *subset, "--max-steps", "4", "--output-dir", cut, "--report-to", "wandb", "--resume", "auto"])
+    wandb.finish()
+    second, = set(glob.glob(os.path.join(cut, "wandb", "offline-run-*", "run-*.wandb"))) - {first}
+    assert os.path.basename(second) == os.path.basename(first)                  # the same run id
+    want = expected_scalars(cut)
+    assert {step for _, step in wandb_history(first)} == {1, 2} and ("val/r_mean", 4) in want
+    assert wandb_history(second) == {k: v for k, v in want.items() if k[1] > 2}
     with pytest.raises(UserError, match="--report-to 'mlflow': expected tensorboard, wandb"):
         clip_train.main([*SMALL, *subset, "--max-steps", "1", "--output-dir", out, "--report-to", "mlflow"])
 
