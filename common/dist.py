@@ -3,8 +3,8 @@ every contrastive loss needs. Every function works unchanged in a single process
 process group): gathers return their input, `rank()` is 0, `world_size()` is 1."""
 import atexit
 import collections
-import gc
 import os
+import sys
 
 import torch
 import torch.distributed as dist
@@ -28,18 +28,30 @@ def setup():
     if world_size > 1 and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend, device_id=device if device.type == "cuda" else None)
-        # FSDP's device mesh holds the process group, and FSDP-wrapped modules sit in reference
-        # cycles, so after main() returns the group outlives destroy_process_group() until the
-        # interpreter's final teardown, where destroying gloo's threads aborts the process
-        # ("terminate called without an active exception", SIGABRT, about 2 in 5 CPU launches of
-        # a small FSDP script on torch 2.15). Collecting the cycles at exit frees it in time.
-        atexit.register(gc.collect)
     return rank, local_rank, world_size, device
 
 
 def cleanup():
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def exit_process(code):
+    """End a torchrun process: exit handlers run and output is flushed, then the process exits
+    without the interpreter's teardown (os._exit).
+
+    The teardown can abort the process. The process group survives destroy_process_group() while
+    anything references it (FSDP's device mesh does), so gloo's worker threads are still alive
+    during teardown, and one of them may still be releasing the last collective's tensors, which
+    takes the GIL. A thread that takes the GIL while Python finalizes is ended mid-destructor, and
+    C++ calls std::terminate: SIGABRT, "terminate called without an active exception" (seen in a
+    core dump; about half the launches of a 2-rank CPU script that only builds a device mesh and
+    all-reduces; now and then in CI). Collecting garbage at exit only made it rarer. Nothing is
+    left to lose here: files are closed and checkpoints written."""
+    atexit._run_exitfuncs()             # logging, multiprocessing's children, wandb
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def is_dist():

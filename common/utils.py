@@ -40,13 +40,18 @@ class RunAborted(RuntimeError):
 
 def cli(main):
     """Run `main()` as a command: a UserError or RunAborted prints `error: ...` (rank 0 only under
-    torchrun, where every rank hits the same error) and exits with status 2."""
+    torchrun, where every rank hits the same error) and exits with status 2. Under torchrun the
+    process then exits without the interpreter's teardown (see dist.exit_process)."""
+    code = 0
     try:
         main()
     except (UserError, RunAborted) as e:
         if os.environ.get("RANK", "0") == "0":
             print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        code = 2
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        dist.exit_process(code)
+    sys.exit(code)
 
 
 # ---- config: presets, task recipes, command line, checkpoint ----
