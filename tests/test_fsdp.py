@@ -1,6 +1,7 @@
 """--fsdp (PyTorch FSDP2) on CPU with gloo, 2 processes: the same losses and evaluation as DDP,
 checkpoints in the layout of a non-FSDP run (0-D temperatures, AdamW state by position) that load
 without FSDP and back, mid-run in both directions."""
+import json
 import os
 
 import pytest
@@ -26,6 +27,16 @@ def assert_close_losses(got, want, steps, tol=1e-5):
         assert abs(got[step] - want[step]) <= tol * max(1.0, abs(want[step])), (step, got[step], want[step])
 
 
+def assert_compiled_run_matches(args, out, ddp, steps, tol=1e-5):
+    """--fsdp --compile (the aot_eager backend: Dynamo's capture and AOT autograd, no Inductor) gives
+    the eager DDP run's losses, from compiled graphs (Dynamo breaks the graph at FSDP's hooks)."""
+    run_ok(["tests/compiled_run.py", *args, "--output-dir", out, "--fsdp", "--compile"])
+    assert_close_losses(train_losses(out), train_losses(ddp), steps, tol=tol)
+    for r in range(2):
+        with open(os.path.join(out, f"compiled_graphs_rank{r}.json")) as f:
+            assert sum(json.load(f)) > 50, r
+
+
 def val_metrics(out):
     """The val records of metrics.jsonl without their position and timings."""
     return [{k: v for k, v in r.items() if k not in ("step", "epoch", "split") and not k.endswith("_s")}
@@ -38,6 +49,7 @@ def test_clip_fsdp_equals_ddp_and_checkpoints_round_trip(tmp_path, subset):  # n
     run_ok([*args, "--output-dir", ddp])
     run_ok([*args, "--output-dir", fsdp, "--fsdp"])
     assert_close_losses(train_losses(fsdp), train_losses(ddp), 8)
+    assert_compiled_run_matches(args, str(tmp_path / "compiled"), ddp, 8)
     assert len(val_metrics(ddp)) == len(val_metrics(fsdp)) == 2                # epoch 0's end (step 6), step 8
     for got, want in zip(val_metrics(fsdp), val_metrics(ddp)):
         assert got == pytest.approx(want, abs=1e-4)
@@ -84,6 +96,7 @@ def test_fsdp_equals_ddp_in_every_script(name, tmp_path, subset):  # noqa: F811
     run_ok([*args, "--output-dir", ddp])
     run_ok([*args, "--output-dir", fsdp, "--fsdp"])
     assert_close_losses(train_losses(fsdp), train_losses(ddp), 3, tol=1e-4)
+    assert_compiled_run_matches(args, str(tmp_path / "compiled"), ddp, 3, tol=1e-4)
     (got,), (want,) = val_metrics(fsdp), val_metrics(ddp)
     assert got == pytest.approx(want, abs=1e-3)
     a, b = (torch.load(os.path.join(d, "checkpoint_last.pt"), weights_only=True) for d in (ddp, fsdp))
