@@ -19,6 +19,16 @@ def torchrun(args, nproc=2, **kw):
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, **kw)
 
 
+def preempt_at(monkeypatch, script, calls):
+    """Make an in-process run of `script` see a preemption request at its `calls`-th check (once per
+    step), as SIGTERM would."""
+    class PreemptAt(script.Preemption):
+        def requested(self):
+            self.calls = getattr(self, "calls", 0) + 1
+            return self.calls == calls
+    monkeypatch.setattr(script, "Preemption", PreemptAt)
+
+
 def sigterm_mid_run(script, args, out, stop_at, log_path, timeout=300):
     """Start `torchrun --nproc_per_node 2 script args --output-dir out` and send it SIGTERM (torchrun
     forwards it to both workers, as SLURM or Kubernetes would) once its metrics.jsonl has a train

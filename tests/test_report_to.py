@@ -13,7 +13,7 @@ import pytest
 import clip_train
 from common.utils import UserError
 from tests.test_clip_train import SMALL, read_metrics, subset  # noqa: F401  (fixture)
-from tests.test_distributed import ROOT
+from tests.test_distributed import ROOT, preempt_at
 
 
 def expected_scalars(out):
@@ -82,15 +82,11 @@ def test_tensorboard_and_offline_wandb_get_the_records_of_metrics_jsonl(tmp_path
     assert open(os.path.join(out, "wandb_run_id")).read() != run_id
     # ... and --resume continues its run with the steps after the checkpoint
     cut = str(tmp_path / "cut")
-
-    class StopAt2(clip_train.Preemption):
-        def requested(self):
-            self.calls = getattr(self, "calls", 0) + 1
-            return self.calls == 2
-    monkeypatch.setattr(clip_train, "Preemption", StopAt2)
+    original = clip_train.Preemption
+    preempt_at(monkeypatch, clip_train, 2)
     clip_train.main([*SMALL, *subset, "--max-steps", "4", "--output-dir", cut, "--report-to", "wandb"])
     wandb.finish()
-    monkeypatch.setattr(clip_train, "Preemption", StopAt2.__mro__[1])
+    monkeypatch.setattr(clip_train, "Preemption", original)     # (undo() would lose WANDB_MODE too)
     first, = glob.glob(os.path.join(cut, "wandb", "offline-run-*", "run-*.wandb"))
     clip_train.main([*SMALL, *subset, "--max-steps", "4", "--output-dir", cut, "--report-to", "wandb", "--resume", "auto"])
     wandb.finish()

@@ -269,6 +269,7 @@ def test_on_shards_a_run_resumes_mid_epoch_to_the_same_losses(name, tiny_shards,
     import importlib
     from tests.test_albef_train import SMALL as ALBEF_SMALL
     from tests.test_clip_train import SMALL
+    from tests.test_distributed import preempt_at
     script = importlib.import_module(f"{name}_train")
     small = {"clip": SMALL, "albef": [*ALBEF_SMALL, "--queue-size", "64"]}[name]
     args = [*[a for a in small if a not in ("--workers", "0")], "--workers", "2", "--train-data", tiny_shards,
@@ -276,12 +277,7 @@ def test_on_shards_a_run_resumes_mid_epoch_to_the_same_losses(name, tiny_shards,
     ref = str(tmp_path / "ref")
     script.main([*args, "--output-dir", ref])
     out = str(tmp_path / "cut")
-
-    class StopAt3(script.Preemption):
-        def requested(self):
-            self.calls = getattr(self, "calls", 0) + 1
-            return self.calls == 3
-    monkeypatch.setattr(script, "Preemption", StopAt3)
+    preempt_at(monkeypatch, script, 3)
     script.main([*args, "--output-dir", out])
     assert max(train_losses(out)) == 3
     monkeypatch.undo()
