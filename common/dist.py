@@ -48,9 +48,17 @@ def exit_process(code):
     core dump; about half the launches of a 2-rank CPU script that only builds a device mesh and
     all-reduces; now and then in CI). Collecting garbage at exit only made it rarer. Nothing is
     left to lose here: files are closed and checkpoints written."""
-    atexit._run_exitfuncs()             # logging, multiprocessing's children, wandb
-    sys.stdout.flush()
-    sys.stderr.flush()
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and wandb.run is not None:
+        # finished here, and waited for: wandb's exit handler takes the exit code from sys.exit
+        # only, and waits for nothing when the process shares another's wandb service
+        wandb.run.finish(exit_code=code)
+    atexit._run_exitfuncs()                # logging, multiprocessing's children, wandb
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):      # a closed pipe must not keep the process alive
+            pass
     os._exit(code)
 
 

@@ -302,6 +302,8 @@ class ShardStream(torch.utils.data.IterableDataset):
             if replay[0]:                          # already counted before the checkpoint
                 return
             counts[kind] += 1
+            if kind == "shared" and (self.rank or role):    # the same for every worker: logged by one
+                return
             if counts[kind] <= LOGGED_PER_KIND or str(counts[kind]).strip("0") == "1":
                 log.warning("rank %d worker %d: %s [%s: %d so far]", self.rank, role, message, kind, counts[kind])
 

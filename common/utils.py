@@ -16,6 +16,7 @@ import re
 import secrets
 import signal
 import sys
+import traceback
 
 import numpy as np
 import torch
@@ -40,8 +41,10 @@ class RunAborted(RuntimeError):
 
 def cli(main):
     """Run `main()` as a command: a UserError or RunAborted prints `error: ...` (rank 0 only under
-    torchrun, where every rank hits the same error) and exits with status 2. Under torchrun the
-    process then exits without the interpreter's teardown (see dist.exit_process)."""
+    torchrun, where every rank hits the same error) and exits with status 2. Under torchrun every
+    ending, an unexpected exception's (traceback, status 1) included, goes through
+    dist.exit_process, which skips the interpreter's teardown."""
+    torchrun = int(os.environ.get("WORLD_SIZE", 1)) > 1
     code = 0
     try:
         main()
@@ -49,7 +52,18 @@ def cli(main):
         if os.environ.get("RANK", "0") == "0":
             print(f"error: {e}", file=sys.stderr)
         code = 2
-    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+    except SystemExit as e:                 # argparse: --help, a bad flag
+        if not torchrun:
+            raise
+        if e.code is not None and not isinstance(e.code, int):
+            print(e.code, file=sys.stderr)
+        code = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
+    except BaseException:
+        if not torchrun:
+            raise
+        traceback.print_exc()
+        code = 1
+    if torchrun:
         dist.exit_process(code)
     sys.exit(code)
 

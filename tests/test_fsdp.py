@@ -13,9 +13,8 @@ from tests.test_distributed import sigterm_mid_run, torchrun
 
 
 def run_ok(args, timeout=600):
-    """torchrun that must succeed. (A rank that died of SIGABRT at exit, now and then, was the
-    process group outliving destroy_process_group() through FSDP's reference cycles; see
-    common.dist.setup.)"""
+    """torchrun that must succeed. (A rank that died of SIGABRT at exit, now and then, was a gloo
+    thread during the interpreter's teardown; see common.dist.exit_process.)"""
     proc = torchrun(args, timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc

@@ -7,6 +7,7 @@ import os
 import struct
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -22,14 +23,14 @@ def expected_scalars(out):
             if k not in ("step", "split") and isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
-def wandb_history(run_file):
-    """{(key, step): value} from a wandb .wandb file: a LevelDB-style log (a 7-byte ':W&B' header,
-    32 KiB blocks of records with a 7-byte header: crc32, length, type 1 full / 2 first / 3 middle /
-    4 last) of wandb_internal_pb2.Record protobufs."""
+def wandb_records(run_file):
+    """The wandb_internal_pb2.Record protobufs of a wandb .wandb file: a LevelDB-style log (a 7-byte
+    ':W&B' header, 32 KiB blocks of records with a 7-byte header: crc32, length, type 1 full / 2
+    first / 3 middle / 4 last)."""
     from wandb.proto.wandb_internal_pb2 import Record
     data = open(run_file, "rb").read()
     assert data[:4] == b":W&B"
-    pos, chunks, out = 7, b"", {}
+    pos, chunks = 7, b""
     while pos + 7 <= len(data):
         left = 32768 - pos % 32768
         if left < 7:
@@ -45,12 +46,19 @@ def wandb_history(run_file):
             record = Record()
             record.ParseFromString(chunks)
             chunks = b""
-            if record.WhichOneof("record_type") == "history":
-                step = record.history.step.num
-                for item in record.history.item:
-                    key = item.key or "/".join(item.nested_key)
-                    if not key.startswith("_"):
-                        out[(key, step)] = json.loads(item.value_json)
+            yield record
+
+
+def wandb_history(run_file):
+    """{(key, step): value} of a wandb .wandb file's history records."""
+    out = {}
+    for record in wandb_records(run_file):
+        if record.WhichOneof("record_type") == "history":
+            step = record.history.step.num
+            for item in record.history.item:
+                key = item.key or "/".join(item.nested_key)
+                if not key.startswith("_"):
+                    out[(key, step)] = json.loads(item.value_json)
     return out
 
 
@@ -88,6 +96,7 @@ def test_tensorboard_and_offline_wandb_get_the_records_of_metrics_jsonl(tmp_path
     wandb.finish()
     monkeypatch.setattr(clip_train, "Preemption", original)     # (undo() would lose WANDB_MODE too)
     first, = glob.glob(os.path.join(cut, "wandb", "offline-run-*", "run-*.wandb"))
+    time.sleep(1.01 - time.time() % 1)     # offline run folders are named to the second
     clip_train.main([*SMALL, *subset, "--max-steps", "4", "--output-dir", cut, "--report-to", "wandb", "--resume", "auto"])
     wandb.finish()
     second, = set(glob.glob(os.path.join(cut, "wandb", "offline-run-*", "run-*.wandb"))) - {first}
@@ -106,3 +115,22 @@ def test_nothing_is_imported_without_report_to(tmp_path, subset):  # noqa: F811
     proc = subprocess.run([sys.executable, "-c", code, *args], cwd=ROOT, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "PYTHONPATH": ROOT})
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+@pytest.mark.parametrize("code", [0, 2])
+def test_a_torchrun_process_ends_its_wandb_run_with_its_exit_code(tmp_path, code):
+    """dist.exit_process (how cli() ends a torchrun process, skipping the interpreter's teardown)
+    finishes the wandb run with all its records, and a failed run (status 2, a UserError) is
+    recorded as failed. wandb's exit handler alone records what sys.exit was given, and waits for
+    nothing when the process shares another's wandb service (this one may share pytest's, started by
+    the test above): both cases failed before exit_process finished the run itself."""
+    script = ("import sys, wandb; from common import dist; "
+              "wandb.init(mode='offline', dir=sys.argv[1], project='t'); wandb.log({'x': 1.5}, step=1); "
+              "dist.exit_process(int(sys.argv[2]))")
+    proc = subprocess.run([sys.executable, "-c", script, str(tmp_path), str(code)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "PYTHONPATH": ROOT, "WANDB_SILENT": "true"})
+    assert proc.returncode == code, proc.stderr[-2000:]
+    run_file, = glob.glob(os.path.join(tmp_path, "wandb", "offline-run-*", "run-*.wandb"))
+    assert wandb_history(run_file) == {("x", 1): 1.5}
+    exits = [r.exit.exit_code for r in wandb_records(run_file) if r.WhichOneof("record_type") == "exit"]
+    assert exits == [code]

@@ -193,8 +193,10 @@ def test_more_workers_than_shards_split_by_sample(shards48, caplog):
         per_rank = [epoch_texts(ld) for ld in loaders]
     assert "fewer shards than 2 rank(s) x 2 worker(s)" in caplog.text
     assert [ld.stats()["data_shards_shared"] for ld in loaders] == [4, 4]       # one process: its rank's
-    with caplog.at_level("WARNING"):            # a worker's own log line (workers=0: in this process)
+    with caplog.at_level("WARNING"):            # workers=0: the worker logs in this process
         epoch_texts(loader(two, batch_size=2, rank=2, world_size=3))
+        assert "read by all" not in caplog.text                      # rank 0's first worker only
+        epoch_texts(loader(two, batch_size=2, rank=0, world_size=3))
     assert "00001.tar: read by all 3 workers (fewer shards than 3 rank(s) x 1 worker(s))" in caplog.text
     texts = per_rank[0] + per_rank[1]
     assert sorted(texts) == sorted(f"image {i} caption 0" for i in range(12))
