@@ -232,9 +232,9 @@ class ShardStream(torch.utils.data.IterableDataset):
             def samples():
                 i = 0
                 for url in mine:
-                    if keep is not None:
+                    if keep is not None:   # the same for every worker: logged by one, counted by all
                         note("shared", f"{url}: read by all {R * W} workers (fewer shards than {R} rank(s) x {W} "
-                                       f"worker(s)); this one keeps every {R * W}th sample")
+                                       f"worker(s)); this one keeps every {R * W}th sample", logged=keep == 0)
                     for sample in shard_samples(url, note):
                         if keep is None or i % (R * W) == keep:
                             yield sample
@@ -298,13 +298,11 @@ class ShardStream(torch.utils.data.IterableDataset):
         counts = collections.Counter(self.start["counts"].get(role, {}))
         replay = [True]
 
-        def note(kind, message):
+        def note(kind, message, logged=True):
             if replay[0]:                          # already counted before the checkpoint
                 return
             counts[kind] += 1
-            if kind == "shared" and (self.rank or role):    # the same for every worker: logged by one
-                return
-            if counts[kind] <= LOGGED_PER_KIND or str(counts[kind]).strip("0") == "1":
+            if logged and (counts[kind] <= LOGGED_PER_KIND or str(counts[kind]).strip("0") == "1"):
                 log.warning("rank %d worker %d: %s [%s: %d so far]", self.rank, role, message, kind, counts[kind])
 
         position, batch = self.start["pos"].get(role, 0), []
