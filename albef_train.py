@@ -16,6 +16,7 @@ exponential-moving-average copy of the model, which makes noisy web captions les
 """
 import copy
 import dataclasses
+import functools
 import json
 import os
 import time
@@ -27,16 +28,18 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from common import dist
-from common.data import (Example, load_tokenizer, read_annotations, retrieval_texts, tiny_data, train_loader,
-                         train_transform, training_records)
+from common.data import (Example, load_tokenizer, pre_caption_albef, read_annotations, retrieval_texts,
+                         tiny_data, train_loader, train_transform, training_records)
 from common.encoders import (BertEncoder, BertLMHead, BertLayer, Block, VisionTransformer, hf_bert_lm_head_map,
                              hf_bert_map, hf_vit_map, load_mapped, read_hf_checkpoint, read_weights_file,
                              resize_pos_embed, timm_vit_map)
 from common.metrics import image_tokens, rerank_topk, retrieval_metrics
-from common.utils import (MetricLog, NonFiniteGuard, Preemption, UserError, adamw, autocast, check_finite,
-                          check_resume_position, cli, cosine_schedule, first_nonfinite_module, grad_norm_,
-                          micro_batches, precision_dtype, resolve_config, resolve_precision, rng_state, save_checkpoint,
-                          save_config, seed_everything, set_rng_state, sync_gradients)
+from common.utils import (MetricLog, NonFiniteGuard, Preemption, UserError, adamw, autocast,
+                          check_finite, check_resume_position, cli, cosine_schedule,
+                          evaluation_pending, first_nonfinite_module, grad_norm_, load_scaler_state,
+                          micro_batches, precision_dtype, resolve_config, resolve_precision,
+                          rng_state, save_checkpoint, save_config, seed_everything, set_rng_state,
+                          sync_gradients)
 
 
 # ---- config ----
@@ -52,7 +55,7 @@ class Config:
     vision_layers: int = 4          # ViT blocks
     vision_heads: int = 2           # ViT attention heads
     vision_eps: float = 1e-6        # ViT LayerNorm epsilon
-    vision_mlp_ratio: float = 4.0   # ViT MLP hidden width / width
+    vision_mlp_dim: int = 512       # ViT MLP hidden width (3072 in ViT-B)
     # text: a bert-base; layers [0, fusion_layer) are the text encoder, [fusion_layer, text_layers) the fusion encoder
     text_width: int = 128           # BERT width
     text_layers: int = 4            # BERT layers, text and fusion together (12 in the paper)
@@ -66,6 +69,7 @@ class Config:
     dropout: float = 0.0            # BERT hidden/attention dropout (0.1 in config_bert.json; 0 for the tiny runs)
     vocab_size: int = 0             # 0: the tokenizer's
     max_length: int = 32            # tokens per caption, [CLS] and [SEP] included (25 pretraining, 30 fine-tuning)
+    max_words: int = 30             # words kept by pre_caption (dataset/utils.py; 30 everywhere)
     embed_dim: int = 64             # ITC space (256 in the paper)
     # method (configs/Pretrain.yaml, Retrieval_coco.yaml)
     # Queue: 65,536 in the paper. The tiny preset trains from scratch, where every feature starts
@@ -90,6 +94,9 @@ class Config:
     image_root: str = ""            # folder relative image paths start from (default: the annotation file's)
     tokenizer: str = ""             # transformers folder or name (bert-base-uncased); empty: tiny's
     skip_bad: bool = False          # skip (and count) unreadable images and empty captions in training data
+    min_scale: float = 0.9          # RandomResizedCrop's least area (0.2 pretraining, 0.5 fine-tuning)
+    hflip: bool = False             # random flips (paper presets; tiny's captions say left/right)
+    randaugment: int = 0            # RandomAugment(2, M)'s M of 10 (7: dataset/__init__.py); 0: off
     train_num_samples: int = 0      # shards: samples per epoch; 0: the sizes.json beside the shards
     dataset_resampled: bool = False  # shards: draw them with replacement (open_clip's flag)
     workers: int = 2                # data-loading processes per rank
@@ -127,17 +134,18 @@ PRESETS = {
     "tiny": {},
     # ViT-B/16 + bert-base, 256 px, 30 epochs, batch 64/GPU on 8 GPUs (configs/Pretrain.yaml)
     "vit-b": dict(image_size=256, patch_size=16, vision_width=768, vision_layers=12, vision_heads=12,
+                  vision_mlp_dim=3072,
                   text_width=768, text_layers=12, fusion_layer=6, text_heads=12, text_mlp_dim=3072, max_positions=512,
                   dropout=0.1, tokenizer="bert-base-uncased", max_length=25, embed_dim=256, queue_size=65536,
                   lr=1e-4, warmup_lr=1e-5, min_lr=1e-5, weight_decay=0.02, warmup_steps=2000, epochs=30, batch_size=64,
-                  workers=8),
+                  workers=8, min_scale=0.2, hflip=True, randaugment=7),
 }
 # The retrieval fine-tuning recipe of the paper preset (configs/Retrieval_coco.yaml; Flickr30K:
 # --epochs 10 --k-test 128): applied to --preset vit-b with --task retrieval unless the command
 # line sets the field.
 FINETUNE = {
     "retrieval": dict(image_size=384, lr=1e-5, warmup_lr=1e-5, min_lr=1e-6, warmup_steps=0, epochs=5, batch_size=32,
-                      max_length=30, k_test=256),
+                      max_length=30, k_test=256, min_scale=0.5),
 }
 TASKS = ("pretrain", "retrieval")
 
@@ -153,7 +161,7 @@ RECIPES_DOC = ("task recipes (--task retrieval with a paper preset; the command 
                            for task, values in FINETUNE.items()))
 
 MODEL_FIELDS = ("image_size", "patch_size", "vision_width", "vision_layers", "vision_heads", "vision_eps",
-                "vision_mlp_ratio", "text_width", "text_layers", "fusion_layer", "text_heads", "text_mlp_dim",
+                "vision_mlp_dim", "text_width", "text_layers", "fusion_layer", "text_heads", "text_mlp_dim",
                 "max_positions", "type_vocab_size", "text_eps", "vocab_size", "embed_dim", "queue_size")
 
 
@@ -171,7 +179,7 @@ class ALBEF(nn.Module):
         self.fusion_layer = cfg.fusion_layer
         self.visual_encoder = VisionTransformer(
             image_size=cfg.image_size, patch_size=cfg.patch_size, width=cfg.vision_width, layers=cfg.vision_layers,
-            heads=cfg.vision_heads, mlp_ratio=cfg.vision_mlp_ratio, act="gelu", eps=cfg.vision_eps, pre_norm=False,
+            heads=cfg.vision_heads, mlp_dim=cfg.vision_mlp_dim, act="gelu", eps=cfg.vision_eps, pre_norm=False,
             patch_bias=True)
         # One BERT: no cross-attention below fusion_layer (config_bert.json: "fusion_layer": 6).
         self.text_encoder = BertEncoder(
@@ -198,9 +206,12 @@ class ALBEF(nn.Module):
             p.requires_grad_(False)
         # Queues of momentum features of past batches of all ranks, and their image ids (Sec. 3.2:
         # "the most recent M image-text representations from the momentum unimodal encoders").
-        self.register_buffer("image_queue", F.normalize(torch.randn(cfg.embed_dim, cfg.queue_size), dim=0))
-        self.register_buffer("text_queue", F.normalize(torch.randn(cfg.embed_dim, cfg.queue_size), dim=0))
+        # They start empty: a slot takes part in ITC once `queue_filled` says it holds a key (the
+        # official code starts from random unit vectors, in every softmax until overwritten).
+        self.register_buffer("image_queue", torch.zeros(cfg.embed_dim, cfg.queue_size))
+        self.register_buffer("text_queue", torch.zeros(cfg.embed_dim, cfg.queue_size))
         self.register_buffer("idx_queue", torch.full((1, cfg.queue_size), -100, dtype=torch.long))
+        self.register_buffer("queue_filled", torch.zeros(1, cfg.queue_size, dtype=torch.bool))
         self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
         self._ptr, self.pending_keys, self._ema_params = None, None, None
         self.register_load_state_dict_post_hook(lambda module, keys: setattr(module, "_ptr", None))
@@ -259,7 +270,9 @@ class ALBEF(nn.Module):
         if ptr + n > self.cfg.queue_size:
             raise UserError(f"queue pointer {ptr} + global batch {n} overruns the queue of {self.cfg.queue_size}: "
                              f"the queue length must stay a multiple of the global batch")
-        for queue, new in ((self.image_queue, image_feat.T), (self.text_queue, text_feat.T), (self.idx_queue, idx[None])):
+        filled = torch.ones_like(idx[None], dtype=torch.bool)
+        for queue, new in ((self.image_queue, image_feat.T), (self.text_queue, text_feat.T), (self.idx_queue, idx[None]),
+                           (self.queue_filled, filled)):
             queue[:, ptr:ptr + n] = new if ok is None else torch.where(ok, new.to(queue.dtype), queue[:, ptr:ptr + n])
         self._ptr = (ptr + n) % self.cfg.queue_size
         self.queue_ptr.fill_(self._ptr)
@@ -329,29 +342,38 @@ class ALBEF(nn.Module):
         """s(I, T) = g_v(v_cls) . g'_w(w'_cls) / tau against the momentum keys of this batch and
         the queue (Eq. 1-2); targets alpha * q (the momentum model's softmax) + (1 - alpha) * y
         (Eq. 6), y the ground truth: the diagonal in pretraining, every key with the same image id
-        in retrieval fine-tuning (model_retrieval.py). This batch's keys wait in `pending_keys`
-        for finish_step() to enqueue them."""
+        in retrieval fine-tuning (model_retrieval.py). Queue slots not yet filled are left out of
+        every softmax. This batch's keys wait in `pending_keys` for finish_step() to enqueue them."""
+        B = idx.shape[0]
         with torch.no_grad():
             image_keys = torch.cat([image_feat_m.T, self.image_queue.clone()], 1)       # (E, B + M)
             text_keys = torch.cat([text_feat_m.T, self.text_queue.clone()], 1)
+            filled = F.pad(self.queue_filled, (B, 0), value=True)                       # (1, B + M)
             if task == "retrieval":
                 idx_all = torch.cat([idx[None], self.idx_queue.clone()], 1)             # (1, B + M)
-                pos = (idx[:, None] == idx_all).float()
+                pos = ((idx[:, None] == idx_all) & filled).float()
                 targets = pos / pos.sum(1, keepdim=True)
             else:
-                B = idx.shape[0]
                 targets = F.pad(torch.eye(B, device=idx.device), (0, image_keys.shape[1] - B))   # (B, B + M)
+
+        def only_filled(sim):       # empty slots: -inf, so that they get no share of a softmax
+            return sim.masked_fill(~filled, float("-inf"))
+
+        def cross_entropy(sim, target):     # 0 * -inf at the empty slots would be NaN: take 0 there
+            return -(F.log_softmax(only_filled(sim), 1).masked_fill(~filled, 0) * target).sum(1).mean()
         # Similarities in fp32 even under autocast: at temperature 0.07 (down to 0.001) bf16's
         # spacing near the largest logits would be coarser than the differences that matter.
         with torch.autocast(image_feat.device.type, enabled=False):
             image_keys, text_keys = image_keys.float(), text_keys.float()
             with torch.no_grad():
-                i2t_targets = alpha * pseudo_targets(image_feat_m.float() @ text_keys / self.temp) + (1 - alpha) * targets
-                t2i_targets = alpha * pseudo_targets(text_feat_m.float() @ image_keys / self.temp) + (1 - alpha) * targets
+                i2t_targets = (alpha * pseudo_targets(only_filled(image_feat_m.float() @ text_keys / self.temp))
+                               + (1 - alpha) * targets)
+                t2i_targets = (alpha * pseudo_targets(only_filled(text_feat_m.float() @ image_keys / self.temp))
+                               + (1 - alpha) * targets)
             sim_i2t = image_feat.float() @ text_keys / self.temp                          # (B, B + M)
             sim_t2i = text_feat.float() @ image_keys / self.temp
-            loss_i2t = -(F.log_softmax(sim_i2t, 1) * i2t_targets).sum(1).mean()
-            loss_t2i = -(F.log_softmax(sim_t2i, 1) * t2i_targets).sum(1).mean()
+            loss_i2t = cross_entropy(sim_i2t, i2t_targets)
+            loss_t2i = cross_entropy(sim_t2i, t2i_targets)
         self.pending_keys = (image_feat_m.float(), text_feat_m.float(), idx)
         return (loss_i2t + loss_t2i) / 2
 
@@ -410,8 +432,8 @@ class ALBEF(nn.Module):
         weights (heads = width / 64, as every ALBEF model); the image size is `cfg`'s (positions
         interpolated, as Retrieval.py). Every key is mapped and shape-checked; the parts a file may
         lack are named in the log and start as the official code would: the MLM head at BERT's
-        initialisation, the momentum model as a copy, the queues empty. `state`: the file's state
-        dict when the caller has read it already."""
+        initialisation, the momentum model as a copy, the queues empty (a pretraining file's are
+        loaded, as Retrieval.py does). `state`: the file's state dict when the caller has it."""
         state = dict(state) if state is not None else read_official(path)
         arch = official_architecture(state, path)
         if cfg is not None:
@@ -444,21 +466,40 @@ class ALBEF(nn.Module):
                 mapping.update({f"{name}{suffix}.{p}": f"{name}{suffix}.{p}" for p in ("weight", "bias")})
         mapping.update({f"itm_head.{p}": f"itm_head.{p}" for p in ("weight", "bias")})
         mapping["temp"] = "temp"
-        keep = ["image_queue", "text_queue", "idx_queue", "queue_ptr"]
+        keep = ["image_queue", "text_queue", "idx_queue", "queue_filled", "queue_ptr"]
         if "momentum model" in lacking:
             keep += ["visual_encoder_m.", "text_encoder_m.", "mlm_head_m.", "vision_proj_m.", "text_proj_m."]
         if "MLM head" in lacking:
             keep += [f"mlm_head{s}.{n}" for s in ("", "_m") for n in ("dense.", "LayerNorm.", "decoder.bias")]
-        if "image_queue" not in state:
-            lacking.append("queues")
-        # The queues of a pretraining file are stale features of another run: ours start empty.
         ignore = ("position_ids", "cls.predictions.decoder.", "image_queue", "text_queue", "idx_queue", "queue_ptr")
         load_mapped(model, state, mapping, source=path, ignore=ignore, keep_init=keep)
         if "momentum model" in lacking:
             model.copy_to_momentum()
+        lacking += load_official_queues(model, state)
         if dist.is_main():
             print(f"{path}: loaded every weight of the file" + (f"; not in it: {', '.join(lacking)}" if lacking else ""))
         return model
+
+
+def load_official_queues(model, state):
+    """A pretraining file's queues (the momentum features of its last steps) into the model, as
+    Retrieval.py's load_state_dict does; only idx_queue is not in the files (ALBEF issue #79), so
+    those keys keep id -100, never a positive. Rolled so that the oldest key is in slot 0 and the
+    pointer 0 (the same keys, overwritten in the same order, whatever the global batch). Returns
+    what could not be loaded, for the log; the queues then start empty."""
+    if "image_queue" not in state:
+        return ["queues"]
+    if state["image_queue"].shape != model.image_queue.shape:
+        return [f"queues of this run's length (the file's {state['image_queue'].shape[1]}, --queue-size "
+                f"{model.cfg.queue_size})"]
+    ptr = int(state.get("queue_ptr", torch.zeros(1))[0])
+    with torch.no_grad():
+        for name in ("image_queue", "text_queue", "idx_queue"):
+            if name in state:
+                getattr(model, name).copy_(state[name].roll(-ptr, 1))
+        model.queue_filled.fill_(True)
+        model.queue_ptr.zero_()
+    return []
 
 
 def read_official(path):
@@ -481,7 +522,7 @@ def official_architecture(state, path):
         fusion = min(int(k[len(bert):].split(".")[2]) for k in state
                      if k.startswith(bert + "encoder.layer.") and ".crossattention." in k)
         return dict(patch_size=patch, vision_width=width, vision_layers=layers, vision_heads=width // 64,
-                    vision_mlp_ratio=state["visual_encoder.blocks.0.mlp.fc1.weight"].shape[0] / width,
+                    vision_mlp_dim=state["visual_encoder.blocks.0.mlp.fc1.weight"].shape[0],
                     text_width=text_width, text_layers=text_layers, fusion_layer=fusion, text_heads=text_width // 64,
                     text_mlp_dim=state[bert + "encoder.layer.0.intermediate.dense.weight"].shape[0],
                     max_positions=state[bert + "embeddings.position_embeddings.weight"].shape[0],
@@ -572,10 +613,10 @@ def load_vision_init(model, path, state=None):
         config, state = read_hf_checkpoint(path)
         pre = "vit." if any(k.startswith("vit.") for k in state) else ""
         key = f"{pre}embeddings.position_embeddings"
-        heads = config.get("num_attention_heads")
-        if heads != model.cfg.vision_heads or config.get("layer_norm_eps", 1e-12) != model.cfg.vision_eps:
-            raise UserError(f"{path}: {heads} heads, LayerNorm eps {config.get('layer_norm_eps')}; this run's ViT has "
-                            f"{model.cfg.vision_heads} heads, eps {model.cfg.vision_eps} (--vision-heads, --vision-eps)")
+        c = model.cfg
+        check_hf_config(path, config, num_attention_heads=(c.vision_heads, "--vision-heads"),
+                        layer_norm_eps=(c.vision_eps, "--vision-eps"), hidden_act=("gelu", None),
+                        qkv_bias=(True, None))
         mapping = hf_vit_map("visual_encoder", pre.rstrip("."), model.cfg.vision_layers)
         ignore = ("pooler.", "classifier.")
     else:
@@ -595,13 +636,26 @@ def load_vision_init(model, path, state=None):
     load_mapped(holder, state, mapping, source=path, ignore=ignore)
 
 
+def check_hf_config(path, config, **fields):
+    """Refuse a transformers config.json field that would change what our modules compute, naming
+    it: `fields` maps each to (our value, the flag that sets it, or None where ours is fixed).
+    (Sizes need no check: the weights' shapes are compared key by key.)"""
+    for key, (ours, flag) in fields.items():
+        if config.get(key, ours) != ours:
+            raise UserError(f"{path}: config.json has {key} {config[key]!r}, this run's model {ours!r}"
+                            + (f" (set {flag})" if flag else " (the only one supported)"))
+
+
 def load_text_init(model, path):
     """--init-text: a transformers BERT folder (bert-base-uncased: BertForPreTraining /
     BertForMaskedLM / BertModel) into the text and fusion encoder and the MLM head. The fusion
     layers' cross-attention is not in BERT and keeps its initialisation, as in ALBEF; the MLM head
     too when the folder is a bare BertModel."""
-    _, state = read_hf_checkpoint(path)
+    config, state = read_hf_checkpoint(path)
     cfg = model.cfg
+    check_hf_config(path, config, num_attention_heads=(cfg.text_heads, "--text-heads"),
+                    layer_norm_eps=(cfg.text_eps, "--text-eps"), num_hidden_layers=(cfg.text_layers, "--text-layers"),
+                    hidden_act=("gelu", None), position_embedding_type=("absolute", None))
     pre = "bert" if any(k.startswith("bert.") for k in state) else ""
     holder = nn.Module()
     holder.text_encoder, holder.mlm_head = model.text_encoder, model.mlm_head
@@ -635,6 +689,11 @@ def read_init(path):
 
 # ---- data ----
 
+def caption_text(cfg):
+    """ALBEF's text processing of every caption, in training and evaluation (dataset/utils.py)."""
+    return functools.partial(pre_caption_albef, max_words=cfg.max_words)
+
+
 def build_data(cfg, tokenizer, rank, world_size):
     """Training loader and sampler (none with --eval-only), val records. With neither
     --train-data nor --val-data, the built-in tiny set."""
@@ -645,9 +704,10 @@ def build_data(cfg, tokenizer, rank, world_size):
     if cfg.eval_only:
         return None, None, val
     train_file = cfg.train_data or os.path.join(tiny_data(), "train.json")
-    # open_clip's light crop, no flip (captions say left and right); ALBEF trains with
-    # RandomResizedCrop(0.5-1), flips and RandAugment.
-    example = Example(train_transform(cfg.image_size), tokenizer, cfg.max_length)
+    # dataset/__init__.py's crop, flip and RandomAugment at the paper preset; the tiny preset's light
+    # crop has no flip (its captions say left and right)
+    example = Example(train_transform(cfg.image_size, cfg.min_scale, cfg.hflip, cfg.randaugment), tokenizer,
+                      cfg.max_length, text=caption_text(cfg))
     records = training_records(train_file, root, cfg.skip_bad)          # an annotation file's, or shards
     loader, sampler = train_loader(records, example, cfg, rank, world_size, train_file)
     return loader, sampler, val
@@ -687,7 +747,7 @@ def evaluate_retrieval(model, cfg, val, tokenizer, device, precision, tokens=Non
     tokens). Image->text rows are this rank's images; each text->image pair is scored by the rank
     that holds the image (`tokens`: this rank's ViT tokens, when the caller has them). Returns the
     metrics and the number of ITM forward passes."""
-    texts, txt2img = retrieval_texts(val)
+    texts, txt2img = retrieval_texts(val, caption_text(cfg))
     ids = tokenizer(texts, cfg.max_length).to(device)
     mask = (ids != tokenizer.pad_id).long()
     half = precision_dtype(precision)
@@ -732,7 +792,7 @@ def evaluate_mlm(model, cfg, val, tokenizer, device, precision, tokens=None):
     recs = val[slice(*dist.shard_range(len(val)))]
     if tokens is None:
         tokens = shard_image_tokens(model, cfg, recs, device, precision)
-    ids = tokenizer([c for r in recs for c in r["captions"]], cfg.max_length).to(device)
+    ids = tokenizer(retrieval_texts(recs, caption_text(cfg))[0], cfg.max_length).to(device)
     image_of = torch.tensor([i for i, r in enumerate(recs) for _ in r["captions"]], dtype=torch.long, device=device)
     masked, labels = mask_tokens(ids, cfg.mlm_probability, model.mask_id, cfg.vocab_size,
                                  never=(model.pad_id, model.cls_id),
@@ -794,10 +854,11 @@ def build_model(cfg, tokenizer, init=(None, None)):
         grid = cfg.image_size // cfg.patch_size
         for key in ("visual_encoder.positional_embedding", "visual_encoder_m.positional_embedding"):
             state[key] = resize_pos_embed(state[key], grid)
-        state = {k: v for k, v in state.items() if not k.endswith("_queue") and k != "queue_ptr"}
+        queues = ("idx_queue", "image_queue", "queue_filled", "queue_ptr", "text_queue")
+        state = {k: v for k, v in state.items() if k not in queues}
         model = build_albef(cfg, tokenizer)
         missing, unexpected = model.load_state_dict(state, strict=False)
-        assert not unexpected and sorted(missing) == ["idx_queue", "image_queue", "queue_ptr", "text_queue"], missing
+        assert not unexpected and sorted(missing) == list(queues), missing
     else:
         cfg.vocab_size = cfg.vocab_size or tokenizer.vocab_size
         model = build_albef(cfg, tokenizer)
@@ -896,12 +957,15 @@ def main(argv=None):
     if ckpt:
         dist.load_optimizer_state_dict(model, optimizer, ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
-        scaler.load_state_dict(ckpt["scaler"])
-        step, best, guard.total = ckpt["step"], ckpt["best"], ckpt["bad_steps"]
+        load_scaler_state(scaler, ckpt["scaler"])     # {} from a bf16/fp32 run: a fresh scale
+        step, best = ckpt["step"], ckpt["best"]
+        guard.load_state_dict(ckpt)                   # bad steps in all and in a row
         set_rng_state(ckpt["rng"][rank])
         sampler.load_state_dict(ckpt.get("data", [{}] * world_size)[rank])   # shards: the stream position
         if dist.is_main():
             print(f"resumed from {cfg.resume} at step {step}")
+    # a run stopped at the end of an epoch before its evaluation (a signal) evaluates it first
+    evaluated = step - evaluation_pending(ckpt, steps_per_epoch, total_steps)
     del ckpt
 
     def checkpoint(name):
@@ -910,7 +974,8 @@ def main(argv=None):
         state = {"model": dist.full_state_dict(model), "optimizer": dist.optimizer_state_dict(model, optimizer),
                  "scheduler": scheduler.state_dict(),
                  "scaler": scaler.state_dict(), "step": step, "epoch": step // steps_per_epoch, "best": best,
-                 "bad_steps": guard.total, "steps_per_epoch": steps_per_epoch, "world_size": world_size,
+                 **guard.state_dict(), "evaluated": evaluated, "steps_per_epoch": steps_per_epoch,
+                 "world_size": world_size,
                  "config": dataclasses.asdict(cfg), "rng": dist.gather_objects(rng_state()),
                  "data": dist.gather_objects(sampler.state_dict())}
         if dist.is_main():
@@ -919,10 +984,11 @@ def main(argv=None):
     pbar = tqdm(total=total_steps, initial=step, disable=not dist.is_main(), dynamic_ncols=True)
     metrics, tick, tick_step, stopped = {}, time.time(), step, False
     with Preemption() as preemption:
-        while step < total_steps and not stopped:
-            epoch = step // steps_per_epoch
-            sampler.set_epoch(epoch, skip=(step % steps_per_epoch) * cfg.accum_steps * cfg.batch_size)
-            for group in micro_batches(loader, cfg.accum_steps):
+        while (step < total_steps or evaluated < step) and not stopped:
+            unevaluated = evaluated < step    # resumed at an epoch's end, not yet evaluated
+            epoch = (step - unevaluated) // steps_per_epoch
+            sampler.set_epoch(epoch, skip=(step - epoch * steps_per_epoch) * cfg.accum_steps * cfg.batch_size)
+            for group in () if unevaluated else micro_batches(loader, cfg.accum_steps):
                 alpha = alpha_at(cfg, step, steps_per_epoch, device)
                 # --accum-steps K: every micro-batch against the momentum model and queue as they
                 # are at the start of the step (its ITC targets, its own ITM negatives), the mean
@@ -963,13 +1029,8 @@ def main(argv=None):
                                "temp": dist.value(model.temp).item(), "alpha": float(alpha), "samples_per_s": speed,
                                "grad_norm": grad_norm.item(), "bad_steps": guard.total,
                                **sampler.stats()})
-                if preemption.requested():   # SIGTERM / SIGUSR1 on any rank: save this step and leave
-                    guard.flush()
-                    checkpoint("checkpoint_last.pt")
-                    if dist.is_main():
-                        print(f"{preemption.received or 'a signal on another rank'}: stopped after step {step}, "
-                              f"saved {os.path.join(cfg.output_dir, 'checkpoint_last.pt')}; --resume auto continues",
-                              flush=True)
+                # SIGTERM / SIGUSR1 on any rank: save this step and leave
+                if preemption.stop(step, cfg.output_dir, lambda: checkpoint("checkpoint_last.pt")):
                     stopped = True
                     break
                 if step % cfg.save_every == 0 and step % steps_per_epoch:
@@ -978,7 +1039,9 @@ def main(argv=None):
                     break
             if stopped:
                 break
-            guard.flush()
+            # end of an epoch (or of training): save first, so that a signal during the evaluation
+            # loses no step (resumed, the run evaluates this epoch first); evaluate, keep the best
+            checkpoint("checkpoint_last.pt")
             with dist.full_parameters(model):     # FSDP: every unit gathered while evaluating
                 metrics = evaluate(model, cfg, val, tokenizer, device, precision)
             log.write({"step": step, "epoch": epoch, "split": "val", **metrics})
@@ -987,7 +1050,9 @@ def main(argv=None):
             if dist.gather_objects(metrics.get("r_mean", -1.0) > best)[0]:   # rank 0 decides for all
                 best = metrics["r_mean"]
                 checkpoint("checkpoint_best.pt")
+            evaluated = step
             checkpoint("checkpoint_last.pt")
+            stopped = preemption.stop(step, cfg.output_dir)   # a signal during the evaluation
             tick, tick_step = time.time(), step
     pbar.close()
     if not metrics and not stopped:   # resumed a finished run: evaluate its weights again

@@ -1,19 +1,24 @@
 """BLIP-2 (Li et al. 2023, arXiv:2301.12597): a Q-Former's 32 learned queries read a frozen
 image encoder; stage 1 trains them with ITC + ITM + ITG (Sec. 3.2), each through its own
 self-attention mask over [queries; text], so that the queries learn to extract the visual
-features most relevant to the text; stage 2 feeds them to a frozen language model as a soft
-prompt (Sec. 3.3; the next issue of this repository: `--stage 2` is refused until then).
+features most relevant to the text; stage 2 (`--stage 2`) feeds them to a frozen language model
+as a soft prompt (Sec. 3.3).
 
     python blip2_train.py                                        # tiny built-in data, stage 1, CPU
+    python blip2_train.py --stage 2                              # tiny: stage 2, a tiny random LM
     torchrun --nproc_per_node 8 blip2_train.py --preset vit-g --vision-weights eva_vit_g.pth \\
         --init-text bert-base-uncased/ --train-data laion_129m.json --val-data coco_karpathy_test.json
     torchrun --nproc_per_node 8 blip2_train.py --preset vit-g --task retrieval --init-from blip2_pretrained.pth \\
         --vision-weights eva_vit_g.pth --tokenizer bert-base-uncased --train-data coco_karpathy_train.json \\
         --val-data coco_karpathy_test.json
+    torchrun --nproc_per_node 8 blip2_train.py --preset vit-g-opt2.7b --init-from \\
+        blip2_pretrained.pth --vision-weights eva_vit_g.pth --llm opt-2.7b/ \\
+        --train-data laion_129m.json --val-data coco_karpathy_val.json    # stage 2 from stage 1
     python blip2_train.py --preset vit-g --eval-only --init-from Salesforce/blip2-itm-vit-g/ \\
         --val-data coco_karpathy_test.json --k-test 128                   # transformers' published weights
 """
 import dataclasses
+import functools
 import json
 import os
 import random
@@ -28,15 +33,19 @@ from tqdm import tqdm
 
 from common import dist
 from common.data import (Example, ImageDataset, eval_transform, load_tokenizer, read_annotations, read_json,
-                         retrieval_texts, tiny_data, train_loader, train_transform, training_records)
+                         pre_caption_blip, pre_question_blip, retrieval_texts, tiny_data, train_loader,
+                         train_transform, training_records)
 from common.encoders import (BertAttention, BertLMHead, Block, VisionTransformer, _bert_init, hf_bert_lm_head_map, hf_bert_map,
                              hf_blip_vision_map, hf_clip_vision_map, load_mapped, open_clip_vision_map,
                              read_hf_checkpoint, read_weights_file, resize_pos_embed, timm_vit_map)
 from common.metrics import caption_metrics, image_tokens, rerank_topk, retrieval_metrics, vqa_accuracy
-from common.utils import (FeatureCache, MetricLog, MissingFileError, NonFiniteGuard, Preemption, UserError, adamw,
-                          autocast, check_finite, check_resume_position, cli, cosine_schedule, first_nonfinite_module,
-                          grad_norm_, micro_batches, precision_dtype, resolve_config, resolve_precision, rng_state,
-                          save_checkpoint, save_config, seed_everything, set_rng_state, sync_gradients)
+from common.utils import (FeatureCache, MetricLog, MissingFileError, NonFiniteGuard, Preemption,
+                          UserError, adamw, autocast, check_finite, check_resume_position, cli,
+                          cosine_schedule, evaluation_pending, first_nonfinite_module, grad_norm_,
+                          ignore_preemption_signals, load_scaler_state, micro_batches,
+                          precision_dtype, resolve_config, resolve_precision, rng_state,
+                          save_checkpoint, save_config, seed_everything, set_rng_state,
+                          sync_gradients)
 
 
 # ---- config ----
@@ -64,7 +73,9 @@ class Config:
     vision_width: int = 128         # 1408 for ViT-g
     vision_layers: int = 4          # 39 for ViT-g (its 40th is dropped, Sec. 3.1)
     vision_heads: int = 2           # 16
-    vision_mlp_ratio: float = 4.3637  # EVA ViT-g's MLP width 6144 / 1408
+    vision_mlp_dim: int = 558       # MLP width: 6144 for ViT-g (EVA's mlp_ratio 4.3637 x 1408; the
+                                    # tiny preset's is 128 x 4.3637 rounded down)
+    vision_eps: float = 1e-6        # the encoder's LayerNorm epsilon (EVA: 1e-6; CLIP ViT-L: 1e-5)
     ln_vision_eps: float = 1e-5     # the trainable LayerNorm after the encoder: LAVIS's nn.LayerNorm default
                                     # (transformers' post_layernorm uses the ViT's 1e-6; from_hf takes that)
     # Q-Former (Sec. 3.1): a bert-base, cross-attention every cross_attention_freq layers, queries with own FFNs
@@ -79,6 +90,7 @@ class Config:
     dropout: float = 0.0            # BERT hidden/attention dropout (0.1 in bert-base; 0 for the tiny runs)
     vocab_size: int = 0             # 0: the tokenizer's (bert-base-uncased + [DEC]: 30523)
     max_length: int = 32            # text tokens, [CLS] and [SEP] included (max_txt_len 32)
+    max_words: int = 50             # words kept by LAVIS's blip_caption / blip_question (50)
     embed_dim: int = 64             # ITC space (256)
     # stage 2 (Sec. 3.3): the language model
     llm: str = ""                   # transformers folder of the frozen LM: OPT (AutoModelForCausalLM) or FlanT5
@@ -112,6 +124,8 @@ class Config:
     tokenizer: str = ""             # transformers folder or name (bert-base-uncased); [DEC] is added. Empty: tiny's
     llm_tokenizer: str = ""         # stage 2: the LM's tokenizer; empty: --llm's (or --init-from's), else tiny's
     skip_bad: bool = False          # skip (and count) unreadable images and empty captions in training data
+    min_scale: float = 0.9          # RandomResizedCrop's least area (0.5: blip2_image_train)
+    hflip: bool = False             # random flips (paper presets; tiny's captions say left/right)
     train_num_samples: int = 0      # shards: samples per epoch; 0: the sizes.json beside the shards
     dataset_resampled: bool = False  # shards: draw them with replacement (open_clip's flag)
     workers: int = 2                # data-loading processes per rank
@@ -147,13 +161,13 @@ class Config:
 
 
 VIT_G = dict(vision="eva", image_size=224, patch_size=14, vision_width=1408, vision_layers=39, vision_heads=16,
-             vision_mlp_ratio=4.3637)
+             vision_mlp_dim=6144, vision_eps=1e-6)
 QFORMER_BASE = dict(num_query_tokens=32, qformer_width=768, qformer_layers=12, qformer_heads=12, qformer_mlp_dim=3072,
                     max_positions=512, dropout=0.1, embed_dim=256, tokenizer="bert-base-uncased")
 # LAVIS projects/blip2/train/pretrain_stage1.yaml: batch 100/GPU, AdamW lr 1e-4, wd 0.05, warm-up 5,000
 # steps from 1e-6, cosine to 1e-5, 10 epochs, 224 px, the ViT frozen.
 STAGE1 = dict(batch_size=100, lr=1e-4, warmup_lr=1e-6, min_lr=1e-5, weight_decay=0.05, warmup_steps=5000, epochs=10,
-              workers=8, k_test=128)
+              workers=8, k_test=128, min_scale=0.5, hflip=True)     # blip2_image_train: every stage
 # LAVIS projects/blip2/train/pretrain_stage2.yaml: the same with batch 64 and 2,000 warm-up steps; the
 # language model from --llm (facebook/opt-2.7b, facebook/opt-6.7b, google/flan-t5-xl folders).
 STAGE2 = dict(STAGE1, stage=2, batch_size=64, warmup_steps=2000, max_length=32)
@@ -166,13 +180,15 @@ PRESETS = {
     "vit-g-flant5xl": {**VIT_G, **QFORMER_BASE, **STAGE2},
 }
 # CLIP ViT-L/14 (LAVIS clip_vit.py create_clip_vit_L): OpenAI's layout up to the penultimate layer.
-CLIP_L = dict(patch_size=14, vision_width=1024, vision_layers=23, vision_heads=16, vision_mlp_ratio=4.0)
-# Retrieval fine-tuning of a paper preset (the paper, Sec. 4.4: "we finetune the image encoder together
-# with Q-Former on COCO using the same objectives"; LAVIS released no recipe, these are its
-# ret_coco config's resolution and layer decay and the paper's Table 13): applied unless the command
-# line sets the field.
+CLIP_L = dict(patch_size=14, vision_width=1024, vision_layers=23, vision_heads=16,
+              vision_mlp_dim=4096, vision_eps=1e-5)
+# Fine-tuning recipes of a paper preset, applied unless the command line sets the field.
+# Retrieval (Sec. 4.4: "we finetune the image encoder together with Q-Former on COCO using the
+# same objectives"): LAVIS projects/blip2/train/retrieval_coco_ft.yaml with its model config
+# blip2_coco.yaml (the encoder trains in fp32, gradient checkpointing).
 FINETUNE = {
-    "retrieval": dict(image_size=364, freeze_vision=False, layer_decay=0.95, lr=1e-5, warmup_lr=1e-6, min_lr=0.0,
+    "retrieval": dict(image_size=364, freeze_vision=False, layer_decay=0.95, lr=1e-5,
+                      warmup_lr=1e-8, min_lr=0.0,
                       warmup_steps=1000, epochs=5, batch_size=14, k_test=128, grad_checkpointing=True),
     # LAVIS projects/blip2/train/caption_coco_ft.yaml (Sec. 4.2): the encoder trains, in fp32
     "caption": dict(image_size=364, freeze_vision=False, lr=1e-5, warmup_lr=1e-8, min_lr=0.0, warmup_steps=1000,
@@ -204,7 +220,8 @@ RECIPES_DOC = ("task recipes (--task retrieval / caption with a paper preset; th
                + "\n  tiny, --stage 2: " + ", ".join(f"{k}={v}" for k, v in TINY_STAGE2.items()))
 
 MODEL_FIELDS = ("vision", "image_size", "patch_size", "vision_width", "vision_layers", "vision_heads",
-                "vision_mlp_ratio", "ln_vision_eps", "num_query_tokens", "qformer_width", "qformer_layers",
+                "vision_mlp_dim", "vision_eps", "ln_vision_eps", "num_query_tokens",
+                "qformer_width", "qformer_layers",
                 "qformer_heads", "qformer_mlp_dim", "cross_attention_freq", "max_positions", "qformer_eps",
                 "vocab_size", "embed_dim")
 
@@ -218,8 +235,9 @@ def image_encoder(cfg):
     token (B, 1 + P, Dv)."""
     clip = cfg.vision == "clip-l"
     vit = VisionTransformer(image_size=cfg.image_size, patch_size=cfg.patch_size, width=cfg.vision_width,
-                            layers=cfg.vision_layers, heads=cfg.vision_heads, mlp_ratio=cfg.vision_mlp_ratio,
-                            act="quick_gelu" if clip else "gelu", eps=1e-5 if clip else 1e-6, pre_norm=clip,
+                            layers=cfg.vision_layers, heads=cfg.vision_heads,
+                            mlp_dim=cfg.vision_mlp_dim,
+                            act="quick_gelu" if clip else "gelu", eps=cfg.vision_eps, pre_norm=clip,
                             patch_bias=not clip, post_norm=False)
     if not clip:
         # EVA has separate q and v biases and no k bias: the k third of our fused bias is 0 and
@@ -617,15 +635,17 @@ class BLIP2(nn.Module):
     def llm_logits(self, images, ids, mask, labels):
         """The LM's next-token logits (B, T, V) for the targets and the labels (B, T), -100 where
         nothing is predicted (see llm_example for what ids and labels hold).
-          decoder-only (LAVIS blip2_opt): the LM reads [Q queries; ids], right-padded; the text
-          position t predicts token t + 1 (the LM's head is not run at the Q query positions).
+          decoder-only (LAVIS blip2_opt): the LM reads [Q queries; ids], right-padded; the last
+          query predicts ids[0] ([BOS]: labels say whether it counts) and each text position t the
+          token t + 1 (the LM's head is not run at the other query positions).
           encoder-decoder (blip2_t5): the encoder reads [queries; ids] (the prompt, or the prefix
           text), the decoder predicts `labels` teacher-forced (shifted right behind its start token)."""
         x, m = self.llm_inputs(self.soft_prompt(images), ids, mask)
         lm = self.language_model
         if self.decoder_only:
-            logits = lm(inputs_embeds=x, attention_mask=m, use_cache=False, logits_to_keep=ids.shape[1]).logits
-            return logits[:, :-1], labels[:, 1:]
+            logits = lm(inputs_embeds=x, attention_mask=m, use_cache=False,
+                        logits_to_keep=ids.shape[1] + 1).logits                  # the last query on
+            return logits[:, :-1], labels
         decoder_ids = lm.prepare_decoder_input_ids_from_labels(labels=labels)
         return lm(inputs_embeds=x, attention_mask=m, decoder_input_ids=decoder_ids, use_cache=False).logits, labels
 
@@ -931,17 +951,30 @@ def check_eva_k_bias(state, key, cfg, source):
     return state
 
 
+# transformers config fields our modules have one value of (EVA's and the Q-Former's): another value
+# would change the numbers, so it is refused (dropout is the run's: --dropout; the encoder has none)
+HF_FIXED = {"vision_config": dict(hidden_act="gelu", qkv_bias=True),
+            "qformer_config": dict(hidden_act="gelu", position_embedding_type="absolute")}
+
+
 def hf_architecture(config, state, path):
-    """Config fields of a transformers BLIP-2 folder (config.json: vision_config, qformer_config)."""
+    """Config fields of a transformers BLIP-2 folder (config.json: vision_config, qformer_config):
+    every field that changes the numbers is taken (sizes as sizes) or, where our modules have one
+    value only (HF_FIXED), refused naming it."""
     try:
         v, q = config["vision_config"], config["qformer_config"]
-        D = v["hidden_size"]
-        if v.get("hidden_act", "gelu") != "gelu":
-            raise UserError(f"{path}: vision hidden_act {v['hidden_act']!r}; EVA uses exact GELU")
+        for part, fixed in HF_FIXED.items():
+            for k, want in fixed.items():
+                if config[part].get(k, want) != want:
+                    raise UserError(f"{path}: {part}.{k} is {config[part][k]!r}; this BLIP-2 has "
+                                    f"{want!r} only")
         words = state.get("embeddings.word_embeddings.weight")
-        return dict(image_size=v.get("image_size", 224), patch_size=v.get("patch_size", 14), vision_width=D,
-                    vision_layers=v.get("num_hidden_layers", 39), vision_heads=v.get("num_attention_heads", 16),
-                    vision_mlp_ratio=v.get("intermediate_size", 6144) / D, ln_vision_eps=v.get("layer_norm_eps", 1e-6),
+        eps = v.get("layer_norm_eps", 1e-6)     # the encoder's norms and post_layernorm (ln_vision)
+        return dict(image_size=v.get("image_size", 224), patch_size=v.get("patch_size", 14),
+                    vision_width=v["hidden_size"], vision_layers=v.get("num_hidden_layers", 39),
+                    vision_heads=v.get("num_attention_heads", 16),
+                    vision_mlp_dim=v.get("intermediate_size", 6144), vision_eps=eps,
+                    ln_vision_eps=eps,
                     num_query_tokens=config.get("num_query_tokens", 32), qformer_width=q.get("hidden_size", 768),
                     qformer_layers=q.get("num_hidden_layers", 12), qformer_heads=q.get("num_attention_heads", 12),
                     qformer_mlp_dim=q.get("intermediate_size", 3072),
@@ -985,7 +1018,14 @@ def load_vision(model, cfg):
     holder = nn.Module()                           # our keys 'visual_encoder.*' and nothing else
     holder.visual_encoder = model.visual_encoder
     if os.path.isdir(path):
-        _, state = read_hf_checkpoint(path)
+        config, state = read_hf_checkpoint(path)
+        v = config.get("vision_config") or config           # a whole model's, or a vision model's
+        act = "quick_gelu" if cfg.vision == "clip-l" else "gelu"
+        for k, ours, flag in (("layer_norm_eps", cfg.vision_eps, "--vision-eps"),
+                              ("hidden_act", act, "--vision")):
+            if v.get(k, ours) != ours:
+                raise UserError(f"--vision-weights {path}: its {k} is {v[k]!r}, this encoder's "
+                                f"{ours!r} ({flag})")
         # a whole model's folder (Blip2*, CLIPModel) keeps the tower under vision_model.; a bare
         # Blip2VisionModel / CLIPVisionModel folder (transformers 5) at the top level
         if not any(k.startswith("vision_model.") for k in state):
@@ -1089,6 +1129,16 @@ def read_init(path):
 
 # ---- data ----
 
+def caption_text(cfg):
+    """LAVIS's blip_caption processor: every caption, in training and evaluation (after the prompt)."""
+    return functools.partial(pre_caption_blip, max_words=cfg.max_words)
+
+
+def question_text(cfg):
+    """LAVIS's blip_question processor: every VQA question, before --vqa-prompt's formatting."""
+    return functools.partial(pre_question_blip, max_words=cfg.max_words)
+
+
 def build_data(cfg, tokenizer, rank, world_size):
     """Training loader and sampler (none with --eval-only), val records. With neither
     --train-data nor --val-data, the built-in tiny set."""
@@ -1099,7 +1149,10 @@ def build_data(cfg, tokenizer, rank, world_size):
     if cfg.eval_only:
         return None, None, val
     train_file = cfg.train_data or os.path.join(tiny_data(), "train.json")
-    example = Example(train_transform(cfg.image_size), tokenizer, cfg.max_length)
+    # LAVIS's blip2_image_train (crop 0.5-1, flip) at the paper presets; the tiny preset's light crop
+    # has no flip (its captions say left and right)
+    example = Example(train_transform(cfg.image_size, cfg.min_scale, cfg.hflip), tokenizer, cfg.max_length,
+                      text=caption_text(cfg))
     records = training_records(train_file, root, cfg.skip_bad)          # an annotation file's, or shards
     loader, sampler = train_loader(records, example, cfg, rank, world_size, train_file)
     return loader, sampler, val
@@ -1110,8 +1163,9 @@ def build_data(cfg, tokenizer, rank, world_size):
 def llm_example(tok, prompt, target, max_length, decoder_only, end_ids):
     """One sample's token ids for the LM, unpadded: (ids, labels).
       decoder-only (LAVIS blip2_opt): ids = [BOS] prompt target end, labels = the ids of target and
-      end, -100 on [BOS] and the prompt (no loss on the prompt). The prompt's trailing space goes
-      with the target, so that "a photo of " + "dog" is tokenised as the text "a photo of dog".
+      end, -100 on the prompt and its [BOS] (no loss on the prompt); without a prompt [BOS] is a
+      target too, which the last query predicts (LAVIS masks [BOS] only with the prompt). The
+      prompt's trailing space goes with the target: "a photo of " + "dog" is "a photo of dog".
       encoder-decoder (blip2_t5): ids = prompt </s> (after the queries in the encoder), labels =
       target </s> (the decoder's).
     A target longer than max_length (the whole sequence, prompt included, for decoder-only) is cut,
@@ -1121,7 +1175,7 @@ def llm_example(tok, prompt, target, max_length, decoder_only, end_ids):
         p = tok(head)["input_ids"]                                        # [BOS] prompt
         t = tok(prompt[len(head):] + target, add_special_tokens=False)["input_ids"]
         t = t[:max(0, max_length - len(p) - len(end_ids))] + end_ids
-        return p + t, [-100] * len(p) + t
+        return p + t, (p if not head else [-100] * len(p)) + t
     p = tok(prompt)["input_ids"]
     t = tok(target)["input_ids"]                                          # target </s>
     if len(t) > max_length:
@@ -1222,26 +1276,30 @@ def build_data_stage2(cfg, tok, decoder_only, rank, world_size):
         return None, None, val, vqa
     train_file = cfg.train_data or os.path.join(tiny_data(), "train.json")
     records = training_records(train_file, root, cfg.skip_bad)
+    caption, question = caption_text(cfg), question_text(cfg)             # LAVIS's text processors
     if tiny:
-        records += [{"image": q["image"], "captions": [q["answers"][0]], "prompt": cfg.vqa_prompt.format(q["question"]),
-                     "image_id": q["question_id"]}
+        records += [{"image": q["image"], "captions": [q["answers"][0]],
+                     "prompt": cfg.vqa_prompt.format(question(q["question"])), "image_id": q["question_id"]}
                     for q in read_vqa(os.path.join(tiny, "vqa_train_questions.json"),
                                       os.path.join(tiny, "vqa_train_annotations.json"))]
     end = end_ids(cfg, tok, decoder_only)
     split_prefix = not decoder_only and cfg.task == "pretrain"
 
     def encode(record, c, seed):
-        prompt, target = record.get("prompt", cfg.prompt), record["captions"][c]
+        prompt = record.get("prompt", cfg.prompt)
+        target = record["captions"][c]
+        target = target if "prompt" in record else caption(target)      # a caption (not a VQA answer)
         if split_prefix and "prompt" not in record:
             # Sec. 3.3 prefix language modeling: the caption is cut at a random word boundary, the
             # prefix goes to the encoder after the queries, the suffix is generated (see the README)
             words = target.split()
-            k = random.Random(seed).randrange(len(words)) if seed is not None else 0
+            k = random.Random(seed).randrange(len(words)) if seed is not None and words else 0
             prompt, target = " ".join(words[:k]), " ".join(words[k:])
         return llm_example(tok, prompt, target, cfg.max_length, decoder_only, end)
 
-    loader, sampler = train_loader(records, Example(train_transform(cfg.image_size), encode=encode), cfg, rank,
-                                   world_size, train_file, collate_fn=collate_llm(tok.pad_token_id))
+    example = Example(train_transform(cfg.image_size, cfg.min_scale, cfg.hflip), encode=encode)
+    loader, sampler = train_loader(records, example, cfg, rank, world_size, train_file,
+                                   collate_fn=collate_llm(tok.pad_token_id))
     return loader, sampler, val, vqa
 
 
@@ -1300,7 +1358,7 @@ def evaluate(model, cfg, val, tokenizer, device, precision):
     was_training = model.training
     model.eval()
     tick = time.time()
-    texts, txt2img = retrieval_texts(val)
+    texts, txt2img = retrieval_texts(val, caption_text(cfg))
     ids = tokenizer(texts, cfg.max_length).to(device)
     mask = (ids != tokenizer.pad_id).long()
     t0, t1 = dist.shard_range(len(texts))
@@ -1341,7 +1399,7 @@ def evaluate_itg(model, cfg, recs, tokenizer, device, precision, tokens):
     next token, and `itg_acc_majority`, the accuracy of always predicting the most frequent next
     token: what a model that ignores the image and the earlier words reaches. Counts are summed
     over ranks."""
-    ids = tokenizer([c for r in recs for c in r["captions"]], cfg.max_length).to(device)
+    ids = tokenizer(retrieval_texts(recs, caption_text(cfg))[0], cfg.max_length).to(device)
     image_of = torch.tensor([i for i, r in enumerate(recs) for _ in r["captions"]], dtype=torch.long, device=device)
     correct = torch.zeros((), device=device)
     counts = torch.zeros(cfg.vocab_size, device=device)
@@ -1366,7 +1424,8 @@ def generate_texts(model, cfg, paths, prompts, tok, device, precision, generatio
     in batches, and the texts are gathered in order."""
     start, end = dist.shard_range(len(paths))
     loader = torch.utils.data.DataLoader(ImageDataset(paths[start:end], eval_transform(cfg.image_size, crop=False)),
-                                         batch_size=cfg.batch_size, num_workers=cfg.workers)
+                                         batch_size=cfg.batch_size, num_workers=cfg.workers,
+                                         worker_init_fn=ignore_preemption_signals)
     decoder_only = model.decoder_only
     stop = dict(eos_token_id=end_ids(cfg, tok, decoder_only)[0] if decoder_only else tok.eos_token_id,
                 pad_token_id=tok.pad_token_id)
@@ -1403,12 +1462,13 @@ def evaluate_captions(model, cfg, val, tok, device, precision):
 
 
 def evaluate_vqa(model, cfg, questions, tok, device, precision):
-    """Zero-shot VQA (Sec. 4.1): "Question: {} Short answer:" after the soft prompt, beam search
+    """Zero-shot VQA (Sec. 4.1): "Question: {} Short answer:" (the question through LAVIS's
+    blip_question) after the soft prompt, beam search
     with length penalty -1; vqa_acc is VQAv2's accuracy with its answer normalisation (percent).
     vqa_answers.json holds the answers in VQAv2's result format."""
     answers = generate_texts(model, cfg, [q["image"] for q in questions],
-                             [cfg.vqa_prompt.format(q["question"]) for q in questions], tok, device, precision,
-                             VQA_GENERATION)
+                             [cfg.vqa_prompt.format(question_text(cfg)(q["question"])) for q in questions], tok,
+                             device, precision, VQA_GENERATION)
     if dist.is_main():
         with open(os.path.join(cfg.output_dir, "vqa_answers.json"), "w") as f:
             json.dump([{"question_id": q["question_id"], "answer": a} for q, a in zip(questions, answers)], f, indent=1)
@@ -1452,10 +1512,12 @@ def build_model(cfg, tokenizer, init=(None, None), llm_tokenizer=None):
     from the sources it records, unless the command line names others); then --init-text a BERT.
     Stage 2 from a stage-1 start builds that and drops its text parts (to_stage2)."""
     kind, saved = init
-    cli = getattr(cfg, "cli_keys", ())
+    cli = set(getattr(cfg, "cli_keys", ()))
     llm = (lambda: make_llm(cfg, llm_tokenizer)) if cfg.stage == 2 else (lambda: None)
     if cfg.stage == 2 and kind and init_stage(kind, saved) == 1:
-        stage1, cfg1 = build_model(dataclasses.replace(cfg, stage=1, init_text=""), None, init)
+        cfg1 = dataclasses.replace(cfg, stage=1, init_text="")
+        cfg1.cli_keys = cli                       # what the command line (or recipe) set still wins
+        stage1, cfg1 = build_model(cfg1, None, init)
         for k in MODEL_FIELDS + ("vision_weights", "vision_seed"):
             setattr(cfg, k, getattr(cfg1, k))
         model = to_stage2(stage1, cfg, llm())
@@ -1476,11 +1538,12 @@ def build_model(cfg, tokenizer, init=(None, None), llm_tokenizer=None):
             if k not in cli or k not in LLM_FIELDS:      # a moved LM folder may be named again
                 setattr(cfg, k, saved["config"][k])
         cfg.__dict__.update(run)
-        if "vision_weights" not in cli:
-            cfg.vision_weights, cfg.vision_seed = saved["config"]["vision_weights"], saved["config"]["vision_seed"]
+        source = {"vision_weights", "vision_seed"} & cli        # another encoder asked for
+        for k in {"vision_weights", "vision_seed"} - source:
+            setattr(cfg, k, saved["config"][k])
         model = build_blip2(cfg, tokenizer, llm())
         load_vision(model, cfg)
-        load_trainable(model, saved, cfg.init_from, check_vision="vision_weights" not in cli)
+        load_trainable(model, saved, cfg.init_from, check_vision=not source)
     else:
         model = build_blip2(cfg, tokenizer, llm())
         load_vision(model, cfg)
@@ -1647,12 +1710,15 @@ def main(argv=None):
     if ckpt:
         dist.load_optimizer_state_dict(model, optimizer, ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
-        scaler.load_state_dict(ckpt["scaler"])
-        step, best, guard.total = ckpt["step"], ckpt["best"], ckpt["bad_steps"]
+        load_scaler_state(scaler, ckpt["scaler"])     # {} from a bf16/fp32 run: a fresh scale
+        step, best = ckpt["step"], ckpt["best"]
+        guard.load_state_dict(ckpt)                   # bad steps in all and in a row
         set_rng_state(ckpt["rng"][rank])
         sampler.load_state_dict(ckpt.get("data", [{}] * world_size)[rank])   # shards: the stream position
         if dist.is_main():
             print(f"resumed from {cfg.resume} at step {step}")
+    # a run stopped at the end of an epoch before its evaluation (a signal) evaluates it first
+    evaluated = step - evaluation_pending(ckpt, steps_per_epoch, total_steps)
     del ckpt
 
     def checkpoint(name):
@@ -1660,7 +1726,8 @@ def main(argv=None):
         # under FSDP both are gathered to rank 0, in the layout of a non-FSDP run
         state = {"model": dist.full_state_dict(model, keep), "optimizer": dist.optimizer_state_dict(model, optimizer),
                  "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "step": step,
-                 "epoch": step // steps_per_epoch, "best": best, "bad_steps": guard.total,
+                 "epoch": step // steps_per_epoch, "best": best,
+                 **guard.state_dict(), "evaluated": evaluated,
                  "steps_per_epoch": steps_per_epoch, "world_size": world_size, "config": dataclasses.asdict(cfg),
                  "vision_fingerprint": vision_fingerprint, "llm_fingerprint": llm_fingerprint,
                  "rng": dist.gather_objects(rng_state()),
@@ -1671,10 +1738,11 @@ def main(argv=None):
     pbar = tqdm(total=total_steps, initial=step, disable=not dist.is_main(), dynamic_ncols=True)
     metrics, tick, tick_step, stopped = {}, time.time(), step, False
     with Preemption() as preemption:
-        while step < total_steps and not stopped:
-            epoch = step // steps_per_epoch
-            sampler.set_epoch(epoch, skip=(step % steps_per_epoch) * cfg.accum_steps * cfg.batch_size)
-            for group in micro_batches(loader, cfg.accum_steps):
+        while (step < total_steps or evaluated < step) and not stopped:
+            unevaluated = evaluated < step    # resumed at an epoch's end, not yet evaluated
+            epoch = (step - unevaluated) // steps_per_epoch
+            sampler.set_epoch(epoch, skip=(step - epoch * steps_per_epoch) * cfg.accum_steps * cfg.batch_size)
+            for group in () if unevaluated else micro_batches(loader, cfg.accum_steps):
                 micro, tokens = [], 0
                 for batch in group:
                     if cfg.stage == 1:
@@ -1686,14 +1754,17 @@ def main(argv=None):
                         mask = (ids != tokenizer.pad_id).long()
                         micro.append(dict(images=images, ids=ids, mask=mask, idx=idx, task=cfg.task))
                     else:   # padded to the batch's longest text by collate_llm
-                        labels = batch[3][:, 1:] if model.decoder_only else batch[3]   # as llm_logits scores them
-                        tokens += int((labels != -100).sum())
+                        tokens += int((batch[3] != -100).sum())          # the LM's targets
                         images, ids, mask, labels = (x.to(device, non_blocking=True) for x in batch[:4])
                         micro.append(dict(images=images, ids=ids, mask=mask, labels=labels))
                 # --accum-steps K (see forward): ITC over the K micro-batches through the feature
                 # cache, the text losses over the step's tokens, ITM the micro-batches' mean
                 count = dist.all_reduce_sum(torch.tensor(float(tokens), device=device))
-                features = lambda b: {**model.itc_features(b["images"], b["ids"], b["mask"]), "idx": b["idx"]}  # noqa: E731
+
+                def features(b):     # under the live pass's autocast: the cache holds its features
+                    with autocast(precision, device):
+                        feats = model.itc_features(b["images"], b["ids"], b["mask"])
+                    return {**feats, "idx": b["idx"]}
                 cache = FeatureCache(features if cfg.stage == 1 else None, micro)
                 parts = []
                 for j, inputs in enumerate(micro):
@@ -1730,13 +1801,8 @@ def main(argv=None):
                     log.write({"step": step, "epoch": epoch, "split": "train", **values, "lr": lr, **extra,
                                "samples_per_s": speed, "grad_norm": grad_norm.item(), "bad_steps": guard.total,
                                **sampler.stats()})
-                if preemption.requested():   # SIGTERM / SIGUSR1 on any rank: save this step and leave
-                    guard.flush()
-                    checkpoint("checkpoint_last.pt")
-                    if dist.is_main():
-                        print(f"{preemption.received or 'a signal on another rank'}: stopped after step {step}, "
-                              f"saved {os.path.join(cfg.output_dir, 'checkpoint_last.pt')}; --resume auto continues",
-                              flush=True)
+                # SIGTERM / SIGUSR1 on any rank: save this step and leave
+                if preemption.stop(step, cfg.output_dir, lambda: checkpoint("checkpoint_last.pt")):
                     stopped = True
                     break
                 if step % cfg.save_every == 0 and step % steps_per_epoch:
@@ -1745,7 +1811,9 @@ def main(argv=None):
                     break
             if stopped:
                 break
-            guard.flush()
+            # end of an epoch (or of training): save first, so that a signal during the evaluation
+            # loses no step (resumed, the run evaluates this epoch first); evaluate, keep the best
+            checkpoint("checkpoint_last.pt")
             with dist.full_parameters(model):     # FSDP: every unit gathered while evaluating
                 metrics = evaluate_run()
             log.write({"step": step, "epoch": epoch, "split": "val", **metrics})
@@ -1755,7 +1823,9 @@ def main(argv=None):
             if dist.gather_objects(metrics.get(key, -1.0) > best)[0]:   # rank 0 decides for all
                 best = metrics[key]
                 checkpoint("checkpoint_best.pt")
+            evaluated = step
             checkpoint("checkpoint_last.pt")
+            stopped = preemption.stop(step, cfg.output_dir)   # a signal during the evaluation
             tick, tick_step = time.time(), step
     pbar.close()
     if not metrics and not stopped:   # resumed a finished run: evaluate its weights again

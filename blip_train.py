@@ -13,6 +13,7 @@ decoder to caption web images and the ITM head to filter noisy captions.
 """
 import copy
 import dataclasses
+import functools
 import json
 import os
 import time
@@ -24,17 +25,20 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from common import dist
-from common.data import (Example, ImageDataset, eval_transform, load_tokenizer, read_annotations, retrieval_texts,
-                         tiny_data, train_loader, train_transform, training_records)
+from common.data import (Example, ImageDataset, eval_transform, load_tokenizer, pre_caption_blip,
+                         read_annotations, retrieval_texts, tiny_data, train_loader, train_transform,
+                         training_records)
 from common.encoders import (BertEncoder, BertLMHead, BertLayer, Block, KVCache, VisionTransformer, hf_bert_lm_head_map,
                              hf_bert_map, hf_blip_vision_map, load_mapped, read_hf_checkpoint, resize_pos_embed)
 from common.generation import beam_search, greedy_or_sample
 from common.metrics import caption_metrics, image_tokens, rerank_topk, retrieval_metrics
-from common.utils import (MetricLog, NonFiniteGuard, Preemption, UserError, adamw, autocast, check_finite,
-                          check_resume_position, cli, cosine_schedule, first_nonfinite_module, grad_norm_,
-                          load_checkpoint, micro_batches, param_groups, precision_dtype, resolve_config,
-                          resolve_precision, rng_state, save_checkpoint, save_config, seed_everything, set_rng_state,
-                          sync_gradients)
+from common.utils import (MetricLog, NonFiniteGuard, Preemption, UserError, adamw, autocast,
+                          check_finite, check_resume_position, cli, cosine_schedule,
+                          evaluation_pending, first_nonfinite_module, grad_norm_,
+                          ignore_preemption_signals, load_checkpoint, load_scaler_state,
+                          micro_batches, param_groups, precision_dtype, resolve_config,
+                          resolve_precision, rng_state, save_checkpoint, save_config,
+                          seed_everything, set_rng_state, sync_gradients)
 
 
 # ---- config ----
@@ -50,7 +54,7 @@ class Config:
     vision_layers: int = 4          # ViT blocks
     vision_heads: int = 2           # ViT attention heads
     vision_eps: float = 1e-6        # ViT LayerNorm epsilon
-    vision_mlp_ratio: float = 4.0   # ViT MLP hidden width / width
+    vision_mlp_dim: int = 512       # ViT MLP hidden width (3072 in ViT-B, 4096 in ViT-L)
     # text: the MED, a bert-base with cross-attention in every layer
     text_width: int = 128           # text transformer width
     text_layers: int = 4            # text transformer blocks
@@ -61,6 +65,7 @@ class Config:
     dropout: float = 0.0            # MED hidden/attention dropout (0.1 in med_config.json; 0 for the tiny runs)
     vocab_size: int = 0             # 0: the tokenizer's (with [DEC] and [ENC] added)
     max_length: int = 32            # tokens per caption, [CLS] and [SEP] included (BLIP: 30-35)
+    max_words: int = 30             # words kept by pre_caption (data/utils.py; 30 in BLIP's datasets)
     embed_dim: int = 64             # ITC space (256 in the paper)
     # method (configs/pretrain.yaml, retrieval_coco.yaml, caption_coco.yaml)
     # Queue: 57,600 in the paper. The tiny preset trains from scratch, where every feature starts
@@ -93,6 +98,9 @@ class Config:
     image_root: str = ""            # folder relative image paths start from (default: the annotation file's)
     tokenizer: str = ""             # transformers folder or name (bert-base-uncased); empty: tiny's
     skip_bad: bool = False          # skip (and count) unreadable images and empty captions in training data
+    min_scale: float = 0.9          # RandomResizedCrop's least area (0.2 pretraining, 0.5 fine-tuning)
+    hflip: bool = False             # random flips (paper presets; tiny's captions say left/right)
+    randaugment: int = 0            # RandomAugment(2, M)'s M of 10 (5: data/__init__.py); 0: off
     train_num_samples: int = 0      # shards: samples per epoch; 0: the sizes.json beside the shards
     dataset_resampled: bool = False  # shards: draw them with replacement (open_clip's flag)
     workers: int = 2                # data-loading processes per rank
@@ -124,22 +132,22 @@ class Config:
 
 _BERT_BASE = dict(text_width=768, text_layers=12, text_heads=12, text_mlp_dim=3072, max_positions=512,
                   tokenizer="bert-base-uncased", embed_dim=256, dropout=0.1, max_length=35, queue_size=57600, workers=8,
-                  epochs=20, warmup_steps=3000)
+                  epochs=20, warmup_steps=3000, min_scale=0.2, hflip=True, randaugment=5)
 PRESETS = {
     "tiny": {},
     # ViT-B/16, 224 px pretraining (384 px for fine-tuning: pass --image-size 384), batch 75/GPU
     "vit-b": dict(_BERT_BASE, image_size=224, patch_size=16, vision_width=768, vision_layers=12, vision_heads=12,
-                  batch_size=75),
+                  vision_mlp_dim=3072, batch_size=75),
     # ViT-L/16 (IN-21k), gradient checkpointing as the paper's 32-GPU runs
     "vit-l": dict(_BERT_BASE, image_size=224, patch_size=16, vision_width=1024, vision_layers=24, vision_heads=16,
-                  batch_size=50, grad_checkpointing=True),
+                  vision_mlp_dim=4096, batch_size=50, grad_checkpointing=True),
 }
 # Fine-tuning recipes of the paper's presets (configs/retrieval_coco.yaml, caption_coco.yaml):
 # applied to --preset vit-b / vit-l for these tasks unless the command line sets the field.
 FINETUNE = {
     "retrieval": dict(image_size=384, lr=1e-5, warmup_steps=0, epochs=6, batch_size=32, k_test=256, queue_size=57600,
-                      grad_checkpointing=True),
-    "caption": dict(image_size=384, lr=1e-5, warmup_steps=0, epochs=5, batch_size=32),
+                      grad_checkpointing=True, min_scale=0.5),
+    "caption": dict(image_size=384, lr=1e-5, warmup_steps=0, epochs=5, batch_size=32, min_scale=0.5),
 }
 
 
@@ -157,7 +165,7 @@ RECIPES_DOC = ("task recipes (--task retrieval / caption with a paper preset; th
                            for task, values in FINETUNE.items()))
 
 
-MODEL_FIELDS = ("image_size", "patch_size", "vision_width", "vision_layers", "vision_heads", "vision_eps", "vision_mlp_ratio",
+MODEL_FIELDS = ("image_size", "patch_size", "vision_width", "vision_layers", "vision_heads", "vision_eps", "vision_mlp_dim",
                 "text_width", "text_layers", "text_heads", "text_mlp_dim", "max_positions", "text_eps", "vocab_size",
                 "embed_dim", "queue_size")
 
@@ -176,7 +184,7 @@ class BLIP(nn.Module):
         self.cls_id, self.enc_id, self.dec_id, self.sep_id, self.pad_id = cls_id, enc_id, dec_id, sep_id, pad_id
         self.visual_encoder = VisionTransformer(
             image_size=cfg.image_size, patch_size=cfg.patch_size, width=cfg.vision_width, layers=cfg.vision_layers,
-            heads=cfg.vision_heads, mlp_ratio=cfg.vision_mlp_ratio, act="gelu", eps=cfg.vision_eps, pre_norm=False,
+            heads=cfg.vision_heads, mlp_dim=cfg.vision_mlp_dim, act="gelu", eps=cfg.vision_eps, pre_norm=False,
             patch_bias=True)
         bert = dict(vocab_size=cfg.vocab_size, width=cfg.text_width, layers=cfg.text_layers, heads=cfg.text_heads,
                     mlp_dim=cfg.text_mlp_dim, max_positions=cfg.max_positions, cross_dim=cfg.vision_width,
@@ -436,10 +444,13 @@ class BLIP(nn.Module):
         from transformers import BlipConfig
         hf = BlipConfig.from_pretrained(path)
         v, t = hf.vision_config, hf.text_config
+        for name, sub in (("vision_config", v), ("text_config", t)):    # our blocks use exact GELU
+            if sub.hidden_act != "gelu":
+                raise UserError(f"{path}: {name}.hidden_act {sub.hidden_act!r} is not supported (gelu only)")
         cfg = dataclasses.replace(cfg or Config(), image_size=v.image_size, patch_size=v.patch_size,
                                   vision_width=v.hidden_size, vision_layers=v.num_hidden_layers,
                                   vision_heads=v.num_attention_heads, vision_eps=v.layer_norm_eps,
-                                  vision_mlp_ratio=v.intermediate_size / v.hidden_size,
+                                  vision_mlp_dim=v.intermediate_size,
                                   text_width=t.hidden_size, text_layers=t.num_hidden_layers,
                                   text_heads=t.num_attention_heads, text_mlp_dim=t.intermediate_size,
                                   max_positions=t.max_position_embeddings, text_eps=t.layer_norm_eps,
@@ -529,6 +540,12 @@ def sample_negatives(weights):
 
 # ---- data ----
 
+def caption_text(cfg):
+    """BLIP's text processing of every caption, in training and evaluation (data/utils.py
+    pre_caption; the caption task's prompt goes before it, as coco_karpathy_train)."""
+    return functools.partial(pre_caption_blip, max_words=cfg.max_words)
+
+
 def build_data(cfg, tokenizer, rank, world_size):
     """Training loader and sampler (none with --eval-only), val records, training records (an
     annotation file's, or the shard spec).
@@ -546,9 +563,10 @@ def build_data(cfg, tokenizer, rank, world_size):
             raise UserError("--task capfilt captions and filters an annotation file; --train-data names shards")
         return None, None, val, records
     prefix = cfg.prompt if cfg.task == "caption" else ""
-    # open_clip's light crop, no flip (captions say left and right); BLIP trains with
-    # RandomResizedCrop(0.5-1), flips and RandAugment on COCO.
-    example = Example(train_transform(cfg.image_size), tokenizer, cfg.max_length, prefix=prefix)
+    # data/__init__.py's crop, flip and RandomAugment at the paper presets; the tiny preset's light
+    # crop has no flip (its captions say left and right)
+    example = Example(train_transform(cfg.image_size, cfg.min_scale, cfg.hflip, cfg.randaugment), tokenizer,
+                      cfg.max_length, prefix=prefix, text=caption_text(cfg))
     loader, sampler = train_loader(records, example, cfg, rank, world_size, train_file)
     return loader, sampler, val, records
 
@@ -572,6 +590,10 @@ def check_config(cfg, tokenizer, world_size):
                          f"a caption within --max-length {cfg.max_length} / --max-gen-length {cfg.max_gen_length}")
     if cfg.max_length > cfg.max_positions:
         raise UserError(f"--max-length {cfg.max_length} exceeds the {cfg.max_positions} position embeddings")
+    if cfg.task == "capfilt" and not cfg.init_from:    # Sec. 3.3: both are fine-tuned first
+        raise UserError("--task capfilt needs a trained captioner and filter: pass --init-from a "
+                        "blip_train.py checkpoint (run/checkpoint_best.pt) or a Hugging Face BLIP "
+                        "folder")
     return prompt_length
 
 
@@ -587,7 +609,7 @@ def evaluate_retrieval(model, cfg, val, tokenizer, device, precision):
     are gathered. Image->text rows are this rank's images; each text->image pair (a text, one of
     its top-k images) is scored by the rank that holds the image, and the scores are gathered.
     Returns the metrics and the number of ITM forward passes, k x (n_images + n_texts)."""
-    texts, txt2img = retrieval_texts(val)
+    texts, txt2img = retrieval_texts(val, caption_text(cfg))
     ids = tokenizer(texts, cfg.max_length).to(device)
     mask = (ids != tokenizer.pad_id).long()
     t0, t1 = dist.shard_range(len(texts))
@@ -624,7 +646,8 @@ def evaluate_captions(model, cfg, val, tokenizer, device, precision, output_dir=
     paths = [r["image"] for r in val]
     start, end = dist.shard_range(len(paths))
     loader = torch.utils.data.DataLoader(ImageDataset(paths[start:end], eval_transform(cfg.image_size, crop=False)),
-                                         batch_size=cfg.batch_size, num_workers=cfg.workers)
+                                         batch_size=cfg.batch_size, num_workers=cfg.workers,
+                                         worker_init_fn=ignore_preemption_signals)
     # The prompt conditions captioning fine-tuning; the pretraining LM never saw it.
     prompt_ids = prompt_token_ids(tokenizer, cfg.prompt if cfg.task == "caption" else "", cfg.max_length)
     tokens = []
@@ -670,15 +693,18 @@ def capfilt(model, cfg, records, tokenizer, device, precision, path, filter_mode
     synthetic caption when the ITM head's p(match) >= threshold. Images are split across ranks;
     each rank streams the records it keeps to a part file beside `path`, and rank 0 concatenates
     the parts into the new annotation file, atomically (the input is never modified). The output
-    folder must be one every rank can reach (a shared filesystem across nodes). Returns the counts."""
+    folder must be one every rank can reach (a shared filesystem across nodes). Returns the counts;
+    a result with no caption is an error naming the threshold, never an empty training file."""
     model.eval()
     filter_model = (filter_model or model).eval()
     start, end = dist.shard_range(len(records))
     mine = records[start:end]
     loader = torch.utils.data.DataLoader(ImageDataset([r["image"] for r in mine], eval_transform(cfg.image_size, crop=False)),
-                                         batch_size=cfg.batch_size, num_workers=cfg.workers)
+                                         batch_size=cfg.batch_size, num_workers=cfg.workers,
+                                         worker_init_fn=ignore_preemption_signals)
     prompt_ids = prompt_token_ids(tokenizer, cfg.prompt, cfg.max_length)
     kept = scored = images_kept = 0
+    highest = 0.0                                               # p(match), for the error
     with open(f"{path}.part{dist.rank()}.jsonl", "w") as part:
         for images, index in loader:
             images = images.to(device)
@@ -695,8 +721,10 @@ def capfilt(model, cfg, records, tokenizer, device, precision, path, filter_mode
                         synthetic[j].append(tokenizer.decode(caption).strip())
                 candidates = [[c for c in mine[i]["captions"] + synthetic[j] if c]
                               for j, i in enumerate(index.tolist())]
-                p_match = iter(itm_match(filter_model, [c for cs in candidates for c in cs],
-                                         [j for j, cs in enumerate(candidates) for _ in cs], embeds, cfg, tokenizer))
+                p_match = itm_match(filter_model, [c for cs in candidates for c in cs],
+                                    [j for j, cs in enumerate(candidates) for _ in cs], embeds, cfg,
+                                    tokenizer)
+                highest, p_match = max([highest, *p_match]), iter(p_match)
             for i, cs in zip(index.tolist(), candidates):
                 keep = [c for c, p in zip(cs, p_match) if p >= cfg.capfilt_threshold]   # zip: len(cs) of p_match
                 scored += len(cs)
@@ -706,7 +734,13 @@ def capfilt(model, cfg, records, tokenizer, device, precision, path, filter_mode
                     part.write(json.dumps({"image": mine[i]["image"], "caption": keep,
                                            "image_id": mine[i]["image_id"]}) + "\n")
     # a collective: every rank's part file is complete once it returns
-    counts = [sum(x) for x in zip(*dist.gather_objects((kept, scored, images_kept)))]
+    gathered = list(zip(*dist.gather_objects((kept, scored, images_kept, highest))))
+    counts = [sum(x) for x in gathered[:3]]
+    if counts[0] == 0:
+        os.remove(f"{path}.part{dist.rank()}.jsonl")
+        raise UserError(f"CapFilt kept none of the {counts[1]} captions: no ITM p(match) reached "
+                        f"--capfilt-threshold {cfg.capfilt_threshold} (the highest was "
+                        f"{max(gathered[3]):.3g}); nothing written")
     if dist.is_main():
         concat_json_lines([f"{path}.part{r}.jsonl" for r in range(dist.world_size())], path)
     return {"captions_kept": counts[0], "captions_scored": counts[1], "images_kept": counts[2],
@@ -717,7 +751,7 @@ def itm_match(model, texts, image_of, embeds, cfg, tokenizer):
     """ITM p(match) of every (texts[n], embeds[image_of[n]]) pair, --itm-batch pairs per forward."""
     if not texts:
         return []
-    ids = tokenizer(texts, cfg.max_length).to(embeds.device)
+    ids = tokenizer([caption_text(cfg)(t) for t in texts], cfg.max_length).to(embeds.device)
     image_of = torch.tensor(image_of, device=embeds.device)
     p = [F.softmax(model.itm_logits(ids[a:a + cfg.itm_batch], (ids[a:a + cfg.itm_batch] != tokenizer.pad_id).long(),
                                     embeds[image_of[a:a + cfg.itm_batch]]).float(), 1)[:, 1]
@@ -882,12 +916,15 @@ def main(argv=None):
     if ckpt:
         dist.load_optimizer_state_dict(model, optimizer, ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
-        scaler.load_state_dict(ckpt["scaler"])
-        step, best, guard.total = ckpt["step"], ckpt["best"], ckpt["bad_steps"]
+        load_scaler_state(scaler, ckpt["scaler"])     # {} from a bf16/fp32 run: a fresh scale
+        step, best = ckpt["step"], ckpt["best"]
+        guard.load_state_dict(ckpt)                   # bad steps in all and in a row
         set_rng_state(ckpt["rng"][rank])
         sampler.load_state_dict(ckpt.get("data", [{}] * world_size)[rank])   # shards: the stream position
         if dist.is_main():
             print(f"resumed from {cfg.resume} at step {step}")
+    # a run stopped at the end of an epoch before its evaluation (a signal) evaluates it first
+    evaluated = step - evaluation_pending(ckpt, steps_per_epoch, total_steps)
     del ckpt
 
     def checkpoint(name):
@@ -896,7 +933,8 @@ def main(argv=None):
         state = {"model": dist.full_state_dict(model), "optimizer": dist.optimizer_state_dict(model, optimizer),
                  "scheduler": scheduler.state_dict(),
                  "scaler": scaler.state_dict(), "step": step, "epoch": step // steps_per_epoch, "best": best,
-                 "bad_steps": guard.total, "steps_per_epoch": steps_per_epoch, "world_size": world_size,
+                 **guard.state_dict(), "evaluated": evaluated, "steps_per_epoch": steps_per_epoch,
+                 "world_size": world_size,
                  "config": dataclasses.asdict(cfg), "rng": dist.gather_objects(rng_state()),
                  "data": dist.gather_objects(sampler.state_dict())}
         if dist.is_main():
@@ -906,10 +944,11 @@ def main(argv=None):
     pbar = tqdm(total=total_steps, initial=step, disable=not dist.is_main(), dynamic_ncols=True)
     metrics, tick, tick_step, stopped = {}, time.time(), step, False
     with Preemption() as preemption:
-        while step < total_steps and not stopped:
-            epoch = step // steps_per_epoch
-            sampler.set_epoch(epoch, skip=(step % steps_per_epoch) * cfg.accum_steps * cfg.batch_size)
-            for group in micro_batches(loader, cfg.accum_steps):
+        while (step < total_steps or evaluated < step) and not stopped:
+            unevaluated = evaluated < step    # resumed at an epoch's end, not yet evaluated
+            epoch = (step - unevaluated) // steps_per_epoch
+            sampler.set_epoch(epoch, skip=(step - epoch * steps_per_epoch) * cfg.accum_steps * cfg.batch_size)
+            for group in () if unevaluated else micro_batches(loader, cfg.accum_steps):
                 alpha = alpha_at(cfg, step, steps_per_epoch, device)
                 # --accum-steps K: every micro-batch against the momentum model and queue as they
                 # are at the start of the step (its ITC targets, its own ITM negatives), the mean
@@ -950,13 +989,8 @@ def main(argv=None):
                                "temp": dist.value(model.temp).item(), "samples_per_s": speed, "grad_norm": grad_norm.item(),
                                "bad_steps": guard.total,
                                **sampler.stats()})
-                if preemption.requested():   # SIGTERM / SIGUSR1 on any rank: save this step and leave
-                    guard.flush()
-                    checkpoint("checkpoint_last.pt")
-                    if dist.is_main():
-                        print(f"{preemption.received or 'a signal on another rank'}: stopped after step {step}, "
-                              f"saved {os.path.join(cfg.output_dir, 'checkpoint_last.pt')}; --resume auto continues",
-                              flush=True)
+                # SIGTERM / SIGUSR1 on any rank: save this step and leave
+                if preemption.stop(step, cfg.output_dir, lambda: checkpoint("checkpoint_last.pt")):
                     stopped = True
                     break
                 if step % cfg.save_every == 0 and step % steps_per_epoch:
@@ -965,7 +999,9 @@ def main(argv=None):
                     break
             if stopped:
                 break
-            guard.flush()
+            # end of an epoch (or of training): save first, so that a signal during the evaluation
+            # loses no step (resumed, the run evaluates this epoch first); evaluate, keep the best
+            checkpoint("checkpoint_last.pt")
             with dist.full_parameters(model):     # FSDP: every unit gathered while evaluating
                 metrics = evaluate(model, cfg, val, tokenizer, device, precision, cfg.output_dir)
             log.write({"step": step, "epoch": epoch, "split": "val", **metrics})
@@ -974,7 +1010,9 @@ def main(argv=None):
             if dist.gather_objects(metrics.get(best_key, -1.0) > best)[0]:   # rank 0 decides for all
                 best = metrics[best_key]
                 checkpoint("checkpoint_best.pt")
+            evaluated = step
             checkpoint("checkpoint_last.pt")
+            stopped = preemption.stop(step, cfg.output_dir)   # a signal during the evaluation
             tick, tick_step = time.time(), step
     pbar.close()
     if not metrics and not stopped:   # resumed a finished run: evaluate its weights again

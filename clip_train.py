@@ -21,17 +21,19 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from common import dist
-from common.data import (Example, ImageDataset, eval_transform, image_folder, load_tokenizer,
-                         read_annotations, retrieval_texts, tiny_data, train_loader, train_transform,
-                         training_records)
+from common.data import (Example, ImageDataset, clean_open_clip, eval_transform, image_folder,
+                         load_tokenizer, read_annotations, retrieval_texts, tiny_data, train_loader,
+                         train_transform, training_records)
 from common.encoders import (Block, TextTransformer, VisionTransformer, hf_clip_text_map, hf_clip_vision_map,
-                             load_mapped, read_hf_checkpoint, resize_pos_embed)
+                             load_mapped, read_hf_checkpoint)
 from common.metrics import embed_texts, retrieval_metrics, zeroshot_classifier_sharded, zeroshot_metrics
-from common.utils import (FeatureCache, MetricLog, NonFiniteGuard, Preemption, UserError, adamw, autocast, check_finite,
-                          check_resume_position, cli, cosine_schedule, first_nonfinite_module, grad_norm_,
-                          load_checkpoint, micro_batches, param_groups, precision_dtype, resolve_config,
-                          resolve_precision, rng_state, save_checkpoint, save_config, seed_everything, set_rng_state,
-                          sync_gradients)
+from common.utils import (FeatureCache, MetricLog, NonFiniteGuard, Preemption, UserError, adamw,
+                          autocast, check_finite, check_resume_position, cli, cosine_schedule,
+                          evaluation_pending, first_nonfinite_module, grad_norm_,
+                          ignore_preemption_signals, load_checkpoint, load_scaler_state,
+                          micro_batches, param_groups, precision_dtype, resolve_config,
+                          resolve_precision, rng_state, save_checkpoint, save_config,
+                          seed_everything, set_rng_state, sync_gradients)
 
 
 # ---- config ----
@@ -183,9 +185,8 @@ class CLIP(nn.Module):
 
     def resize_image(self, image_size):
         """Serve another image size: interpolate the learned position grid (Touvron et al. 2019)."""
-        pos = resize_pos_embed(self.visual.positional_embedding.data, image_size // self.cfg.patch_size)
-        self.visual.positional_embedding = nn.Parameter(pos)
-        self.visual.image_size = self.cfg.image_size = image_size
+        self.visual.resize(image_size)
+        self.cfg.image_size = image_size
 
 
 # ---- loss ----
@@ -222,6 +223,7 @@ def build_data(cfg, tokenizer, rank, world_size):
     if cfg.eval_only:
         return None, None, val, zeroshot
     train_file = cfg.train_data or os.path.join(tiny_data(), "train.json")
+    # open_clip's training crop (scale 0.9-1, bicubic, no flip) at every preset
     example = Example(train_transform(cfg.image_size), tokenizer, cfg.context_length)
     records = training_records(train_file, root, cfg.skip_bad)          # an annotation file's, or shards
     loader, sampler = train_loader(records, example, cfg, rank, world_size, train_file)
@@ -235,7 +237,8 @@ def embed_images(model, paths, cfg, device, precision):
     """Embeddings of this rank's contiguous shard of `paths`, gathered in order from all ranks."""
     start, end = dist.shard_range(len(paths))
     loader = torch.utils.data.DataLoader(ImageDataset(paths[start:end], eval_transform(cfg.image_size)),
-                                         batch_size=cfg.batch_size, num_workers=cfg.workers)
+                                         batch_size=cfg.batch_size, num_workers=cfg.workers,
+                                         worker_init_fn=ignore_preemption_signals)
     feats = [torch.zeros(0, cfg.embed_dim, device=device)]
     for images, _ in loader:
         with autocast(precision, device):
@@ -273,18 +276,20 @@ MODEL_FIELDS = ("image_size", "patch_size", "vision_width", "vision_layers", "vi
                 "act", "layer_norm_eps")
 
 
-def build_model(cfg, tokenizer):
-    """A fresh model, or one initialised from a Hugging Face folder / our checkpoint. The
-    architecture fields of cfg become those of the loaded weights (except an --image-size
-    given on the command line, for which the position embeddings are interpolated)."""
+def build_model(cfg, tokenizer, saved=None):
+    """A fresh model, or one initialised from a Hugging Face folder / our checkpoint (`saved`, when
+    the caller has loaded it). The architecture fields of cfg become those of the loaded weights
+    (except an --image-size given on the command line, for which the position embeddings are
+    interpolated)."""
     if cfg.init_from and os.path.isdir(cfg.init_from):
         model = CLIP.from_hf(cfg.init_from, image_size=cfg.image_size if "image_size" in cfg.cli_keys else None)
         for k in MODEL_FIELDS:
             setattr(cfg, k, getattr(model.cfg, k))
         model.cfg = cfg
     else:
+        image_size = cfg.image_size
         if cfg.init_from:
-            saved = load_checkpoint(cfg.init_from)
+            saved = saved or load_checkpoint(cfg.init_from)
             for k in MODEL_FIELDS:
                 setattr(cfg, k, saved["config"][k])
         cfg.vocab_size = cfg.vocab_size or tokenizer.vocab_size
@@ -292,6 +297,8 @@ def build_model(cfg, tokenizer):
         model = CLIP(cfg)
         if cfg.init_from:
             model.load_state_dict(saved["model"])
+            if "image_size" in getattr(cfg, "cli_keys", ()) and image_size != cfg.image_size:
+                model.resize_image(image_size)
     if cfg.vocab_size < tokenizer.vocab_size or cfg.eos_id != tokenizer.eos_id:
         raise UserError(f"tokenizer {tokenizer.name} (vocab {tokenizer.vocab_size}, EOS {tokenizer.eos_id}) does not "
                          f"fit the model (vocab {cfg.vocab_size}, EOS {cfg.eos_id})")
@@ -304,10 +311,16 @@ def main(argv=None):
     precision = resolve_precision(cfg.precision, device)
     seed_everything(cfg.seed)                     # the same initial weights on every rank
     os.makedirs(cfg.output_dir, exist_ok=True)
+    ours = cfg.init_from and not os.path.isdir(cfg.init_from)
+    init = load_checkpoint(cfg.init_from) if ours else None
+    if init and not cfg.tokenizer:                # one of our checkpoints: its tokenizer
+        cfg.tokenizer = init["config"]["tokenizer"]
     tokenizer = load_tokenizer(cfg.tokenizer, cfg.init_from,
-                               use_tiny=not (cfg.train_data or cfg.val_data or cfg.zeroshot_data))
+                               use_tiny=not (cfg.train_data or cfg.val_data or cfg.zeroshot_data),
+                               clean=clean_open_clip)   # open_clip's: ftfy, HTML, whitespace, lower case
     cfg.tokenizer = tokenizer.name
-    model, cfg = build_model(cfg, tokenizer)
+    model, cfg = build_model(cfg, tokenizer, init)
+    del init
     model.to(device)
     if cfg.grad_checkpointing:
         model.set_grad_checkpointing()
@@ -345,12 +358,15 @@ def main(argv=None):
     if ckpt:
         dist.load_optimizer_state_dict(model, optimizer, ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
-        scaler.load_state_dict(ckpt["scaler"])
-        step, best, guard.total = ckpt["step"], ckpt["best"], ckpt["bad_steps"]
+        load_scaler_state(scaler, ckpt["scaler"])     # {} from a bf16/fp32 run: a fresh scale
+        step, best = ckpt["step"], ckpt["best"]
+        guard.load_state_dict(ckpt)                   # bad steps in all and in a row
         set_rng_state(ckpt["rng"][rank])
         sampler.load_state_dict(ckpt.get("data", [{}] * world_size)[rank])   # shards: the stream position
         if dist.is_main():
             print(f"resumed from {cfg.resume} at step {step}")
+    # a run stopped at the end of an epoch before its evaluation (a signal) evaluates it first
+    evaluated = step - evaluation_pending(ckpt, steps_per_epoch, total_steps)
     del ckpt
 
     def checkpoint(name):
@@ -359,7 +375,8 @@ def main(argv=None):
         state = {"model": dist.full_state_dict(model), "optimizer": dist.optimizer_state_dict(model, optimizer),
                  "scheduler": scheduler.state_dict(),
                  "scaler": scaler.state_dict(), "step": step, "epoch": step // steps_per_epoch, "best": best,
-                 "bad_steps": guard.total, "steps_per_epoch": steps_per_epoch, "world_size": world_size,
+                 **guard.state_dict(), "evaluated": evaluated, "steps_per_epoch": steps_per_epoch,
+                 "world_size": world_size,
                  "config": dataclasses.asdict(cfg), "rng": dist.gather_objects(rng_state()),
                  "data": dist.gather_objects(sampler.state_dict())}
         if dist.is_main():
@@ -373,10 +390,11 @@ def main(argv=None):
     pbar = tqdm(total=total_steps, initial=step, disable=not dist.is_main(), dynamic_ncols=True)
     metrics, tick, tick_step, stopped = {}, time.time(), step, False
     with Preemption() as preemption:
-        while step < total_steps and not stopped:
-            epoch = step // steps_per_epoch
-            sampler.set_epoch(epoch, skip=(step % steps_per_epoch) * cfg.accum_steps * cfg.batch_size)
-            for group in micro_batches(loader, cfg.accum_steps):
+        while (step < total_steps or evaluated < step) and not stopped:
+            unevaluated = evaluated < step    # resumed at an epoch's end, not yet evaluated
+            epoch = (step - unevaluated) // steps_per_epoch
+            sampler.set_epoch(epoch, skip=(step - epoch * steps_per_epoch) * cfg.accum_steps * cfg.batch_size)
+            for group in () if unevaluated else micro_batches(loader, cfg.accum_steps):
                 micro = [(images.to(device, non_blocking=True), ids.to(device, non_blocking=True))
                          for images, ids, _ in group]
                 # --accum-steps K: the contrastive batch is K x B (x world size), open_clip's feature
@@ -416,13 +434,8 @@ def main(argv=None):
                                "logit_scale": dist.value(model.logit_scale).exp().item(), "samples_per_s": speed,
                                "grad_norm": grad_norm.item(), "bad_steps": guard.total,
                                **sampler.stats()})
-                if preemption.requested():   # SIGTERM / SIGUSR1 on any rank: save this step and leave
-                    guard.flush()
-                    checkpoint("checkpoint_last.pt")
-                    if dist.is_main():
-                        print(f"{preemption.received or 'a signal on another rank'}: stopped after step {step}, "
-                              f"saved {os.path.join(cfg.output_dir, 'checkpoint_last.pt')}; --resume auto continues",
-                              flush=True)
+                # SIGTERM / SIGUSR1 on any rank: save this step and leave
+                if preemption.stop(step, cfg.output_dir, lambda: checkpoint("checkpoint_last.pt")):
                     stopped = True
                     break
                 if step % cfg.save_every == 0 and step % steps_per_epoch:
@@ -431,8 +444,9 @@ def main(argv=None):
                     break
             if stopped:
                 break
-            # end of an epoch (or of training): evaluate, keep the best, save
-            guard.flush()
+            # end of an epoch (or of training): save first, so that a signal during the evaluation
+            # loses no step (resumed, the run evaluates this epoch first); evaluate, keep the best
+            checkpoint("checkpoint_last.pt")
             with dist.full_parameters(model):     # FSDP: every unit gathered while evaluating
                 metrics = evaluate(model, cfg, val, zeroshot, tokenizer, device, precision)
             log.write({"step": step, "epoch": epoch, "split": "val", **metrics})
@@ -442,7 +456,9 @@ def main(argv=None):
             if dist.gather_objects(metrics.get("r_mean", -1.0) > best)[0]:
                 best = metrics["r_mean"]
                 checkpoint("checkpoint_best.pt")
+            evaluated = step
             checkpoint("checkpoint_last.pt")
+            stopped = preemption.stop(step, cfg.output_dir)   # a signal during the evaluation
             tick, tick_step = time.time(), step  # samples/s counts training only
     pbar.close()
     if not metrics and not stopped:   # resumed a finished run: evaluate its weights again

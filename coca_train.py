@@ -33,20 +33,22 @@ from torch.utils.checkpoint import checkpoint as grad_checkpoint
 from tqdm import tqdm
 
 from common import dist
-from common.data import (Example, ImageDataset, eval_transform, image_folder, load_tokenizer,
-                         read_annotations, retrieval_texts, tiny_data, train_loader, train_transform,
-                         training_records)
+from common.data import (Example, ImageDataset, clean_open_clip, eval_transform, image_folder,
+                         load_tokenizer, read_annotations, retrieval_texts, tiny_data, train_loader,
+                         train_transform, training_records)
 from common.encoders import (Attention, Block, KVCache, MLP, TextTransformer, VisionTransformer, blocks_map,
                              load_mapped, open_clip_blocks_map, open_clip_cross_attention_map, open_clip_vision_map,
-                             read_weights_file, resize_pos_embed, split_mha_in_proj)
+                             read_weights_file, split_mha_in_proj)
 from common.generation import beam_search, greedy_or_sample
 from common.metrics import (caption_metrics, embed_texts, retrieval_metrics, zeroshot_classifier_sharded,
                             zeroshot_metrics)
-from common.utils import (FeatureCache, MetricLog, MissingFileError, NonFiniteGuard, Preemption, UserError, adamw,
-                          autocast, check_finite, check_resume_position, cli, cosine_schedule, first_nonfinite_module,
-                          grad_norm_, load_checkpoint, micro_batches, param_groups, precision_dtype, resolve_config,
-                          resolve_precision, rng_state, save_checkpoint, save_config, seed_everything, set_rng_state,
-                          sync_gradients)
+from common.utils import (FeatureCache, MetricLog, MissingFileError, NonFiniteGuard, Preemption,
+                          UserError, adamw, autocast, check_finite, check_resume_position, cli,
+                          cosine_schedule, evaluation_pending, first_nonfinite_module, grad_norm_,
+                          ignore_preemption_signals, load_checkpoint, load_scaler_state,
+                          micro_batches, param_groups, precision_dtype, resolve_config,
+                          resolve_precision, rng_state, save_checkpoint, save_config,
+                          seed_everything, set_rng_state, sync_gradients)
 
 
 # ---- config ----
@@ -77,7 +79,7 @@ class Config:
     pad_id: int = -1                # -1: the tokenizer's, or 0 where it pads with [EOT] (open_clip pads CLIP BPE with 0)
     embed_dim: int = 96             # contrastive space, and the width of the pooled image tokens the decoder reads
     cls_mask: str = "correct"       # correct: the CLS sees every caption token and itself, no padding | legacy:
-                                    # open_clip's mask (shifted by one), which its published weights were trained with
+                                    # the mask open_clip's published weights were trained with
     mlp_ratio: float = 4.0          # MLP hidden width / width
     act: str = "gelu"               # open_clip's CoCa models use GELU; quick_gelu for OpenAI-style towers
     layer_norm_eps: float = 1e-5    # LayerNorm epsilon
@@ -259,18 +261,23 @@ class MultimodalDecoder(nn.Module):
 
 
 def cls_attention_mask(ids, pad_id, legacy=False):
-    """Keys each position of [tokens, CLS] may attend to, (B, 1, 1, L + 1), on top of the causal
-    mask: the paper's "unpad cls_token_id" (Fig. 2). With the causal mask, caption tokens only ever
-    see earlier caption tokens; the CLS, last, sees every real token and itself but no padding.
+    """Keys each position of [tokens, CLS] may attend to, on top of the causal mask: the paper's
+    "unpad cls_token_id" (Fig. 2). (B, 1, 1, L + 1): with the causal mask, caption tokens only
+    ever see earlier caption tokens; the CLS, last, sees every real token and itself but no padding.
 
-    `legacy`: the mask open_clip builds (transformer.py `_build_additive_mask` without
-    `correct_cls_mask`, open_clip#549, #1113) puts the CLS's entry at the front, so every entry
-    after it is shifted by one: the CLS sees the first padding token and not itself (when the
-    caption is padded). open_clip's published CoCa weights were trained that way."""
+    `legacy`, (B, 1, L + 1, L + 1): the mask open_clip's published CoCa weights were trained with
+    (`build_cls_mask`, open_clip 76c8f85 to 2025-06; open_clip#549, #1113): the caption rows are
+    causal only (a pad id inside a caption, CLIP BPE's "!", stays visible), and the CLS row's
+    padding mask has the CLS's entry at the front, so it is shifted by one: the CLS sees the first
+    padding token and not itself (when the caption is padded). open_clip >= 3.0 applies that
+    shifted row to every row instead."""
     keep = ids != pad_id                                               # (B, L)
     cls = keep.new_ones(keep.shape[0], 1)
-    keep = torch.cat([cls, keep], 1) if legacy else torch.cat([keep, cls], 1)
-    return keep[:, None, None, :]
+    if not legacy:
+        return torch.cat([keep, cls], 1)[:, None, None, :]
+    rows = keep.new_ones(keep.shape[0], keep.shape[1] + 1, keep.shape[1] + 1)
+    rows[:, -1] = torch.cat([cls, keep], 1)                            # the CLS's row only
+    return rows[:, None]
 
 
 def trim_padding(ids, pad_id, multiple=8):
@@ -604,6 +611,7 @@ def build_data(cfg, tokenizer, rank, world_size):
     if cfg.eval_only:
         return None, None, val, zeroshot
     train_file = cfg.train_data or os.path.join(tiny_data(), "train.json")
+    # open_clip's training crop (scale 0.9-1, bicubic, no flip) at every preset
     example = Example(train_transform(cfg.image_size), tokenizer, cfg.context_length)
     records = training_records(train_file, root, cfg.skip_bad)          # an annotation file's, or shards
     loader, sampler = train_loader(records, example, cfg, rank, world_size, train_file)
@@ -618,7 +626,8 @@ def embed_images(model, paths, cfg, device, precision, captions=None):
     all ranks. `captions` (a dict): also caption this rank's images, from the same ViT pass."""
     start, end = dist.shard_range(len(paths))
     loader = torch.utils.data.DataLoader(ImageDataset(paths[start:end], eval_transform(cfg.image_size)),
-                                         batch_size=cfg.batch_size, num_workers=cfg.workers)
+                                         batch_size=cfg.batch_size, num_workers=cfg.workers,
+                                         worker_init_fn=ignore_preemption_signals)
     feats = [torch.zeros(0, cfg.embed_dim, device=device)]
     for images, _ in loader:
         with autocast(precision, device):
@@ -736,12 +745,9 @@ def build_model(cfg, tokenizer, init=None):
         model = CoCa(cfg, pad_id=cfg.pad_id, eos_id=tokenizer.eos_id)
         if kind == "ours":
             model.load_state_dict(payload["model"])
-    if kind and image_size and image_size % cfg.patch_size:
-        raise UserError(f"--image-size {image_size} is not a multiple of the weights' patch size {cfg.patch_size}")
     if kind and image_size and image_size != cfg.image_size:      # serve another size: interpolate the grid
-        grid = image_size // cfg.patch_size
-        model.visual.positional_embedding = nn.Parameter(resize_pos_embed(model.visual.positional_embedding.data, grid))
-        model.visual.image_size, model.visual.grid, cfg.image_size = image_size, grid, image_size
+        model.visual.resize(image_size)
+        cfg.image_size = image_size
     tokenizer.pad_id = cfg.pad_id            # the data pipeline pads with the model's padding id
     return model
 
@@ -792,7 +798,8 @@ def main(argv=None):
     if init and init[0] == "open_clip" and not cfg.tokenizer:
         cfg.tokenizer = _OPEN_CLIP["tokenizer"]   # CLIP's BPE, which every open_clip CoCa uses
     tokenizer = load_tokenizer(cfg.tokenizer, cfg.init_from,
-                               use_tiny=not (cfg.train_data or cfg.val_data or cfg.zeroshot_data))
+                               use_tiny=not (cfg.train_data or cfg.val_data or cfg.zeroshot_data),
+                               clean=clean_open_clip)   # open_clip's: ftfy, HTML, whitespace, lower case
     cfg.tokenizer = tokenizer.name
     model = build_model(cfg, tokenizer, init)
     del init
@@ -835,12 +842,15 @@ def main(argv=None):
     if ckpt:
         dist.load_optimizer_state_dict(model, optimizer, ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
-        scaler.load_state_dict(ckpt["scaler"])
-        step, best, guard.total = ckpt["step"], ckpt["best"], ckpt["bad_steps"]
+        load_scaler_state(scaler, ckpt["scaler"])     # {} from a bf16/fp32 run: a fresh scale
+        step, best = ckpt["step"], ckpt["best"]
+        guard.load_state_dict(ckpt)                   # bad steps in all and in a row
         set_rng_state(ckpt["rng"][rank])
         sampler.load_state_dict(ckpt.get("data", [{}] * world_size)[rank])   # shards: the stream position
         if dist.is_main():
             print(f"resumed from {cfg.resume} at step {step}")
+    # a run stopped at the end of an epoch before its evaluation (a signal) evaluates it first
+    evaluated = step - evaluation_pending(ckpt, steps_per_epoch, total_steps)
     del ckpt
 
 
@@ -850,7 +860,8 @@ def main(argv=None):
         state = {"model": dist.full_state_dict(model), "optimizer": dist.optimizer_state_dict(model, optimizer),
                  "scheduler": scheduler.state_dict(),
                  "scaler": scaler.state_dict(), "step": step, "epoch": step // steps_per_epoch, "best": best,
-                 "bad_steps": guard.total, "steps_per_epoch": steps_per_epoch, "world_size": world_size,
+                 **guard.state_dict(), "evaluated": evaluated, "steps_per_epoch": steps_per_epoch,
+                 "world_size": world_size,
                  "config": dataclasses.asdict(cfg), "rng": dist.gather_objects(rng_state()),
                  "data": dist.gather_objects(sampler.state_dict())}
         if dist.is_main():
@@ -865,10 +876,11 @@ def main(argv=None):
     pbar = tqdm(total=total_steps, initial=step, disable=not dist.is_main(), dynamic_ncols=True)
     metrics, tick, tick_step, stopped = {}, time.time(), step, False
     with Preemption() as preemption:
-        while step < total_steps and not stopped:
-            epoch = step // steps_per_epoch
-            sampler.set_epoch(epoch, skip=(step % steps_per_epoch) * cfg.accum_steps * cfg.batch_size)
-            for group in micro_batches(loader, cfg.accum_steps):
+        while (step < total_steps or evaluated < step) and not stopped:
+            unevaluated = evaluated < step    # resumed at an epoch's end, not yet evaluated
+            epoch = (step - unevaluated) // steps_per_epoch
+            sampler.set_epoch(epoch, skip=(step - epoch * steps_per_epoch) * cfg.accum_steps * cfg.batch_size)
+            for group in () if unevaluated else micro_batches(loader, cfg.accum_steps):
                 micro = []
                 for images, ids, _ in group:
                     ids = trim_padding(ids, cfg.pad_id)               # on the host: no device sync
@@ -913,13 +925,8 @@ def main(argv=None):
                                "logit_scale": dist.value(model.logit_scale).exp().item(), "samples_per_s": speed,
                                "grad_norm": grad_norm.item(), "bad_steps": guard.total,
                                **sampler.stats()})
-                if preemption.requested():   # SIGTERM / SIGUSR1 on any rank: save this step and leave
-                    guard.flush()
-                    checkpoint("checkpoint_last.pt")
-                    if dist.is_main():
-                        print(f"{preemption.received or 'a signal on another rank'}: stopped after step {step}, "
-                              f"saved {os.path.join(cfg.output_dir, 'checkpoint_last.pt')}; --resume auto continues",
-                              flush=True)
+                # SIGTERM / SIGUSR1 on any rank: save this step and leave
+                if preemption.stop(step, cfg.output_dir, lambda: checkpoint("checkpoint_last.pt")):
                     stopped = True
                     break
                 if step % cfg.save_every == 0 and step % steps_per_epoch:
@@ -928,8 +935,9 @@ def main(argv=None):
                     break
             if stopped:
                 break
-            # end of an epoch (or of training): evaluate, keep the best, save
-            guard.flush()
+            # end of an epoch (or of training): save first, so that a signal during the evaluation
+            # loses no step (resumed, the run evaluates this epoch first); evaluate, keep the best
+            checkpoint("checkpoint_last.pt")
             with dist.full_parameters(model):     # FSDP: every unit gathered while evaluating
                 metrics = evaluate(model, cfg, val, zeroshot, tokenizer, device, precision, cfg.output_dir)
             log.write({"step": step, "epoch": epoch, "split": "val", **metrics})
@@ -938,7 +946,9 @@ def main(argv=None):
             if dist.gather_objects(metrics.get(best_key, -1.0) > best)[0]:   # rank 0 decides for all
                 best = metrics[best_key]
                 checkpoint("checkpoint_best.pt")
+            evaluated = step
             checkpoint("checkpoint_last.pt")
+            stopped = preemption.stop(step, cfg.output_dir)   # a signal during the evaluation
             tick, tick_step = time.time(), step  # samples/s counts training only
     pbar.close()
     if not metrics and not stopped:   # resumed a finished run: evaluate its weights again

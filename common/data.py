@@ -3,21 +3,33 @@ retrieval evaluation and zero-shot classification, transforms, tokenizer, sample
 built-in tiny dataset.
 
 Bad input fails early with the file and the entry/line named; with `skip_bad=True` an
-unreadable image is replaced by the next sample and counted in the log instead."""
+unreadable image is replaced by another image's pair and counted in the log instead."""
 import csv
 import hashlib
+import html
 import importlib.util
 import json
 import logging
+import math
+import multiprocessing
 import os
+import random
+import re
 import shutil
 import tempfile
 
 import torch
 from PIL import Image
 from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as TF
 
-from .utils import MissingFileError, UserError
+try:
+    import ftfy          # open_clip's tokenizer repairs mojibake with it; not a dependency here
+except ImportError:
+    ftfy = None
+
+from . import dist
+from .utils import MissingFileError, UserError, ignore_preemption_signals
 
 log = logging.getLogger("data")
 
@@ -55,16 +67,21 @@ def tiny_data(cache_dir=None):
 
 class Tokenizer:
     """Any `transformers` tokenizer (a folder or a hub name) producing fixed-length rows
-    `[BOS] tokens [EOS] [PAD]...`. BOS/EOS are the tokenizer's bos/eos tokens, or CLS/SEP for
-    BERT-style ones. Text longer than the context is truncated with EOS kept as the last token."""
+    `[BOS] tokens [EOS] [PAD]...`. BERT-style tokenizers (with CLS and SEP) give [CLS] ... [SEP]
+    whatever their bos token: LAVIS's init_tokenizer and transformers' BLIP-2 conversion save
+    bert-base-uncased with bos_token [DEC], which only ITG/LM rows start with (the scripts put it
+    there). Others (CLIP's BPE, GPT-style) give their bos/eos tokens. Text longer than the context
+    is truncated with EOS kept as the last token. `clean` (optional) is applied to every text first:
+    open_clip's tokenizer cleaning for CLIP and CoCa (clean_open_clip)."""
 
-    def __init__(self, name_or_path):
+    def __init__(self, name_or_path, clean=None):
         from transformers import AutoTokenizer
-        self.name = name_or_path
+        self.name, self.clean = name_or_path, clean
         self.tok = AutoTokenizer.from_pretrained(name_or_path)
         t = self.tok
-        self.bos_id = t.bos_token_id if t.bos_token_id is not None else t.cls_token_id
-        self.eos_id = t.eos_token_id if t.eos_token_id is not None else t.sep_token_id
+        bert = t.cls_token_id is not None and t.sep_token_id is not None
+        self.bos_id = t.cls_token_id if bert or t.bos_token_id is None else t.bos_token_id
+        self.eos_id = t.sep_token_id if bert or t.eos_token_id is None else t.eos_token_id
         self.pad_id = t.pad_token_id if t.pad_token_id is not None else 0
         if self.bos_id is None or self.eos_id is None:
             raise UserError(f"tokenizer {name_or_path} has neither bos/eos nor cls/sep tokens")
@@ -73,6 +90,8 @@ class Tokenizer:
     def __call__(self, texts, context_length):
         if isinstance(texts, str):
             texts = [texts]
+        if self.clean is not None:
+            texts = [self.clean(t) for t in texts]
         rows = self.tok(list(texts), add_special_tokens=False)["input_ids"]
         out = torch.full((len(rows), context_length), self.pad_id, dtype=torch.long)
         for i, ids in enumerate(rows):
@@ -95,17 +114,64 @@ class Tokenizer:
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "vocab.txt")
 
 
-def load_tokenizer(name, init_from="", use_tiny=False):
+def load_tokenizer(name, init_from="", use_tiny=False, clean=None):
     """The run's tokenizer: `name` if given; else the --init-from folder's own tokenizer; else,
-    for the built-in data, the tiny set's. Anything else is an error asking for --tokenizer."""
+    for the built-in data, the tiny set's. Anything else is an error asking for --tokenizer.
+    `clean`: applied to every text (Tokenizer)."""
     if name:
-        return Tokenizer(name)
+        return Tokenizer(name, clean)
     if init_from and os.path.isdir(init_from) and any(os.path.isfile(os.path.join(init_from, f))
                                                       for f in TOKENIZER_FILES):
-        return Tokenizer(init_from)
+        return Tokenizer(init_from, clean)
     if use_tiny:
-        return Tokenizer(os.path.join(tiny_data(), "tokenizer"))
+        return Tokenizer(os.path.join(tiny_data(), "tokenizer"), clean)
     raise UserError("no tokenizer: pass --tokenizer (a transformers tokenizer folder or hub name)")
+
+
+# ---- text processing: each method's official clean-up of captions and questions ----
+# Part of how the published weights were trained and evaluated; each script picks its own and
+# applies it in training and evaluation (caption references for CIDEr & co. stay as written).
+
+def pre_caption_albef(caption, max_words=30):
+    """ALBEF's pre_caption (salesforce/ALBEF dataset/utils.py; 30 words in every dataset there):
+    lower case; , . ' ! ? " ( ) * # : ; ~ deleted; - and / become spaces; '<person>' becomes
+    'person'; runs of 2+ whitespace become one space; trimmed; the first max_words words."""
+    text = re.sub(r"[,.'!?\"()*#:;~]", "", caption.lower())
+    text = text.replace("-", " ").replace("/", " ").replace("<person>", "person")
+    text = re.sub(r"\s{2,}", " ", text).rstrip("\n").strip(" ")
+    return " ".join(text.split(" ")[:max_words])
+
+
+def pre_caption_blip(caption, max_words=50):
+    """BLIP's pre_caption (salesforce/BLIP data/utils.py; its datasets pass 30 words), the same code
+    as LAVIS's "blip_caption" processor (lavis/processors/blip_processors.py BlipCaptionProcessor,
+    50 words unless the config says otherwise; BLIP-2's configs don't): lower case; . ! " ( ) * # :
+    ; ~ become spaces (commas and apostrophes stay); runs of 2+ whitespace become one space;
+    trimmed; the first max_words words. LAVIS's prompt is put before it by the script."""
+    text = re.sub(r"[.!\"()*#:;~]", " ", caption.lower())
+    text = re.sub(r"\s{2,}", " ", text).rstrip("\n").strip(" ")
+    return " ".join(text.split(" ")[:max_words])
+
+
+def pre_question_blip(question, max_words=50):
+    """BLIP's pre_question (salesforce/BLIP data/utils.py), the same code as LAVIS's "blip_question"
+    processor (BlipQuestionProcessor, 50 words), which BLIP-2's zero-shot VQA configs use: lower
+    case; . ! " ( ) * # : ; ~ deleted (a '?' stays); trailing spaces removed; the first max_words
+    words. Unlike pre_caption, inner whitespace is left as it is."""
+    text = re.sub(r"[.!\"()*#:;~]", "", question.lower()).rstrip(" ")
+    return " ".join(text.split(" ")[:max_words])
+
+
+def clean_open_clip(text):
+    """open_clip's tokenizer cleaning (mlfoundations/open_clip tokenizer.py, the default 'lower'
+    clean of its SimpleTokenizer, which CLIP's and CoCa's weights were trained with): ftfy.fix_text,
+    HTML entities unescaped twice, whitespace runs collapsed to one space, trimmed, lower case.
+    ftfy (open_clip's dependency, not ours) is used when it is installed; without it, mojibake and
+    odd Unicode are left as they are and the rest is done."""
+    if ftfy is not None:
+        text = ftfy.fix_text(text)
+    text = html.unescape(html.unescape(text)).strip()
+    return " ".join(text.split()).lower()
 
 
 # ---- annotations ----
@@ -127,10 +193,12 @@ def read_json(path, what):
     if not os.path.isfile(path):
         raise MissingFileError(f"{what} {path} does not exist")
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8-sig") as f:       # -sig: a byte-order mark is skipped
             return json.load(f)
     except json.JSONDecodeError as e:
         raise UserError(f"{path} is not valid JSON: {e.msg} at line {e.lineno}, column {e.colno}") from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path} is not UTF-8 text: {e}") from None
 
 
 def read_annotations(path, image_root=None, skip_bad=False):
@@ -188,14 +256,17 @@ def image_id_index(records):
 
 def _read_csv(path):
     """Comma- or tab-separated (FlagAI's and open_clip's pairs.csv are tab-separated despite the
-    name): the separator is taken from the header line."""
-    with open(path, newline="") as f:
-        delimiter = "\t" if "\t" in f.readline() else ","
-        f.seek(0)
+    name): the separator is taken from the header line. UTF-8, with or without the byte-order mark
+    that Excel's "CSV UTF-8" export writes."""
+    with open(path, newline="", encoding="utf-8-sig") as f:
         try:
+            delimiter = "\t" if "\t" in f.readline() else ","
+            f.seek(0)
             rows = list(csv.reader(f, delimiter=delimiter))
         except csv.Error as e:
             raise UserError(f"{path} is not valid CSV: {e}") from None
+        except UnicodeDecodeError as e:
+            raise UserError(f"{path} is not UTF-8 text: {e}") from None
     if not rows:
         raise UserError(f"{path} is empty")
     header = [h.strip() for h in rows[0]]
@@ -234,11 +305,76 @@ def load_rgb(path, name=None):
         raise OSError(f"cannot read image {name or path}: {e}") from None
 
 
-def train_transform(size):
-    """open_clip's training crop (RandomResizedCrop, scale 0.9-1.0, bicubic); no flips, since
-    captions say 'left' and 'right'."""
-    return v2.Compose([v2.ToImage(), v2.RandomResizedCrop(size, scale=(0.9, 1.0), interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
-                       v2.ToDtype(torch.float32, scale=True), v2.Normalize(CLIP_MEAN, CLIP_STD)])
+class RandomAugment(torch.nn.Module):
+    """ALBEF's and BLIP's RandAugment variant, RandomAugment(N, M) (salesforce/ALBEF
+    dataset/randaugment.py, salesforce/BLIP transform/randaugment.py, LAVIS's copy in
+    blip_image_train), written with torchvision ops on a uint8 (3, H, W) image: N ops drawn with
+    replacement from `ops`, each applied with probability 0.5, at the fixed level M of 10:
+    Brightness / Sharpness factor M/10 * 1.8 + 0.1 (1.0, i.e. none, at BLIP's M = 5), shear
+    M/10 * 0.3 about the top-left corner, translation M pixels, rotation M/10 * 30 degrees (those
+    three with a random sign, bilinear, grey 128 fill), AutoContrast, Equalize, Identity. Random
+    draws come from torch's generator, so Example's per-sample seed fixes them. Checked op by op
+    against LAVIS's OpenCV code: equal for AutoContrast, Equalize, Brightness and Translate; shear
+    and rotation within bilinear rounding (mean 1/255); Sharpness clamps to 0-255 where the official
+    uint8 cast wraps overflowing pixels around (at factors above 1)."""
+
+    OPS = ("Identity", "AutoContrast", "Equalize", "Brightness", "Sharpness", "ShearX", "ShearY",
+           "TranslateX", "TranslateY", "Rotate")           # the list both repositories pass
+    FILL = [128.0, 128.0, 128.0]
+
+    def __init__(self, num_ops=2, magnitude=7, ops=OPS):
+        super().__init__()
+        self.num_ops, self.magnitude, self.ops = num_ops, magnitude, tuple(ops)
+
+    def _signed(self, value):
+        return -value if torch.rand(()) < 0.5 else value
+
+    def _apply(self, op, img):
+        level, bilinear = self.magnitude / 10, v2.InterpolationMode.BILINEAR
+        if op in ("Brightness", "Sharpness"):
+            fn = TF.adjust_brightness if op == "Brightness" else TF.adjust_sharpness
+            return fn(img, level * 1.8 + 0.1)
+        # cv2 puts pixel centres at integers, torchvision at half-integers: cv2's point p is p + 0.5
+        if op in ("ShearX", "ShearY"):         # cv2's [[1, s, 0], [0, 1, 0]] about (0, 0): -atan(s)
+            angle = -math.degrees(math.atan(self._signed(level * 0.3)))
+            shear = [angle, 0.0] if op == "ShearX" else [0.0, angle]
+            return TF.affine(img, angle=0.0, translate=[0.0, 0.0], scale=1.0, shear=shear,
+                             interpolation=bilinear, fill=self.FILL, center=[0.5, 0.5])
+        if op in ("TranslateX", "TranslateY"):
+            shift = self._signed(float(self.magnitude))
+            translate = [shift, 0.0] if op == "TranslateX" else [0.0, shift]
+            return TF.affine(img, angle=0.0, translate=translate, scale=1.0, shear=[0.0, 0.0],
+                             interpolation=bilinear, fill=self.FILL)
+        if op == "Rotate":                     # about cv2's (W / 2, H / 2)
+            centre = [img.shape[-1] / 2 + 0.5, img.shape[-2] / 2 + 0.5]
+            return TF.rotate(img, self._signed(level * 30), interpolation=bilinear, fill=self.FILL,
+                             center=centre)
+        return {"AutoContrast": TF.autocontrast, "Equalize": TF.equalize}.get(op, lambda x: x)(img)
+
+    def forward(self, img):
+        for k in torch.randint(len(self.ops), (self.num_ops,)).tolist():
+            if torch.rand(()) < 0.5:
+                img = self._apply(self.ops[k], img)
+        return img
+
+    def extra_repr(self):
+        return f"num_ops={self.num_ops}, magnitude={self.magnitude}, ops={self.ops}"
+
+
+def train_transform(size, min_scale=0.9, flip=False, randaugment=0):
+    """The training transform: RandomResizedCrop(size, scale (min_scale, 1), bicubic), then an
+    optional horizontal flip and RandomAugment(2, randaugment), normalised as CLIP. The defaults are
+    open_clip's crop (scale 0.9-1.0, no flip), which CLIP and CoCa use at every preset and the other
+    scripts at the tiny preset, whose captions say 'left' and 'right' (a flip would make them
+    wrong). The paper presets set the method's own: LAVIS's blip2_image_train (0.5, flip) for
+    BLIP-2; BLIP's (0.2 pretraining / 0.5 fine-tuning, flip, RandomAugment(2, 5)); ALBEF's
+    (0.2 / 0.5, flip, RandomAugment(2, 7))."""
+    crop = v2.RandomResizedCrop(size, scale=(min_scale, 1.0), interpolation=v2.InterpolationMode.BICUBIC,
+                                antialias=True)
+    ops = [v2.ToImage(), crop]
+    ops += [v2.RandomHorizontalFlip()] if flip else []
+    ops += [RandomAugment(2, randaugment)] if randaugment else []
+    return v2.Compose(ops + [v2.ToDtype(torch.float32, scale=True), v2.Normalize(CLIP_MEAN, CLIP_STD)])
 
 
 def eval_transform(size, crop=True):
@@ -253,14 +389,15 @@ def eval_transform(size, crop=True):
 
 class Example:
     """One training example from a decoded image and a caption: (image (3, H, W), text) where text is
-    the caption's token ids (L,) or, with `encode(record, caption index, seed)`, its result (BLIP-2's
-    LM texts). With a seed, the augmentation depends on it alone, so a resumed run sees exactly the
-    crops an uninterrupted one would. Shared by the annotation-file dataset and the shard stream;
-    picklable, for DataLoader workers."""
+    the token ids (L,) of `prefix` + text(caption) (`text`: the method's caption processing, such as
+    pre_caption_blip; None: the caption as written) or, with `encode(record, caption index, seed)`,
+    its result (BLIP-2's LM texts). With a seed, the augmentation depends on it alone, so a resumed
+    run sees exactly the crops an uninterrupted one would. Shared by the annotation-file dataset and
+    the shard stream; picklable, for DataLoader workers."""
 
-    def __init__(self, transform, tokenizer=None, context_length=0, prefix="", encode=None):
+    def __init__(self, transform, tokenizer=None, context_length=0, prefix="", encode=None, text=None):
         self.transform, self.tokenizer, self.context_length = transform, tokenizer, context_length
-        self.prefix, self.encode = prefix, encode
+        self.prefix, self.encode, self.text = prefix, encode, text
 
     def __call__(self, image, record, c, seed):
         if seed is not None:
@@ -271,7 +408,8 @@ class Example:
             image = self.transform(image)
         if self.encode is not None:
             return image, self.encode(record, c, seed)
-        return image, self.tokenizer(self.prefix + record["captions"][c], self.context_length)[0]
+        caption = record["captions"][c] if self.text is None else self.text(record["captions"][c])
+        return image, self.tokenizer(self.prefix + caption, self.context_length)[0]
 
 
 class ImageTextDataset(torch.utils.data.Dataset):
@@ -279,31 +417,48 @@ class ImageTextDataset(torch.utils.data.Dataset):
     (as BLIP's COCO loader). Returns (image, text, image id index) with `example` (an `Example`)
     making the first two; image id indices are equal for the captions of one image (image_id_index).
 
-    Keys may be (index, seed) from `ShardedSampler`: the augmentation then depends only on
-    (seed, epoch, index). With skip_bad, an unreadable image is replaced by the next sample and
-    counted in the log."""
+    Keys may be (index, seed, epoch) from `ShardedSampler`: the augmentation then depends only on
+    (seed, epoch, index). With skip_bad, a pair whose image is unreadable is replaced by a pair of
+    another image, drawn at random (seeded by the key, so a resumed run draws the same): the file's
+    other captions then neither cost a decode each nor all go to one neighbour. Each bad file is
+    tried, logged and counted once per epoch in each worker (`skipped`: this process's count;
+    `bad_files`: all workers', in shared memory, which ShardedSampler.stats() reports)."""
 
     def __init__(self, records, example, skip_bad=False):
         self.records, self.example, self.skip_bad = records, example, skip_bad
         self.pairs = [(r, c) for r, rec in enumerate(records) for c in range(len(rec["captions"]))]
         self.image_ids = image_id_index(records)
-        self.skipped = 0
+        self.skipped, self.bad, self.epoch = 0, set(), None
+        self.bad_files = multiprocessing.Value("q", 0) if skip_bad else None    # DataLoader workers share it
 
     def __len__(self):
         return len(self.pairs)
 
     def __getitem__(self, key):
-        index, seed = key if isinstance(key, tuple) else (key, None)
-        for attempt in range(len(self)):
-            r, c = self.pairs[(index + attempt) % len(self)]
-            try:
-                image = load_rgb(self.records[r]["image"])
+        index, seed, epoch = (*key, None, None)[:3] if isinstance(key, tuple) else (key, None, None)
+        if epoch != self.epoch:                    # bad files are tried and counted again each epoch
+            self.epoch, self.bad = epoch, set()
+        r, c = self.pairs[index]
+        draw, image = random.Random(f"{seed}/{index}"), None
+        for _ in range(len(self.pairs) + len(self.records)):
+            if r not in self.bad:
+                try:
+                    image = load_rgb(self.records[r]["image"])
+                    break
+                except OSError as e:
+                    if not self.skip_bad:
+                        raise
+                    self.bad.add(r)
+                    self.skipped += 1
+                    with self.bad_files.get_lock():
+                        self.bad_files.value += 1
+                    log.warning("%s; its pairs are replaced by other images' this epoch (%d skipped in this "
+                                "worker)", e, self.skipped)
+            if len(self.bad) == len(self.records):
                 break
-            except OSError as e:
-                if not self.skip_bad:
-                    raise
-                self.skipped += 1
-                log.warning("%s; using the next sample instead (%d skipped in this worker)", e, self.skipped)
+            r, c = self.pairs[draw.randrange(len(self.pairs))]      # another image, any of its captions
+        if image is None:
+            raise UserError(f"--skip-bad: none of the {len(self.records)} training images is readable")
         image, text = self.example(image, self.records[r], c, seed)
         return image, text, self.image_ids[r]
 
@@ -321,11 +476,12 @@ class ImageDataset(torch.utils.data.Dataset):
         return self.transform(load_rgb(self.paths[i])), i
 
 
-def retrieval_texts(records):
-    """Flatten an evaluation split: texts, txt2img (image index of each text)."""
+def retrieval_texts(records, text=None):
+    """Flatten an evaluation split: texts (each through `text`, the method's caption processing, if
+    given), txt2img (image index of each text)."""
     texts, txt2img = [], []
     for i, rec in enumerate(records):
-        texts += rec["captions"]
+        texts += rec["captions"] if text is None else [text(c) for c in rec["captions"]]
         txt2img += [i] * len(rec["captions"])
     return texts, torch.tensor(txt2img)
 
@@ -400,7 +556,7 @@ def image_folder(root):
 class ShardedSampler(torch.utils.data.Sampler):
     """Distributed training sampler: a seeded permutation per epoch, split into equal
     per-rank shards (the last incomplete round dropped, so every rank runs the same number
-    of steps and gathered batches have equal shapes). Yields (index, seed) keys so that
+    of steps and gathered batches have equal shapes). Yields (index, seed, epoch) keys so that
     augmentations are a function of (seed, epoch, index), and can start `skip` samples into
     the epoch for an exact mid-epoch resume."""
 
@@ -408,6 +564,7 @@ class ShardedSampler(torch.utils.data.Sampler):
         self.n, self.rank, self.world, self.seed, self.shuffle = n, rank, world_size, seed, shuffle
         self.per_rank = n // world_size
         self.epoch, self.skip = 0, 0
+        self.bad_files, self.bad_before = None, 0     # --skip-bad: the dataset's shared count, a resume's
 
     def set_epoch(self, epoch, skip=0):
         self.epoch, self.skip = epoch, skip
@@ -416,15 +573,20 @@ class ShardedSampler(torch.utils.data.Sampler):
         return self.per_rank - self.skip
 
     # The same interface as the shard stream (common/shards.py): the position is (epoch, skip),
-    # which the training step already determines, so there is no state to save and no counts.
+    # which the training step already determines; the state is the --skip-bad count.
     def state_dict(self):
-        return {}
+        return {} if self.bad_files is None else {"bad_image": self.bad_before + self.bad_files.value}
 
     def load_state_dict(self, state):
-        pass
+        self.bad_before = (state or {}).get("bad_image", 0)
 
     def stats(self):
-        return {}
+        """With --skip-bad, {data_skipped_bad_image: unreadable image files met since the run began}
+        (each once per epoch and worker, summed over ranks; batches the workers prefetched included):
+        a collective, every rank calls it. Without, {}."""
+        if self.bad_files is None:
+            return {}
+        return {"data_skipped_bad_image": dist.host_sum([self.bad_before + self.bad_files.value])[0]}
 
     def __iter__(self):
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
@@ -432,7 +594,7 @@ class ShardedSampler(torch.utils.data.Sampler):
         mine = order[self.rank: self.per_rank * self.world: self.world][self.skip:].tolist()
         for i in mine:
             digest = hashlib.blake2b(f"{self.seed}/{self.epoch}/{i}".encode(), digest_size=8).digest()
-            yield i, int.from_bytes(digest, "little") & 0x7FFF_FFFF_FFFF_FFFF
+            yield i, int.from_bytes(digest, "little") & 0x7FFF_FFFF_FFFF_FFFF, self.epoch
 
 
 def train_loader(data, example, cfg, rank, world_size, source, collate_fn=None):
@@ -466,9 +628,11 @@ def train_loader(data, example, cfg, rank, world_size, source, collate_fn=None):
         raise UserError(f"--batch-size {batch_size}{accum} x {world_size} process(es) is larger than the "
                         f"{len(train_set)} image-caption pairs of {source}; use a smaller --batch-size")
     sampler = ShardedSampler(len(train_set), rank=rank, world_size=world_size, seed=seed)
+    sampler.bad_files = train_set.bad_files
     loader = torch.utils.data.DataLoader(train_set, batch_size=batch_size, sampler=sampler, drop_last=True,
                                          num_workers=workers, pin_memory=torch.cuda.is_available(), collate_fn=collate_fn,
-                                         persistent_workers=workers > 0, generator=torch.Generator().manual_seed(seed))
+                                         persistent_workers=workers > 0, generator=torch.Generator().manual_seed(seed),
+                                         worker_init_fn=ignore_preemption_signals)
     return loader, sampler
 
 

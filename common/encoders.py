@@ -116,12 +116,12 @@ class MLP(nn.Module):
 class Block(nn.Module):
     """Pre-LN transformer block (GPT-2 / CLIP / ViT): x + attn(ln_1 x), then x + mlp(ln_2 x)."""
 
-    def __init__(self, dim, heads, *, mlp_ratio=4.0, act="gelu", eps=1e-5):
+    def __init__(self, dim, heads, *, mlp_ratio=4.0, act="gelu", eps=1e-5, mlp_dim=None):
         super().__init__()
         self.ln_1 = nn.LayerNorm(dim, eps=eps)
         self.attn = Attention(dim, heads)
         self.ln_2 = nn.LayerNorm(dim, eps=eps)
-        self.mlp = MLP(dim, int(dim * mlp_ratio), act)
+        self.mlp = MLP(dim, mlp_dim or int(dim * mlp_ratio), act)     # mlp_dim: a file's exact size
 
     def forward(self, x, mask=None, causal=False, cache=None):
         """`cache`: this block's self-attention dict of a `KVCache` (generation), or None."""
@@ -133,10 +133,10 @@ class Transformer(nn.Module):
     """A stack of pre-LN blocks with optional gradient checkpointing (recompute each block's
     activations in backward: ~1/3 more compute for activation memory of one block)."""
 
-    def __init__(self, dim, layers, heads, *, mlp_ratio=4.0, act="gelu", eps=1e-5):
+    def __init__(self, dim, layers, heads, *, mlp_ratio=4.0, act="gelu", eps=1e-5, mlp_dim=None):
         super().__init__()
-        self.resblocks = nn.ModuleList(Block(dim, heads, mlp_ratio=mlp_ratio, act=act, eps=eps)
-                                       for _ in range(layers))
+        self.resblocks = nn.ModuleList(Block(dim, heads, mlp_ratio=mlp_ratio, act=act, eps=eps,
+                                             mlp_dim=mlp_dim) for _ in range(layers))
         self.grad_checkpointing = False
 
     def forward(self, x, mask=None, causal=False, caches=None):
@@ -186,7 +186,8 @@ class VisionTransformer(nn.Module):
     Returns all tokens (B, 1 + P, D); token 0 is the class token."""
 
     def __init__(self, *, image_size, patch_size, width, layers, heads, mlp_ratio=4.0,
-                 act="gelu", eps=1e-5, pre_norm=True, patch_bias=False, post_norm=True):
+                 act="gelu", eps=1e-5, pre_norm=True, patch_bias=False, post_norm=True,
+                 mlp_dim=None):
         super().__init__()
         assert image_size % patch_size == 0, f"image size {image_size} is not a multiple of patch {patch_size}"
         self.image_size, self.patch_size = image_size, patch_size
@@ -199,7 +200,8 @@ class VisionTransformer(nn.Module):
         self.class_embedding = nn.Parameter(scale * torch.randn(width))
         self.positional_embedding = nn.Parameter(scale * torch.randn(self.grid ** 2 + 1, width))
         self.ln_pre = nn.LayerNorm(width, eps=eps) if pre_norm else nn.Identity()
-        self.transformer = Transformer(width, layers, heads, mlp_ratio=mlp_ratio, act=act, eps=eps)
+        self.transformer = Transformer(width, layers, heads, mlp_ratio=mlp_ratio, act=act, eps=eps,
+                                       mlp_dim=mlp_dim)
         self.ln_post = nn.LayerNorm(width, eps=eps) if post_norm else nn.Identity()
 
     def forward(self, images):                                       # (B, 3, H, W)
@@ -211,6 +213,16 @@ class VisionTransformer(nn.Module):
         x = torch.cat([cls, x], 1) + pos.to(x.dtype)                 # (B, 1 + P, D)
         x = self.transformer(self.ln_pre(x))
         return self.ln_post(x)
+
+    def resize(self, image_size):
+        """Serve another image size (a fine-tuning resolution): interpolate the learned position
+        grid once, in place (Touvron et al. 2019; `resize_pos_embed`)."""
+        if image_size % self.patch_size:
+            raise UserError(f"--image-size {image_size} is not a multiple of the weights' patch "
+                            f"size {self.patch_size}")
+        self.image_size, self.grid = image_size, image_size // self.patch_size
+        pos = resize_pos_embed(self.positional_embedding.data, self.grid)
+        self.positional_embedding = nn.Parameter(pos, self.positional_embedding.requires_grad)
 
 
 # ---- CLIP text transformer ----

@@ -39,7 +39,7 @@ import torch
 
 from . import dist
 from .data import load_rgb, read_json
-from .utils import MissingFileError, UserError
+from .utils import MissingFileError, UserError, ignore_preemption_signals
 
 log = logging.getLogger("shards")
 
@@ -389,7 +389,8 @@ class ShardLoader:
         # dropout, masking and negative sampling use (the workers' seeds are not used by the stream)
         loader = torch.utils.data.DataLoader(self.dataset, batch_size=None, num_workers=self.workers,
                                              pin_memory=torch.cuda.is_available(), persistent_workers=False,
-                                             generator=torch.Generator().manual_seed(self.dataset.seed))
+                                             generator=torch.Generator().manual_seed(self.dataset.seed),
+                                             worker_init_fn=ignore_preemption_signals)
         for batch, meta in loader:
             if meta[0] == "error":
                 raise UserError(meta[1])

@@ -16,6 +16,7 @@ import re
 import secrets
 import signal
 import sys
+import threading
 import traceback
 
 import numpy as np
@@ -46,6 +47,7 @@ def cli(main):
     dist.exit_process, which skips the interpreter's teardown."""
     torchrun = int(os.environ.get("WORLD_SIZE", 1)) > 1
     code = 0
+    record_preemption_signals()      # from here on a signal is never the default action's kill
     try:
         main()
     except (UserError, RunAborted) as e:
@@ -117,10 +119,29 @@ def build_parser(config_cls, presets, description=None, choices=None, recipes_do
     return parser
 
 
-# Fields a resumed run may change: where and how it runs, never what it trains.
+# Fields a resumed run may change: where and how it runs, never what it trains. Not given on the
+# command line, they keep the run's own values (its checkpoint's), except RESUME_FRESH.
+# (--image-root is not one: it resolves the training annotations' image paths.)
 RESUME_MUTABLE = ("output_dir", "resume", "init_from", "eval_only", "workers", "log_every", "save_every", "report_to",
-                  "precision", "compile", "grad_checkpointing", "fsdp", "image_root", "val_data", "zeroshot_data",
+                  "precision", "compile", "grad_checkpointing", "fsdp", "val_data", "zeroshot_data",
                   "max_bad_steps")
+RESUME_FRESH = ("output_dir", "resume", "init_from", "eval_only")
+
+# Counts and intervals: the smallest value each may take (checked for the fields a Config has).
+AT_LEAST = {1: ("epochs", "batch_size", "accum_steps", "log_every", "save_every", "max_bad_steps", "k_test",
+                "itm_batch", "num_beams", "max_gen_length", "capfilt_samples", "num_query_tokens", "queue_size"),
+            0: ("max_steps", "warmup_steps", "workers", "train_num_samples", "min_gen_length", "lr",
+                "weight_decay", "grad_clip_norm", "warmup_lr", "min_lr", "dropout", "label_smoothing")}
+
+
+def check_ranges(cfg):
+    """A count or interval out of range (`--save-every 0`, `--batch-size -1`) is a one-line error
+    naming the flag, not a ZeroDivisionError later."""
+    for low, names in AT_LEAST.items():
+        for name in names:
+            value = getattr(cfg, name, None)
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and value < low:
+                raise UserError(f"--{name.replace('_', '-')} must be at least {low}, not {value}")
 
 
 def resolve_config(config_cls, presets, argv=None, *, description=None, recipe=None, recipes_doc="",
@@ -135,7 +156,8 @@ def resolve_config(config_cls, presets, argv=None, *, description=None, recipe=N
       4. the command line;
       5. a resumed run (`--resume PATH|auto` finding a checkpoint) continues the run it was: every
          field comes from the checkpoint's config except those that say where and how it runs
-         (RESUME_MUTABLE + `resume_mutable`). A command-line value that contradicts the checkpoint,
+         (RESUME_MUTABLE + `resume_mutable`), which the command line may change (not given, they
+         keep the checkpoint's values too). A command-line value that contradicts the checkpoint,
          or another number of processes, is an error naming it (the sample order, the schedule
          and every rank's RNG depend on them), never a silent change.
 
@@ -153,6 +175,7 @@ def resolve_config(config_cls, presets, argv=None, *, description=None, recipe=N
     for key, value in recipe_values.items():
         setattr(cfg, key, value)
     cfg.cli_keys = set(given) | set(recipe_values)   # set on purpose (command line or recipe), not by default
+    check_ranges(cfg)
     ckpt_path = resume_path(cfg.resume, cfg.output_dir)
     if not ckpt_path:
         return cfg, None
@@ -160,6 +183,8 @@ def resolve_config(config_cls, presets, argv=None, *, description=None, recipe=N
     saved, mutable = ckpt["config"], set(RESUME_MUTABLE) | set(resume_mutable)
     for key, value in saved.items():
         if key in mutable or not hasattr(cfg, key):
+            if hasattr(cfg, key) and key not in given and key not in RESUME_FRESH:
+                setattr(cfg, key, value)         # the run's own value (its workers, val data, ...)
             continue
         if key in given and given[key] != value:
             raise UserError(f"--{key.replace('_', '-')} {given[key]} differs from {value!r} of the run being resumed "
@@ -307,7 +332,7 @@ def load_checkpoint(path):
     if not os.path.isfile(path):
         raise MissingFileError(f"checkpoint {path} does not exist")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return upgrade_checkpoint(torch.load(path, map_location="cpu", weights_only=True))
     except pickle.UnpicklingError as e:
         if "global" not in str(e).lower():       # not a pickle at all (a truncated or foreign file)
             raise UserError(f"{path} is not a readable PyTorch checkpoint") from None
@@ -315,6 +340,20 @@ def load_checkpoint(path):
                         f"state dicts load (torch.load weights_only=True). Re-save its tensors as a state dict.") from None
     except (RuntimeError, EOFError, OSError) as e:
         raise UserError(f"{path} is not a readable PyTorch checkpoint ({str(e).splitlines()[0]})") from None
+
+
+def upgrade_checkpoint(ckpt):
+    """Our checkpoints of earlier versions: `vision_mlp_ratio` (before the ViT's MLP width was
+    stored as a size) becomes the `vision_mlp_dim` it built (int(width * ratio), as the encoder
+    did); ALBEF's queues from before `queue_filled` were full (random keys at the start)."""
+    saved = ckpt.get("config") if isinstance(ckpt, dict) else None
+    if isinstance(saved, dict) and "vision_mlp_ratio" in saved and "vision_width" in saved:
+        saved["vision_mlp_dim"] = int(saved["vision_width"] * saved.pop("vision_mlp_ratio"))
+    model = ckpt.get("model") if isinstance(saved, dict) else None
+    if isinstance(model, dict) and "fusion_layer" in saved and "image_queue" in model \
+            and "queue_filled" not in model:        # ALBEF's queues, before they were marked: all full
+        model["queue_filled"] = torch.ones(1, model["image_queue"].shape[1], dtype=torch.bool)
+    return ckpt
 
 
 def resume_path(resume, output_dir):
@@ -349,14 +388,54 @@ def load_checkpoint_everywhere(path):
 
 # ---- lifecycle: preemption and non-finite steps ----
 
+PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+_recorded = []          # signals that came outside a Preemption block (start-up, final evaluation)
+
+
+def _record(signum, frame):
+    _recorded.append(signal.Signals(signum).name)
+
+
+def record_preemption_signals():
+    """From here on (`cli` calls it first) SIGTERM / SIGUSR1 outside the training loop (start-up,
+    the final evaluation) are recorded instead of killing the process with the default action; the
+    training loop's Preemption then acts on them at its first check, as on one received inside it."""
+    for s in PREEMPTION_SIGNALS:
+        signal.signal(s, _record)
+
+
+def ignore_preemption_signals(worker_id=None):
+    """DataLoader `worker_init_fn` (map-style and shard workers): a data worker ignores SIGTERM and
+    SIGUSR1 from others. torchrun and SLURM signal every process of a rank (its process group),
+    workers included; a worker that died of it made the main process raise "DataLoader worker ...
+    is killed by signal" instead of finishing the step and saving. The main process decides: it
+    saves, then shuts its workers down. A SIGTERM from the main process itself (multiprocessing's
+    terminate(), at exit) still ends the worker, as PyTorch's own worker handler does: the signals
+    are blocked and a thread reads each with its sender (sigwaitinfo)."""
+    if not hasattr(signal, "sigwaitinfo"):          # not Linux: ignore them outright
+        for s in PREEMPTION_SIGNALS:
+            signal.signal(s, signal.SIG_IGN)
+        return
+    signal.pthread_sigmask(signal.SIG_BLOCK, PREEMPTION_SIGNALS)   # threads started later inherit it
+    threading.Thread(target=_end_on_parents_sigterm, args=(os.getppid(),), daemon=True).start()
+
+
+def _end_on_parents_sigterm(parent):
+    while True:
+        info = signal.sigwaitinfo(PREEMPTION_SIGNALS)
+        if info.si_signo == signal.SIGTERM and info.si_pid == parent:
+            os._exit(0)
+
+
 class Preemption:
     """SIGTERM / SIGUSR1 (what SLURM, Kubernetes and torchrun send before they kill a job) set a
     flag; `requested()` is True on every rank once any rank got one, so all ranks finish the same
     step, save `checkpoint_last.pt` together and exit cleanly. Use as a context manager: the
-    previous handlers come back on exit. The per-step agreement is an all-reduce of one number on
+    previous handlers come back on exit; a signal recorded before it (record_preemption_signals,
+    during start-up) counts as received. The per-step agreement is an all-reduce of one number on
     a CPU (gloo) group: no GPU sync."""
 
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+    SIGNALS = PREEMPTION_SIGNALS
 
     def __enter__(self):
         self.received, self.previous = None, {}
@@ -364,6 +443,9 @@ class Preemption:
             self.previous = {s: signal.signal(s, self._on_signal) for s in self.SIGNALS}
         except ValueError:   # not the main thread: signals cannot be caught here
             pass
+        if _recorded:
+            self.received = _recorded[-1]
+            _recorded.clear()
         self.group = dist.cpu_group()
         return self
 
@@ -380,6 +462,37 @@ class Preemption:
             torch.distributed.all_reduce(flag, torch.distributed.ReduceOp.MAX, group=self.group)
         return bool(flag)
 
+    def stop(self, step, output_dir, save=None):
+        """At a point where the run may stop (after a step, after an evaluation): True when a signal
+        reached any rank, after `save()` (checkpoint_last.pt, on every rank) and a log line. A
+        collective: every rank calls it at the same points."""
+        if not self.requested():
+            return False
+        if save:
+            save()
+        if dist.is_main():
+            print(f"{self.received or 'a signal on another rank'}: stopped after step {step}, saved "
+                  f"{os.path.join(output_dir, 'checkpoint_last.pt')}; --resume auto continues", flush=True)
+        return True
+
+
+def evaluation_pending(ckpt, steps_per_epoch, total_steps):
+    """1 if the run being resumed stopped at the end of an epoch (or of training) before that
+    epoch's evaluation finished (a signal on the epoch's last step, or during the evaluation):
+    the resumed run evaluates it first. 0 otherwise (or for checkpoints without "evaluated")."""
+    if not ckpt:
+        return 0
+    step = ckpt["step"]
+    at_end = step > 0 and (step % steps_per_epoch == 0 or step >= total_steps)
+    return int(at_end and ckpt.get("evaluated", step) < step)
+
+
+def load_scaler_state(scaler, state):
+    """The GradScaler state of the run being resumed. A bf16 / fp32 run's disabled scaler saved {}:
+    resumed with --precision fp16, the scaler starts afresh (GradScaler refuses an empty state)."""
+    if state:
+        scaler.load_state_dict(state)
+
 
 class NonFiniteGuard:
     """Skips the update of a step whose loss or gradient norm is not finite, counts it, names the
@@ -395,6 +508,15 @@ class NonFiniteGuard:
     def __init__(self, max_bad):
         self.max_bad, self.total, self.in_a_row, self.culprit = max_bad, 0, 0, None
         self.pending = None
+
+    def state_dict(self):
+        """The counts for a checkpoint, the step in flight counted first (flush): `bad_steps` in all,
+        `bad_in_a_row` up to now, so that --max-bad-steps goes on counting after a resume."""
+        self.flush()
+        return {"bad_steps": self.total, "bad_in_a_row": self.in_a_row}
+
+    def load_state_dict(self, state):
+        self.total, self.in_a_row = state["bad_steps"], state.get("bad_in_a_row", 0)
 
     @staticmethod
     def check(loss, grad_norm, scaler):

@@ -63,7 +63,8 @@ def worker(args):
         cfg = blip2_train.Config(
             vision="eva", image_size=args.image_size or c["image_size"], patch_size=c["patch_size"],
             vision_width=c["vision_width"], vision_layers=c["vision_layers"], vision_heads=c["vision_heads"],
-            vision_mlp_ratio=peer.BLIP2["vision_mlp_ratio"], num_query_tokens=peer.BLIP2["num_query_token"],
+            vision_mlp_dim=int(c["vision_width"] * peer.BLIP2["vision_mlp_ratio"]),
+            num_query_tokens=peer.BLIP2["num_query_token"],
             qformer_width=c["text_width"], qformer_layers=c["text_layers"], qformer_heads=c["text_heads"],
             qformer_mlp_dim=c["text_mlp_dim"], cross_attention_freq=peer.BLIP2["cross_attention_freq"],
             max_positions=c["max_positions"], embed_dim=c["embed_dim"], max_length=c["max_length"], dropout=0.0)
@@ -72,7 +73,8 @@ def worker(args):
     else:
         import albef_train
         c = peer.config(args.config)
-        cfg = albef_train.Config(**c, fusion_layer=int(c["text_layers"] * peer.ALBEF_FUSION_LAYER))
+        cfg = albef_train.Config(**c, vision_mlp_dim=4 * c["vision_width"],
+                                 fusion_layer=int(c["text_layers"] * peer.ALBEF_FUSION_LAYER))
         if args.image_size:
             cfg.image_size = args.image_size
         cfg.vocab_size = tok.vocab_size

@@ -37,7 +37,8 @@ def main():
     tok = lavis.tokenizer
     c = peer.config("tiny")
     fusion = lavis.text_encoder.config.fusion_layer
-    cfg = albef_train.Config(**c, fusion_layer=fusion, type_vocab_size=0, vocab_size=len(tok),
+    cfg = albef_train.Config(**c, vision_mlp_dim=4 * c["vision_width"], fusion_layer=fusion, type_vocab_size=0,
+                             vocab_size=len(tok),
                              momentum=lavis.momentum, alpha=lavis.alpha, mlm_probability=lavis.mlm_probability)
     ours = albef_train.ALBEF(cfg, mask_id=tok.mask_token_id, pad_id=tok.pad_token_id, cls_id=tok.cls_token_id)
     L = cfg.text_layers
@@ -56,8 +57,9 @@ def main():
     for s in ("", "_m"):   # LAVIS ties its MLM decoder to the word embeddings too: check, then map once
         assert torch.equal(state[f"text_encoder{s}.cls.predictions.decoder.weight"],
                            state[f"text_encoder{s}.bert.embeddings.word_embeddings.weight"])
-    load_mapped(ours, state, mapping, source="LAVIS AlbefPretrain", keep_init=("idx_queue",),
+    load_mapped(ours, state, mapping, source="LAVIS AlbefPretrain", keep_init=("idx_queue", "queue_filled"),
                 ignore=("position_ids", "cls.predictions.decoder."))
+    ours.queue_filled.fill_(True)           # LAVIS's queues of random unit vectors take part in ITC
     enc = peer.tokenize(lavis, batch)
     # The same masked positions and replacement tokens on both sides: ours drawn once, given to LAVIS.
     g = torch.Generator().manual_seed(1)

@@ -95,7 +95,7 @@ def build_ours(lavis, folder):
     cfg = blip2_train.Config(
         vision="eva", image_size=c["image_size"], patch_size=c["patch_size"], vision_width=c["vision_width"],
         vision_layers=c["vision_layers"], vision_heads=c["vision_heads"],
-        vision_mlp_ratio=peer.BLIP2["vision_mlp_ratio"], ln_vision_eps=1e-5,
+        vision_mlp_dim=int(c["vision_width"] * peer.BLIP2["vision_mlp_ratio"]), ln_vision_eps=1e-5,
         num_query_tokens=peer.BLIP2["num_query_token"], qformer_width=qc.hidden_size,
         qformer_layers=qc.num_hidden_layers, qformer_heads=qc.num_attention_heads,
         qformer_mlp_dim=qc.intermediate_size, cross_attention_freq=peer.BLIP2["cross_attention_freq"],
@@ -108,7 +108,7 @@ def build_ours(lavis, folder):
     assert ours.cfg.qformer_heads == qc.num_attention_heads
     # tokenizer=None: [DEC] is the last id and [PAD] 0, which is where LAVIS's tokenizer has them
     assert (ours.dec_id, ours.pad_id) == (tok.bos_token_id, tok.pad_token_id), (ours.dec_id, ours.pad_id)
-    for k in ("image_size", "patch_size", "vision_width", "vision_layers", "vision_heads", "vision_mlp_ratio",
+    for k in ("image_size", "patch_size", "vision_width", "vision_layers", "vision_heads", "vision_mlp_dim",
               "num_query_tokens", "qformer_width", "qformer_layers", "qformer_heads", "qformer_mlp_dim",
               "cross_attention_freq", "max_positions", "vocab_size", "embed_dim"):
         assert getattr(ours.cfg, k) == getattr(cfg, k), (k, getattr(ours.cfg, k), getattr(cfg, k))

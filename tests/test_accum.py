@@ -161,6 +161,33 @@ def test_blip2_stage1_accumulation_itc_and_itg_equal_one_big_batch_itm_per_micro
             assert torch.allclose(p.grad, want, atol=1e-6, rtol=1e-5), n
 
 
+def test_blip2_accumulation_under_bf16_caches_what_the_live_pass_computes(  # noqa: F811
+        tmp_path, subset, monkeypatch):
+    """--precision bf16 (on CPU here) with --accum-steps 2: the feature cache's pass runs under the
+    same autocast as the live pass, so each micro-batch's cached ITC features are exactly (dtype and
+    values) those its live pass recomputes: ITC over the K micro-batches stays one batch's.
+    (Outside autocast the cache held fp32 features, ~1e-3 from the live bf16 ones.)"""
+    import blip2_train
+    from tests.test_albef_train import data_args
+    from tests.test_blip2_train import SMALL as BLIP2_SMALL
+    gaps = []
+
+    class Spy(blip2_train.FeatureCache):
+        def features(self, j, live):
+            for k in ("image", "text") if self.active else ():
+                cached, now = self.cache[j][k], live[k].detach()
+                gap = float((cached.float() - now.float()).abs().max())
+                gaps.append((k, cached.dtype, now.dtype, gap))
+            return super().features(j, live)
+    monkeypatch.setattr(blip2_train, "FeatureCache", Spy)
+    blip2_train.main([*BLIP2_SMALL, *data_args(subset), "--precision", "bf16", "--batch-size", "4",
+                      "--accum-steps", "2", "--max-steps", "1", "--k-test", "2",
+                      "--output-dir", str(tmp_path)])
+    assert len(gaps) == 4, gaps
+    for name, cached, live, gap in gaps:
+        assert cached == live == torch.bfloat16 and gap == 0.0, (name, cached, live, gap)
+
+
 def test_blip2_stage2_accumulation_equals_one_big_batch(tmp_path, subset):  # noqa: F811
     """Stage 2's LM loss over the step's target tokens: 2 micro-batches of 4 give the gradient of
     one batch of 8 (the Q-Former side's, from AdamW's first moment)."""

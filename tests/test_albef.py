@@ -44,10 +44,10 @@ def captions_batch(tok, n=4, seed=0):
 
 # ---- parity with independent implementations ----
 
-def timm_vit():
+def timm_vit(mlp_ratio=4.0):
     import timm.models.vision_transformer as tv
     torch.manual_seed(1)
-    vit = tv.VisionTransformer(img_size=32, patch_size=8, embed_dim=128, depth=2, num_heads=2, mlp_ratio=4.0,
+    vit = tv.VisionTransformer(img_size=32, patch_size=8, embed_dim=128, depth=2, num_heads=2, mlp_ratio=mlp_ratio,
                                qkv_bias=True, norm_layer=partial(nn.LayerNorm, eps=1e-6), num_classes=10)
     for p in vit.parameters():          # timm initialises biases and norms to constants: randomise all
         p.data.normal_(0, 0.05) if p.ndim < 2 else None
@@ -86,6 +86,17 @@ def test_vit_matches_transformers_vit_model_folder(tok, tmp_path):
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(model.visual_encoder(x), hf(pixel_values=x).last_hidden_state, atol=1e-5, rtol=1e-5)
+    # a config field that would change the numbers is refused, named
+    edit_config(tmp_path / "vit", hidden_act="relu")
+    with pytest.raises(UserError, match="config.json has hidden_act 'relu'"):
+        albef_train.load_vision_init(model, str(tmp_path / "vit"))
+
+
+def edit_config(folder, **fields):
+    with open(folder / "config.json") as f:
+        config = json.load(f)
+    with open(folder / "config.json", "w") as f:
+        json.dump({**config, **fields}, f)
 
 
 def hf_bert(tok, seed=3):
@@ -113,6 +124,13 @@ def test_text_encoder_and_mlm_head_match_bert_for_masked_lm(tok, tmp_path):
         logits = model.mlm_head(model.text_encoder(ids, mask))
     torch.testing.assert_close(logits, ref.logits, atol=1e-5, rtol=1e-5)
     assert model.mlm_head.decoder.weight is model.text_encoder.word_embeddings.weight
+    # config fields that change the numbers but no weight's shape: refused, named (never ignored)
+    for field, value in (("layer_norm_eps", 1e-5), ("hidden_act", "relu"), ("num_attention_heads", 4),
+                         ("position_embedding_type", "relative_key")):
+        bert.save_pretrained(tmp_path / "bert")
+        edit_config(tmp_path / "bert", **{field: value})
+        with pytest.raises(UserError, match=f"config.json has {field} {value!r}"):
+            albef_train.load_text_init(model, str(tmp_path / "bert"))
 
 
 def official_state(tok, vit, bert, fusion=2, seed=4):
@@ -140,8 +158,9 @@ def official_state(tok, vit, bert, fusion=2, seed=4):
     state.update(momentum)
     state["text_encoder_m.cls.predictions.decoder.weight"] = state["text_encoder_m.bert.embeddings.word_embeddings.weight"]
     state["text_encoder_m.cls.predictions.decoder.bias"] = state["text_encoder_m.cls.predictions.bias"]
-    state.update(temp=torch.tensor(0.05), image_queue=F.normalize(rnd(16, 64), dim=0),
-                 text_queue=F.normalize(rnd(16, 64), dim=0), queue_ptr=torch.zeros(1, dtype=torch.long))
+    # the queues as in ALBEF.pth: no idx_queue (ALBEF issue #79); here as long as SMALL's, pointer at 4
+    state.update(temp=torch.tensor(0.05), image_queue=F.normalize(rnd(16, 16), dim=0),
+                 text_queue=F.normalize(rnd(16, 16), dim=0), queue_ptr=torch.tensor([4]))
     return state
 
 
@@ -170,7 +189,15 @@ def test_official_layout_checkpoint_loads_through_from_official(tok, tmp_path, c
     kv = ours["text_encoder.layer.2.crossattention.attn.kv.weight"]
     assert torch.equal(kv, torch.cat([state[f"text_encoder.bert.encoder.layer.2.crossattention.self.{n}.weight"]
                                       for n in ("key", "value")]))
-    assert int(model.queue_ptr) == 0 and model.image_queue.shape == (16, 16)      # the run's queue, empty
+    # the file's queues, as Retrieval.py loads them: rolled so that the oldest key (at the file's
+    # pointer) is in slot 0, the pointer 0; their image ids unknown (-100, never a positive)
+    assert torch.equal(model.image_queue, state["image_queue"].roll(-4, 1))
+    assert torch.equal(model.text_queue, state["text_queue"].roll(-4, 1))
+    assert int(model.queue_ptr) == 0 and bool(model.queue_filled.all()) and bool((model.idx_queue == -100).all())
+    capsys.readouterr()
+    other = albef_train.ALBEF.from_official(path, albef_train.Config(**{**SMALL, "queue_size": 8}), tok)
+    assert "not in it: queues of this run's length (the file's 16, --queue-size 8)" in capsys.readouterr().out
+    assert not other.queue_filled.any()                                         # then empty
     # token-type row 0 is added, as the official BertEmbeddings (token_type_ids default to zeros)
     assert model.text_encoder.token_type_embeddings is not None
 
@@ -183,6 +210,7 @@ def test_official_layout_checkpoint_loads_through_from_official(tok, tmp_path, c
     capsys.readouterr()
     model = albef_train.ALBEF.from_official(path, cfg, tok)
     assert "not in it: MLM head, momentum model, queues" in capsys.readouterr().out
+    assert not model.queue_filled.any() and int(model.queue_ptr) == 0                  # empty
     assert model.visual_encoder.positional_embedding.shape == (1 + 16, 128)     # 64 patches -> the run's 16
     for p, p_m in zip(*(m.parameters() for m in model.online_and_momentum())):
         assert torch.equal(p, p_m)                                              # momentum = a copy
@@ -201,6 +229,18 @@ def test_official_layout_checkpoint_loads_through_from_official(tok, tmp_path, c
     torch.save({"model": {"something": torch.zeros(1)}}, path)
     with pytest.raises(UserError, match="neither an ALBEF checkpoint"):
         albef_train.read_init(path)
+
+
+def test_official_file_with_an_mlp_width_not_a_multiple_of_the_width(tok, tmp_path):
+    """The ViT's MLP width is read off the file and kept as a size (200 for width 128), not a ratio."""
+    vit = timm_vit(mlp_ratio=200 / 128)
+    path = str(tmp_path / "ALBEF.pth")
+    torch.save({"model": official_state(tok, vit, hf_bert(tok))}, path)
+    model = albef_train.ALBEF.from_official(path, albef_train.Config(**SMALL), tok).eval()
+    assert model.cfg.vision_mlp_dim == 200
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(model.visual_encoder(x), vit.forward_features(x), atol=1e-5, rtol=1e-5)
 
 
 # ---- the pieces of the losses ----
@@ -319,6 +359,9 @@ def test_hard_negatives_never_the_positive_and_degenerate_batches(tok):
 def test_itc_targets_are_the_positives_by_image_id_in_retrieval(tok):
     """Retrieval fine-tuning: y spreads over every key (batch and queue) with the same image id."""
     model = small_model(tok).train()
+    model.image_queue.copy_(F.normalize(torch.randn(16, 16), dim=0))
+    model.text_queue.copy_(F.normalize(torch.randn(16, 16), dim=0))
+    model.queue_filled.fill_(True)
     model.idx_queue[0, :3] = torch.tensor([5, 6, 5])
     f = F.normalize(torch.randn(4, 16), dim=-1)
     loss = model.loss_itc(f, f, f, f, torch.tensor([5, 6, 7, 5]), torch.tensor(0.0), "retrieval")
@@ -331,6 +374,32 @@ def test_itc_targets_are_the_positives_by_image_id_in_retrieval(tok):
             - (F.log_softmax(f @ keys_i / model.temp, 1) * y).sum(1).mean()) / 2
     torch.testing.assert_close(loss, want)
     assert float(pos[0].sum()) == 4                                   # itself, sample 3, queue 0 and queue 2
+
+
+@pytest.mark.parametrize("task", ["pretrain", "retrieval"])
+def test_queue_slots_not_yet_filled_take_no_part_in_itc(tok, task):
+    """A queue that starts empty: with 8 of its 16 slots filled, the ITC loss (its softmax, the
+    distillation targets, the positives by image id) and its gradient are those of a queue of the
+    8 filled keys alone. Nothing filled: the batch alone, and finite."""
+    g = torch.Generator().manual_seed(0)
+    feats = lambda n: F.normalize(torch.randn(n, 16, generator=g), dim=-1)         # noqa: E731
+    partial, full = small_model(tok).train(), small_model(tok, queue_size=8).train()
+    for step in range(2):                           # two steps of 4 keys, ids 5, 6, 7, 8 and 7, 8, 9, 10
+        keys = (feats(4), feats(4), torch.arange(4) + 5 + 2 * step)
+        partial.dequeue_and_enqueue(*keys)
+        full.dequeue_and_enqueue(*keys)
+    assert int(partial.queue_ptr) == 8
+    q_i, q_t, q_i_m, q_t_m = (feats(4).requires_grad_() for _ in range(4))
+    idx, alpha = torch.tensor([5, 7, 11, 12]), torch.tensor(0.4)
+    loss = partial.loss_itc(q_i, q_t, q_i_m, q_t_m, idx, alpha, task)
+    grads = torch.autograd.grad(loss, (q_i, q_t))
+    want = full.loss_itc(q_i, q_t, q_i_m, q_t_m, idx, alpha, task)
+    torch.testing.assert_close(loss, want)
+    for got, ref in zip(grads, torch.autograd.grad(want, (q_i, q_t))):
+        torch.testing.assert_close(got, ref)
+    empty = small_model(tok).train()
+    loss = empty.loss_itc(q_i, q_t, q_i_m, q_t_m, idx, alpha, task)
+    assert torch.isfinite(loss) and all(torch.isfinite(x).all() for x in torch.autograd.grad(loss, (q_i, q_t)))
 
 
 # ---- distributed: queues in rank order, global negatives, sharded evaluation ----

@@ -13,7 +13,8 @@ from common.data import Tokenizer
 from common.utils import UserError
 from tests.test_distributed import torchrun
 
-SMALL = dict(image_size=32, patch_size=8, vision_width=32, vision_layers=2, vision_heads=2, vision_mlp_ratio=2.0,
+SMALL = dict(image_size=32, patch_size=8, vision_width=32, vision_layers=2, vision_heads=2,
+             vision_mlp_dim=64,
              num_query_tokens=4, qformer_width=32, qformer_layers=4, qformer_heads=2, qformer_mlp_dim=64,
              max_positions=40, max_length=16, embed_dim=16, batch_size=4, k_test=4)
 
@@ -94,6 +95,50 @@ def test_vision_model_features_match_transformers(tok, hf_retrieval):
                                    atol=1e-5, rtol=1e-5)
 
 
+def test_a_folders_sizes_and_epsilon_are_its_own_and_other_values_are_refused(tok, tmp_path):
+    """A transformers folder whose vision MLP width is not a multiple of its width (44 / 49) and
+    whose encoder LayerNorm eps is 1e-3: built with exactly those (sizes stored as sizes), equal to
+    transformers. The same encoder under --vision-weights of a model with another eps, and config
+    values our modules do not have (the Q-Former's hidden_act, the encoder's qkv_bias), are refused
+    naming the field."""
+    import json
+    import shutil
+    from transformers import Blip2Config, Blip2ForImageTextRetrieval
+    vision, qformer, extra = hf_config(tok)
+    vision.hidden_size, vision.intermediate_size, vision.layer_norm_eps = 44, 49, 1e-3
+    config = Blip2Config(vision_config=vision.to_dict(), qformer_config=qformer.to_dict(), **extra)
+    hf = randomise(Blip2ForImageTextRetrieval(config), 7)
+    path = str(tmp_path / "odd")
+    hf.save_pretrained(path)
+    ours = blip2_train.BLIP2.from_hf(path, tokenizer=tok).eval()
+    cfg = ours.cfg
+    assert (cfg.vision_mlp_dim, cfg.vision_eps, cfg.ln_vision_eps) == (49, 1e-3, 1e-3)
+    images, ids, mask = batch(tok)
+    with torch.no_grad():
+        ref = hf(pixel_values=images, input_ids=ids, attention_mask=mask,
+                 use_image_text_matching_head=True).logits_per_image
+        image_embeds = ours.image_features(images)
+        want = hf.vision_model(pixel_values=images).last_hidden_state
+        torch.testing.assert_close(image_embeds, want, atol=1e-5, rtol=1e-5)
+        got = ours.itm_logits(ids, mask, image_embeds)
+        torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+    model = small_model(tok, vision_width=44, vision_mlp_dim=49, vision_weights=path)
+    with pytest.raises(UserError, match=r"odd: its layer_norm_eps is 0.001, this encoder's 1e-06 "
+                                        r"\(--vision-eps\)"):
+        blip2_train.load_vision(model, model.cfg)
+    for part, field, value in (("qformer_config", "hidden_act", "relu"),
+                               ("vision_config", "qkv_bias", False)):
+        bad = str(tmp_path / field)
+        shutil.copytree(path, bad)
+        with open(os.path.join(bad, "config.json")) as f:
+            config = json.load(f)
+        config[part][field] = value
+        with open(os.path.join(bad, "config.json"), "w") as f:
+            json.dump(config, f)
+        with pytest.raises(UserError, match=rf"{field}: {part}.{field} is {value!r}; this BLIP-2 "):
+            blip2_train.BLIP2.from_hf(bad, tokenizer=tok)
+
+
 def test_itm_logits_and_itc_similarity_match_blip2_for_image_text_retrieval(tok, hf_retrieval):
     hf, path = hf_retrieval
     ours = blip2_train.BLIP2.from_hf(path, tokenizer=tok).eval()
@@ -140,7 +185,8 @@ def test_clip_l_option_is_the_penultimate_layer_of_a_transformers_clip_folder(to
                                                     num_attention_heads=2, image_size=32, patch_size=8,
                                                     hidden_act="quick_gelu")), 6)
     hf.save_pretrained(tmp_path / "clip")
-    model = small_model(tok, vision="clip-l", vision_mlp_ratio=4.0, vision_weights=str(tmp_path / "clip"))
+    model = small_model(tok, vision="clip-l", vision_mlp_dim=128, vision_eps=1e-5,
+                        vision_weights=str(tmp_path / "clip"))
     blip2_train.load_vision(model, model.cfg)
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():

@@ -62,12 +62,13 @@ def batch(kind, B=3, L=7, seed=0):
 def test_logits_and_loss_equal_transformers(pair):
     """The same image and text: the LM's logits within 1e-5 and the LM loss equal to the one
     transformers returns with labels (decoder-only: [image tokens; text] with -100 on the queries,
-    the prompt and the padding; encoder-decoder: the encoder's text and the decoder's labels)."""
+    the prompt and the padding, and [BOS] a target where there is no prompt, predicted by the last
+    query; encoder-decoder: the encoder's text and the decoder's labels)."""
     hf, ours, kind = pair
     images, ids, mask = batch(kind)
     labels = ids.masked_fill(mask == 0, -100)
     if kind == "opt":
-        labels[:, :3] = -100                                                    # [BOS] and a 2-token prompt
+        labels[:2, :3] = -100                  # rows 0, 1: [BOS] and a 2-token prompt; row 2: none
         hf_ids = torch.cat([torch.full((3, Q), IMAGE_TOKEN), ids], 1)
         hf_mask = torch.cat([torch.ones(3, Q, dtype=torch.long), mask], 1)
         out = hf(pixel_values=images, input_ids=hf_ids, attention_mask=hf_mask,
@@ -78,8 +79,9 @@ def test_logits_and_loss_equal_transformers(pair):
             logits, shifted = ours.llm_logits(images, ids, mask, labels)
         valid = hf_mask.bool()
         assert (full - out.logits)[valid].abs().max() < 1e-5
-        # ours runs the LM head on the text positions only; text position t predicts t + 1
-        assert (logits - out.logits[:, Q:-1]).abs().max() < 1e-5 and torch.equal(shifted, labels[:, 1:])
+        # ours runs the LM head on the last query and the text positions only; t predicts t + 1
+        assert (logits - out.logits[:, Q - 1:-1]).abs().max() < 1e-5
+        assert torch.equal(shifted, labels)
     else:
         target = torch.randint(2, IMAGE_TOKEN, (3, 5), generator=torch.Generator().manual_seed(1))
         labels = target.clone()

@@ -16,9 +16,10 @@ from tests.test_blip2 import hf_config, randomise
 from tests.test_clip_train import empty_caption_data, read_metrics, subset, train_losses  # noqa: F401  (fixture)
 from tests.test_distributed import sigterm_mid_run, torchrun
 
-MODEL = dict(image_size=32, patch_size=8, vision_width=32, vision_layers=2, vision_heads=2, num_query_tokens=4,
-             qformer_width=32, qformer_layers=4, qformer_heads=2, qformer_mlp_dim=64, max_positions=40, max_length=16,
-             embed_dim=16, batch_size=4, k_test=4)
+MODEL = dict(image_size=32, patch_size=8, vision_width=32, vision_layers=2, vision_heads=2,
+             vision_mlp_dim=64, num_query_tokens=4, qformer_width=32, qformer_layers=4,
+             qformer_heads=2, qformer_mlp_dim=64, max_positions=40, max_length=16, embed_dim=16,
+             batch_size=4, k_test=4)
 SMALL = [f"--{k.replace('_', '-')}={v}" for k, v in MODEL.items()] + ["--workers", "0", "--warmup-steps", "2",
                                                                      "--log-every", "1"]
 
@@ -200,6 +201,22 @@ def test_trained_encoder_checkpoints_resume_and_another_image_size(tmp_path, sub
     with pytest.raises(UserError, match=r"a random encoder is its seed at one image size \(32 px here\)"):
         blip2_train.main([*SMALL, "--val-data", subset[3], "--tokenizer", subset[-1], "--eval-only", "--image-size",
                           "48", "--init-from", os.path.join(seeded, "checkpoint_last.pt"), "--output-dir", seeded + "48"])
+
+
+def test_retrieval_recipe_is_lavis_and_help_offers_stage_2(capsys):
+    """--preset vit-g --task retrieval is LAVIS's projects/blip2/train/retrieval_coco_ft.yaml (with
+    blip2_coco.yaml: the encoder trains, gradient checkpointing); --help offers stage 2."""
+    cfg, _ = blip2_train.resolve_config(blip2_train.Config, blip2_train.PRESETS,
+                                        ["--preset", "vit-g", "--task", "retrieval"],
+                                        recipe=blip2_train.task_recipe)
+    lavis = dict(lr=1e-5, min_lr=0.0, warmup_lr=1e-8, warmup_steps=1000, weight_decay=0.05,
+                 epochs=5, batch_size=14, layer_decay=0.95, image_size=364, k_test=128,
+                 freeze_vision=False, grad_checkpointing=True)
+    assert {k: getattr(cfg, k) for k in lavis} == lavis
+    with pytest.raises(SystemExit):
+        blip2_train.main(["--help"])
+    out = capsys.readouterr().out
+    assert "--stage 2" in out and "refused" not in out
 
 
 def test_bad_input_is_a_clear_error(tmp_path, subset):  # noqa: F811

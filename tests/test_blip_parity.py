@@ -20,14 +20,16 @@ def tok(tiny):
 def hf_config(tok):
     from transformers import BlipConfig
     dec, enc = tok.tok.convert_tokens_to_ids(["[DEC]", "[ENC]"])
-    # non-square: vision width 48 != text width 32; 3 vision layers, 2 text layers
+    # non-square: vision width 44 != text width 32; 3 vision layers, 2 text layers; an MLP width that
+    # is no integer multiple of the width (98 = 44 x 2.227..., rebuilt from a ratio it came out 97) and
+    # a LayerNorm epsilon of the file's own (1e-3): the loader takes sizes, not ratios
     return BlipConfig(
         text_config=dict(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=72, num_hidden_layers=2,
-                         num_attention_heads=4, max_position_embeddings=40, encoder_hidden_size=48,
+                         num_attention_heads=4, max_position_embeddings=40, encoder_hidden_size=44,
                          bos_token_id=dec, pad_token_id=tok.pad_id, sep_token_id=tok.eos_id, eos_token_id=tok.eos_id,
                          hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0),
-        vision_config=dict(hidden_size=48, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
-                           image_size=32, patch_size=8),
+        vision_config=dict(hidden_size=44, intermediate_size=98, num_hidden_layers=3, num_attention_heads=4,
+                           image_size=32, patch_size=8, layer_norm_eps=1e-3),
         image_text_hidden_size=24)
 
 
@@ -68,6 +70,16 @@ def test_retrieval_itm_and_cosine_match_transformers(tok, images, tmp_path):
     for (a, b) in ours.model_pairs():
         for p, q in zip(a.parameters(), b.parameters()):
             assert torch.equal(p, q)
+
+
+def test_an_activation_our_blocks_lack_is_refused_naming_the_field(tok, tmp_path):
+    from transformers import BlipForImageTextRetrieval
+    from common.utils import UserError
+    config = hf_config(tok)
+    config.text_config.hidden_act = "relu"
+    BlipForImageTextRetrieval(config).save_pretrained(tmp_path)
+    with pytest.raises(UserError, match="text_config.hidden_act 'relu'"):
+        BLIP.from_hf(str(tmp_path), tok)
 
 
 @pytest.fixture(scope="module")

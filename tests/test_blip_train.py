@@ -1,5 +1,6 @@
 """blip_train.py end to end: every task under torchrun with 2 processes, checkpoints and
 --resume auto, CapFilt writing an annotation file that --train-data accepts, and learning."""
+import dataclasses
 import json
 import os
 
@@ -7,7 +8,8 @@ import pytest
 import torch
 
 import blip_train
-from tests.dist_fixtures import BLIP_SMALL_ARGS
+from common.utils import UserError
+from tests.dist_fixtures import BLIP_SMALL_ARGS, blip_model
 from tests.test_clip_train import read_metrics, subset  # noqa: F401  (fixture)
 from tests.test_distributed import sigterm_mid_run, torchrun
 
@@ -74,11 +76,16 @@ def test_capfilt_writes_an_annotation_file_train_data_accepts(tmp_path, subset):
     assert all(r["caption"][:5] == source_caps[os.path.basename(r["image"])] for r in written)
     n_synthetic = summary["captions_kept"] - 200
     assert 20 <= n_synthetic <= 40 and all(len(r["caption"]) <= 6 and all(r["caption"]) for r in written)
-    strict = blip_train.main([*SMALL, "--task", "capfilt", "--train-data", source, "--tokenizer", subset[-1],
-                              "--init-from", os.path.join(out, "checkpoint_last.pt"), "--capfilt-threshold", "1.01",
-                              "--capfilt-filter", os.path.join(out, "checkpoint_last.pt"),   # a separate filter model
-                              "--capfilt-output", str(tmp_path / "none.json"), "--output-dir", out])
-    assert strict["captions_kept"] == 0 and strict["images_kept"] == 0       # nothing passes p >= 1.01
+    # nothing passes p >= 1.01: an error naming the threshold, no empty training file
+    message = (r"kept none of the 2\d\d captions: no ITM p\(match\) reached "
+               r"--capfilt-threshold 1.01 \(the highest was 0\.\d+\); nothing written")
+    with pytest.raises(UserError, match=message):
+        blip_train.main([*SMALL, "--task", "capfilt", "--train-data", source, "--tokenizer", subset[-1],
+                         "--init-from", os.path.join(out, "checkpoint_last.pt"),
+                         "--capfilt-threshold", "1.01",
+                         "--capfilt-filter", os.path.join(out, "checkpoint_last.pt"),  # own filter
+                         "--capfilt-output", str(tmp_path / "none.json"), "--output-dir", out])
+    assert not [f for f in os.listdir(tmp_path) if f.startswith("none.json")]      # nor part files
     ok = blip_train.main([*SMALL, "--train-data", summary["output"], "--tokenizer", subset[-1], "--max-steps", "1",
                           "--output-dir", str(tmp_path / "again")])
     assert ok == {}                                                             # no --val-data: no eval
@@ -151,17 +158,25 @@ def test_sigterm_saves_the_step_and_resumes_to_the_same_losses(tmp_path, subset)
 
 
 def test_capfilt_on_the_built_in_data_runs_twice_into_one_output_dir(tmp_path, tiny):
-    """Regression: with no --train-data (the built-in set) a second run found the first one's
-    output and crashed in os.path.samefile(output, ""). The second run now writes the same file; an
-    output path that is the built-in train.json is still refused. ~10 s: 3,000 images, small model."""
+    """Without --init-from (an untrained captioner and filter) CapFilt is refused (it used to keep 0
+    of 17,987 captions and write `[]`). Regression: with no --train-data (the built-in set) a second
+    run found the first one's output and crashed in os.path.samefile(output, ""). The second run now
+    writes the same file; an output path that is the built-in train.json is still refused. ~10 s:
+    3,000 images, small model."""
+    with pytest.raises(UserError, match="--task capfilt needs a trained captioner and filter"):
+        blip_train.main([*SMALL, "--task", "capfilt", "--output-dir", str(tmp_path / "untrained")])
+    model, _, cfg = blip_model()
+    torch.save({"config": dataclasses.asdict(cfg), "model": model.state_dict()},
+               tmp_path / "init.pt")
     args = [*SMALL, "--task", "capfilt", "--batch-size", "256", "--capfilt-threshold", "0.0",
-            "--output-dir", str(tmp_path)]
+            "--init-from", str(tmp_path / "init.pt"), "--output-dir", str(tmp_path / "out")]
     first = blip_train.main(args)
-    written = (tmp_path / "capfilt.json").read_text()
+    out = tmp_path / "out"
+    written = (out / "capfilt.json").read_text()
     second = blip_train.main(args)
     assert second == first and first["images_kept"] == 3000 and first["captions_kept"] >= 15000
-    assert (tmp_path / "capfilt.json").read_text() == written                 # same seed, same captions
-    assert sorted(os.listdir(tmp_path)) == ["capfilt.json", "config.json", "metrics.jsonl"]   # no part files left
+    assert (out / "capfilt.json").read_text() == written              # same seed, same captions
+    assert sorted(os.listdir(out)) == ["capfilt.json", "config.json", "metrics.jsonl"]  # no parts
     with pytest.raises(ValueError, match="is the input annotation file"):
         blip_train.main([*args, "--capfilt-output", os.path.join(tiny, "train.json")])
 

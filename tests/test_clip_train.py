@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import clip_train
+from common.encoders import resize_pos_embed
 from tests.test_distributed import ROOT, torchrun
 
 SMALL = ["--vision-layers", "2", "--text-layers", "2", "--vision-width", "64", "--text-width", "64",
@@ -214,6 +215,16 @@ def test_init_from_hf_and_eval_only(tmp_path, tiny):
     clip_train.main(["--resume", "auto", "--max-steps", "3", *data])
     ckpt = torch.load(tmp_path / "ft" / "checkpoint_last.pt", weights_only=True)
     assert ckpt["step"] == 3 and ckpt["epoch"] == 0 and ckpt["config"]["tokenizer"] == str(tmp_path / "hf")
+    # --init-from that checkpoint at another image size (lr 0: the weights stay as loaded): its
+    # tokenizer, not a --tokenizer question, and its 4 x 4 position grid interpolated to 6 x 6
+    clip_train.main(["--init-from", str(tmp_path / "ft" / "checkpoint_last.pt"),
+                     "--image-size", "96", "--lr", "0", "--max-steps", "1", *data[:-1], str(tmp_path / "ft96")])
+    again = torch.load(tmp_path / "ft96" / "checkpoint_last.pt", weights_only=True)
+    assert again["config"]["image_size"] == 96
+    assert again["config"]["tokenizer"] == str(tmp_path / "hf")
+    torch.testing.assert_close(again["model"]["visual.positional_embedding"],
+                               resize_pos_embed(ckpt["model"]["visual.positional_embedding"], 6))
+    assert math.isfinite(train_losses(str(tmp_path / "ft96"))[1])
 
 
 @pytest.mark.parametrize("flags", [["--precision", "bf16"], ["--precision", "fp16"], ["--grad-checkpointing"]])

@@ -65,7 +65,7 @@ def ours_from(path, **kw):
 def test_embeddings_logits_and_loss_match_open_clip(open_clip_coca):
     from open_clip.loss import CoCaLoss
     ref, path = open_clip_coca
-    ours = ours_from(path)                                     # legacy CLS mask: what open_clip runs
+    ours = ours_from(path)                          # legacy CLS mask: the weights' training mask
     cfg = ours.cfg
     assert (cfg.vision_width, cfg.embed_dim, cfg.text_width, cfg.n_queries, cfg.decoder_layers) == (48, 32, 32, 6, 3)
     assert (cfg.vision_heads, cfg.pooler_heads, cfg.text_heads, cfg.cls_mask) == (2, 4, 2, "legacy")
@@ -79,7 +79,10 @@ def test_embeddings_logits_and_loss_match_open_clip(open_clip_coca):
         ours_total = 2.0 * caption_loss(ours(x, ids, positions)[3], targets, x.device) + contrastive_loss(img, txt, scale)
     torch.testing.assert_close(img, out["image_features"], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(txt, out["text_features"], atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(logits, out["logits"], atol=1e-5, rtol=1e-5)
+    # every position the loss reads (a real input token); open_clip 3.3 also hides padding keys from
+    # the padding rows, the weights' mask does not (test_legacy_cls_mask_is_the_one_...)
+    real = ids[:, :-1] != PAD
+    torch.testing.assert_close(logits[real], out["logits"][real], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(scale, out["logit_scale"])
     torch.testing.assert_close(ours_total, total, atol=1e-5, rtol=1e-5)
     # the decoder's image tokens: open_clip's 255 (here 5) pooled tokens after token 0
@@ -109,8 +112,56 @@ def test_cls_mask_sees_every_token_and_no_padding():
     ids = torch.tensor([[SOT, 5, 6, EOT, PAD, PAD], [SOT, 7, EOT, PAD, PAD, PAD]])
     keep = cls_attention_mask(ids, PAD)[:, 0, 0]                  # (B, L + 1) keys anyone may see
     assert keep.tolist() == [[1, 1, 1, 1, 0, 0, 1], [1, 1, 1, 0, 0, 0, 1]]
-    legacy = cls_attention_mask(ids, PAD, legacy=True)[:, 0, 0]   # shifted by one (open_clip#549)
-    assert legacy.tolist() == [[1, 1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 0, 0, 0]]
+    legacy = cls_attention_mask(ids, PAD, legacy=True)[:, 0]      # (B, L + 1, L + 1)
+    # the CLS row, shifted (open_clip#549)
+    assert legacy[:, -1].tolist() == [[1, 1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 0, 0, 0]]
+    assert legacy[:, :-1].all()                                   # the caption rows: causal only
+
+
+def legacy_mask_by_hand(ids):
+    """The mask open_clip's CoCa weights were trained with (build_cls_mask, open_clip 76c8f85,
+    Jan 2023, unchanged until 2.32), on top of the causal one, built entry by entry: every
+    caption row keeps every key; the CLS row (last) keeps key 0 and key k when token k - 1 is not
+    padding."""
+    B, L = ids.shape
+    keep = torch.ones(B, L + 1, L + 1, dtype=torch.bool)
+    for b in range(B):
+        for k in range(1, L + 1):
+            keep[b, L, k] = bool(ids[b, k - 1] != PAD)
+    return keep
+
+
+def test_legacy_cls_mask_is_the_one_the_weights_were_trained_with(open_clip_coca):
+    """A pad id inside a caption: CLIP BPE's "!" is id 0, open_clip's padding ("wow !?!!" ->
+    "!", "?!!"). The published weights' caption rows saw it (causal only); open_clip >= 3.0's legacy
+    mode hides it from every row. Ours (legacy) equals open_clip's model run with the 76c8f85 mask
+    built by hand: text embedding, token states and caption logits."""
+    import open_clip
+    assert 0 in open_clip.get_tokenizer("coca_ViT-B-32")(["wow !?!!"])[0, :3].tolist()
+    ref, path = open_clip_coca
+    ours = ours_from(path)
+    x, ids = images(), padded_ids()
+    ids[0, 2], ids[1, 5], ids[1, 6], ids[3, 1] = PAD, PAD, PAD, PAD       # "!" inside captions
+
+    def build_76c8f85(text, seq_len, dtype):
+        keep = legacy_mask_by_hand(text)
+        mask = torch.zeros(keep.shape, dtype=dtype).masked_fill(~keep, float("-inf"))
+        return mask.repeat_interleave(ref.text.heads, 0)                 # (B * H, L + 1, L + 1)
+    with torch.no_grad():
+        stock = ref._encode_text(ids)[1]     # open_clip 3.3's legacy: pad keys hidden in every row
+        ref.text._build_additive_mask = build_76c8f85
+        try:
+            want, want_tokens = ref._encode_text(ids)
+            out = ref(x, ids)
+        finally:
+            del ref.text._build_additive_mask
+        got, got_tokens = ours.text_features(ids)
+        _, txt, _, logits = ours(x, ids)
+    torch.testing.assert_close(F.normalize(got, dim=-1), want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got_tokens, want_tokens, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(txt, out["text_features"], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(logits, out["logits"], atol=1e-5, rtol=1e-5)
+    assert (stock - want_tokens).abs().max() > 1e-3    # open_clip 3.3 runs another mask
 
 
 @pytest.mark.parametrize("cls_mask", ["correct", "legacy"])

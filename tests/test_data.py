@@ -2,13 +2,15 @@
 import json
 import logging
 import os
+import types
 
 import pytest
 from PIL import Image
 
 import clip_train
+from common import data
 from common.data import (Example, ImageTextDataset, ShardedSampler, Tokenizer, image_folder, load_rgb, read_annotations,
-                         train_transform)
+                         train_loader, train_transform)
 
 
 def write_image(path, mode="RGB", size=(16, 16)):
@@ -46,6 +48,19 @@ def test_json_and_csv_formats(folder):
     # FlagAI's / open_clip's pairs.csv: tab-separated despite the extension, caption first
     (folder / "pairs_tab.csv").write_text("title\tfilepath\na cat, sitting\ta.png\n")
     assert read_annotations(str(folder / "pairs_tab.csv"))[0]["captions"] == ["a cat, sitting"]
+
+
+def test_byte_order_mark_csv_and_json(folder):
+    """Excel's "CSV UTF-8" export starts with a byte-order mark; so do some JSON writers."""
+    (folder / "excel.csv").write_bytes("\ufeffimage,caption\na.png,caf\u00e9 au lait\n".encode("utf-8"))
+    assert read_annotations(str(folder / "excel.csv"))[0]["captions"] == ["caf\u00e9 au lait"]
+    (folder / "excel_tab.csv").write_bytes("\ufefftitle\tfilepath\nx\tb.png\n".encode("utf-8"))
+    assert read_annotations(str(folder / "excel_tab.csv"))[0]["captions"] == ["x"]
+    (folder / "bom.json").write_bytes(b"\xef\xbb\xbf" + json.dumps([{"image": "a.png", "caption": "y"}]).encode())
+    assert read_annotations(str(folder / "bom.json"))[0]["captions"] == ["y"]
+    (folder / "latin.csv").write_bytes("image,caption\na.png,caf\u00e9\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"latin\.csv is not UTF-8"):
+        read_annotations(str(folder / "latin.csv"))
 
 
 def test_missing_image_names_file_and_entry(folder):
@@ -101,8 +116,56 @@ def test_corrupt_and_truncated_images(folder, tiny, caplog):
     ds = ImageTextDataset(recs, Example(train_transform(16), tok, 8), skip_bad=True)
     with caplog.at_level(logging.WARNING):
         image, ids, r = ds[0]
-    assert r == 1 and image.shape == (3, 16, 16) and ds.skipped == 1   # replaced by the next sample
+    assert r == 1 and image.shape == (3, 16, 16) and ds.skipped == 1   # replaced by another image's pair
     assert "trunc.png" in caplog.text and "1 skipped" in caplog.text
+
+
+def test_skip_bad_replaces_a_broken_image_by_other_images_once_per_epoch(tmp_path, tiny, caplog, monkeypatch):
+    """A broken image with 5 captions: tried and counted once per epoch (not once per caption), and
+    its 5 pairs go to different images (not all to the next one), the same after a restart."""
+    (tmp_path / "bad.png").write_bytes(b"not an image")
+    for i in range(20):
+        write_image(tmp_path / f"g{i}.png")
+    recs = read_annotations(write_json(tmp_path / "ann.json", [{"image": "bad.png", "caption": [f"bad {k}" for k in range(5)]}]
+                                       + [{"image": f"g{i}.png", "caption": f"good {i}"} for i in range(20)]))
+    tries = []
+    monkeypatch.setattr(data, "load_rgb", lambda path, name=None: tries.append(path) or load_rgb(path, name))
+    tok = Tokenizer(os.path.join(tiny, "tokenizer"))
+    ds = ImageTextDataset(recs, Example(train_transform(16), tok, 8), skip_bad=True)
+    sampler, epochs = ShardedSampler(len(ds), seed=0), []
+    with caplog.at_level(logging.WARNING):
+        for epoch in (0, 1):
+            sampler.set_epoch(epoch)
+            epochs.append([int(ds[key][2]) for key in sampler])
+    assert ds.skipped == 2 and sum(p.endswith("bad.png") for p in tries) == 2     # once per epoch
+    assert "1 skipped" in caplog.text and "2 skipped" in caplog.text
+    for got in epochs:
+        assert 0 not in got and len(got) == 25
+        assert max(got.count(r) for r in set(got)) <= 3               # 1 + at most 2 of the 5 replacements
+        assert len([r for r in set(got) if got.count(r) > 1]) >= 3    # spread over several images
+    again = ImageTextDataset(recs, Example(train_transform(16), tok, 8), skip_bad=True)
+    sampler.set_epoch(1)
+    assert [int(again[key][2]) for key in sampler] == epochs[1]       # a resumed run draws the same
+    # through the loader, 2 workers: metrics.jsonl's count is each worker's, once per epoch
+    cfg = types.SimpleNamespace(batch_size=5, accum_steps=1, workers=2, seed=0, skip_bad=True, train_num_samples=0,
+                                dataset_resampled=False)
+    loader, sampler = train_loader(recs, Example(train_transform(16), tok, 8), cfg, 0, 1, "ann.json")
+    want = 0
+    for epoch in (0, 1):
+        sampler.set_epoch(epoch)
+        keys = list(sampler)
+        want += len({b % 2 for b in range(5) if any(k[0] < 5 for k in keys[5 * b: 5 * b + 5])})
+        assert sum(len(batch[2]) for batch in loader) == 25
+    assert 2 <= want and sampler.stats() == {"data_skipped_bad_image": want}
+    resumed = ShardedSampler(25)
+    resumed.bad_files = ImageTextDataset(recs, None, skip_bad=True).bad_files
+    resumed.load_state_dict(sampler.state_dict())                    # the count goes on after a resume
+    assert resumed.stats() == {"data_skipped_bad_image": want}
+    (tmp_path / "g0.png").write_bytes(b"broken too")
+    only_bad = read_annotations(write_json(tmp_path / "b.json", [{"image": "bad.png", "caption": "x"},
+                                                                 {"image": "g0.png", "caption": "y"}]))
+    with pytest.raises(ValueError, match="none of the 2 training images is readable"):
+        ImageTextDataset(only_bad, Example(train_transform(16), tok, 8), skip_bad=True)[0]
 
 
 def test_grayscale_palette_rgba_become_rgb(tmp_path):
@@ -126,13 +189,13 @@ def test_tokenizer_truncates_keeping_eos(tiny):
 
 def test_sampler_shards_are_disjoint_and_resume_exactly():
     full = [list(ShardedSampler(103, rank=r, world_size=2, seed=5)) for r in range(2)]
-    idx = [i for shard in full for i, _ in shard]
+    idx = [i for shard in full for i, _, _ in shard]
     assert len(idx) == 102 and len(set(idx)) == 102                     # 51 per rank, one dropped
     s = ShardedSampler(103, rank=1, world_size=2, seed=5)
     s.set_epoch(0, skip=20)
     assert list(s) == full[1][20:]                                      # same indices and crop seeds
     s.set_epoch(1)
-    assert [i for i, _ in s] != [i for i, _ in full[1]]                 # reshuffled per epoch
+    assert [i for i, _, _ in s] != [i for i, _, _ in full[1]]           # reshuffled per epoch
 
 
 def test_image_folder_classes_and_templates(tmp_path):

@@ -29,17 +29,40 @@ def preempt_at(monkeypatch, script, calls):
     monkeypatch.setattr(script, "Preemption", PreemptAt)
 
 
-def sigterm_mid_run(script, args, out, stop_at, log_path, timeout=300):
-    """Start `torchrun --nproc_per_node 2 script args --output-dir out` and send it SIGTERM (torchrun
-    forwards it to both workers, as SLURM or Kubernetes would) once its metrics.jsonl has a train
-    step >= stop_at; wait for it to exit. Returns its combined stdout and stderr."""
+def signal_processes(pids, name="TERM"):
+    """Send SIGTERM (or SIG`name`) to `pids` from another process, as torchrun or SLURM do (a
+    DataLoader worker signalled by its own parent exits quietly instead). A worker that has just
+    finished its share is no error."""
+    subprocess.run(["kill", "-s", name, *map(str, pids)], stderr=subprocess.DEVNULL)
+
+
+def signal_at(monkeypatch, script, calls, name="TERM"):
+    """Make an in-process run of `script` get a real SIGTERM (or SIG`name`) just before its
+    `calls`-th preemption check, sent as torchrun and SLURM send it: to the process and to its
+    DataLoader workers (a rank's process group)."""
+    import multiprocessing
+
+    class SignalAt(script.Preemption):
+        def requested(self):
+            self.calls = getattr(self, "calls", 0) + 1
+            if self.calls == calls:
+                signal_processes([*(p.pid for p in multiprocessing.active_children()), os.getpid()], name)
+            return super().requested()
+    monkeypatch.setattr(script, "Preemption", SignalAt)
+
+
+def sigterm_mid_run(script, args, out, stop_at, log_path, timeout=300, workers=2):
+    """Start `torchrun --nproc_per_node 2 script args --workers 2 --output-dir out` and send it
+    SIGTERM once its metrics.jsonl has a train step >= stop_at; wait for it to exit. torchrun sends
+    it to each rank's process group, the DataLoader workers included, as SLURM or Kubernetes would
+    signal every process. Returns its combined stdout and stderr."""
     import signal
     import time
     from tests.test_clip_train import train_losses
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
     with open(log_path, "w") as log:
         victim = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                                   script, *args, "--output-dir", out], cwd=ROOT, env=env,
+                                   script, *args, "--workers", str(workers), "--output-dir", out], cwd=ROOT, env=env,
                                   stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.time() + timeout
         while time.time() < deadline and victim.poll() is None:

@@ -197,7 +197,8 @@ def test_more_workers_than_shards_split_by_sample(shards48, caplog):
         epoch_texts(loader(two, batch_size=2, rank=2, world_size=3))
         assert "read by all" not in caplog.text                      # rank 0's first worker only
         epoch_texts(loader(two, batch_size=2, rank=0, world_size=3))
-    assert "00001.tar: read by all 3 workers (fewer shards than 3 rank(s) x 1 worker(s))" in caplog.text
+    for shard in ("00000", "00001"):             # logged per shard read (the first five of an epoch), not once
+        assert f"{shard}.tar: read by all 3 workers (fewer shards than 3 rank(s) x 1 worker(s))" in caplog.text
     texts = per_rank[0] + per_rank[1]
     assert sorted(texts) == sorted(f"image {i} caption 0" for i in range(12))
 
@@ -250,13 +251,17 @@ def script_cases():
 
 
 @pytest.mark.parametrize("name", ["albef", "blip", "blip2", "blip2_stage2", "coca"])
-def test_every_script_trains_from_shards(name, tiny_shards, subset, tmp_path):  # noqa: F811
+def test_every_script_trains_from_shards(name, tiny_shards, subset, tmp_path, monkeypatch):  # noqa: F811
+    """3 steps from shards with 2 data workers, a SIGTERM to the process and its workers (as torchrun
+    and SLURM send it) after step 3: the workers ignore it, the run saves that step and stops."""
     import importlib
+    from tests.test_distributed import signal_at
     script = importlib.import_module(name.replace("_stage2", "") + "_train")
     small, extra = script_cases()[name]
     out = str(tmp_path / name)
+    signal_at(monkeypatch, script, 3)
     script.main([*small, *extra, "--train-data", tiny_shards, "--tokenizer", subset[-1], "--batch-size", "4",
-                 "--max-steps", "3", "--save-every", "2", "--output-dir", out])
+                 "--max-steps", "5", "--save-every", "2", "--workers", "2", "--output-dir", out])
     train = [r for r in read_metrics(out) if r["split"] == "train"]
     assert [r["step"] for r in train] == [1, 2, 3] and all(r["data_skipped_bad_image"] == 0 for r in train)
     ckpt = torch.load(os.path.join(out, "checkpoint_last.pt"), weights_only=True)
@@ -271,7 +276,7 @@ def test_on_shards_a_run_resumes_mid_epoch_to_the_same_losses(name, tiny_shards,
     import importlib
     from tests.test_albef_train import SMALL as ALBEF_SMALL
     from tests.test_clip_train import SMALL
-    from tests.test_distributed import preempt_at
+    from tests.test_distributed import signal_at
     script = importlib.import_module(f"{name}_train")
     small = {"clip": SMALL, "albef": [*ALBEF_SMALL, "--queue-size", "64"]}[name]
     args = [*[a for a in small if a not in ("--workers", "0")], "--workers", "2", "--train-data", tiny_shards,
@@ -279,7 +284,7 @@ def test_on_shards_a_run_resumes_mid_epoch_to_the_same_losses(name, tiny_shards,
     ref = str(tmp_path / "ref")
     script.main([*args, "--output-dir", ref])
     out = str(tmp_path / "cut")
-    preempt_at(monkeypatch, script, 3)
+    signal_at(monkeypatch, script, 3)            # a real SIGTERM, the 2 data workers included
     script.main([*args, "--output-dir", out])
     assert max(train_losses(out)) == 3
     monkeypatch.undo()
