@@ -52,7 +52,8 @@ def worker(args):
     torch.manual_seed(0)
     if args.model == "blip":
         import blip_train
-        cfg = blip_train.Config(**peer.config(args.config))
+        c = peer.config(args.config)
+        cfg = blip_train.Config(**c, vision_mlp_dim=4 * c["vision_width"])
         if args.image_size:
             cfg.image_size = args.image_size
         cfg.vocab_size = tok.vocab_size + 2

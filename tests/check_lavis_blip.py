@@ -27,7 +27,9 @@ def main():
     tok = lavis.tokenizer
     with torch.no_grad():  # our LM head is tied to the word embeddings; give LAVIS's the same values
         lavis.text_decoder.cls.predictions.decoder.weight.copy_(lavis.text_encoder.embeddings.word_embeddings.weight)
-    cfg = blip_train.Config(**peer.config("tiny"), vocab_size=len(tok), momentum=lavis.momentum, alpha=lavis.alpha)
+    c = peer.config("tiny")
+    cfg = blip_train.Config(**c, vision_mlp_dim=4 * c["vision_width"], vocab_size=len(tok), momentum=lavis.momentum,
+                            alpha=lavis.alpha)
     ours = blip_train.BLIP(cfg, cls_id=tok.cls_token_id, enc_id=tok.enc_token_id, dec_id=tok.bos_token_id,
                            sep_id=tok.sep_token_id, pad_id=tok.pad_token_id)
     L = cfg.text_layers

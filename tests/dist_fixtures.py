@@ -21,8 +21,8 @@ def clip_batch(n=8):
 
 
 BLIP_SMALL = dict(image_size=32, patch_size=16, vision_width=32, vision_layers=1, vision_heads=2, text_width=32,
-                  text_layers=2, text_heads=2, text_mlp_dim=64, max_positions=32, max_length=24, embed_dim=16,
-                  queue_size=8, k_test=4, batch_size=4, max_gen_length=10, min_gen_length=3)
+                  vision_mlp_dim=128, text_layers=2, text_heads=2, text_mlp_dim=64, max_positions=32, max_length=24,
+                  embed_dim=16, queue_size=8, k_test=4, batch_size=4, max_gen_length=10, min_gen_length=3)
 BLIP_SMALL_ARGS = [f"--{k.replace('_', '-')}={v}" for k, v in BLIP_SMALL.items()]
 
 
