@@ -494,10 +494,10 @@ def load_official_queues(model, state):
                 f"{model.cfg.queue_size})"]
     ptr = int(state.get("queue_ptr", torch.zeros(1))[0])
     with torch.no_grad():
-        for name in ("image_queue", "text_queue", "idx_queue"):
+        model.queue_filled.fill_(True)              # official files: full; ours say which slots are
+        for name in ("image_queue", "text_queue", "idx_queue", "queue_filled"):
             if name in state:
                 getattr(model, name).copy_(state[name].roll(-ptr, 1))
-        model.queue_filled.fill_(True)
         model.queue_ptr.zero_()
     return []
 
@@ -838,7 +838,8 @@ RUN_FIELDS = ("image_size", "queue_size")
 
 def build_model(cfg, tokenizer, init=(None, None)):
     """Fresh model; or --init-from an official ALBEF file, one of our checkpoints (architecture
-    from the weights, image size and queue length from this run, queues empty), or a DeiT/ViT;
+    from the weights, image size and queue length from this run, its queues kept when the length
+    is the same, as Retrieval.py keeps a pretraining file's), or a DeiT/ViT;
     then --init-text a BERT. `init`: read_init(cfg.init_from), read once by the caller."""
     kind, saved = init
     if kind == "official":
@@ -855,10 +856,14 @@ def build_model(cfg, tokenizer, init=(None, None)):
         for key in ("visual_encoder.positional_embedding", "visual_encoder_m.positional_embedding"):
             state[key] = resize_pos_embed(state[key], grid)
         queues = ("idx_queue", "image_queue", "queue_filled", "queue_ptr", "text_queue")
-        state = {k: v for k, v in state.items() if k not in queues}
         model = build_albef(cfg, tokenizer)
-        missing, unexpected = model.load_state_dict(state, strict=False)
+        missing, unexpected = model.load_state_dict({k: v for k, v in state.items() if k not in queues},
+                                                    strict=False)
         assert not unexpected and sorted(missing) == list(queues), missing
+        # the run's queues too, as from an official file (ids of its own data: never positives here)
+        lacking = load_official_queues(model, {k: state[k] for k in queues if k in state and k != "idx_queue"})
+        if lacking and dist.is_main():
+            print(f"{cfg.init_from}: the queues start empty; not loaded: {', '.join(lacking)}")
     else:
         cfg.vocab_size = cfg.vocab_size or tokenizer.vocab_size
         model = build_albef(cfg, tokenizer)

@@ -33,7 +33,7 @@ from torch.utils.checkpoint import checkpoint as grad_checkpoint
 from tqdm import tqdm
 
 from common import dist
-from common.data import (Example, ImageDataset, clean_open_clip, eval_transform, image_folder,
+from common.data import (Example, ImageDataset, eval_transform, image_folder, open_clip_cleaner,
                          load_tokenizer, read_annotations, retrieval_texts, tiny_data, train_loader,
                          train_transform, training_records)
 from common.encoders import (Attention, Block, KVCache, MLP, TextTransformer, VisionTransformer, blocks_map,
@@ -99,6 +99,8 @@ class Config:
     image_root: str = ""            # folder relative image paths start from (default: the file's)
     zeroshot_data: str = ""         # image folder root/<class>/*; empty with tiny: its zero-shot set
     tokenizer: str = ""             # transformers tokenizer folder or name; empty: tiny's / the preset's
+    text_clean: str = "lower"       # open_clip's text clean-up: lower (its CLIP BPE), whitespace (its HF
+                                    # tokenizers: ftfy, HTML and whitespace, case kept)
     skip_bad: bool = False          # skip (and count) unreadable images and empty captions
     train_num_samples: int = 0      # shards: samples per epoch; 0: the sizes.json beside the shards
     dataset_resampled: bool = False  # shards: draw them with replacement (open_clip's flag)
@@ -799,7 +801,7 @@ def main(argv=None):
         cfg.tokenizer = _OPEN_CLIP["tokenizer"]   # CLIP's BPE, which every open_clip CoCa uses
     tokenizer = load_tokenizer(cfg.tokenizer, cfg.init_from,
                                use_tiny=not (cfg.train_data or cfg.val_data or cfg.zeroshot_data),
-                               clean=clean_open_clip)   # open_clip's: ftfy, HTML, whitespace, lower case
+                               clean=open_clip_cleaner(cfg.text_clean))   # ftfy, HTML, whitespace[, lower]
     cfg.tokenizer = tokenizer.name
     model = build_model(cfg, tokenizer, init)
     del init

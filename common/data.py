@@ -168,10 +168,23 @@ def clean_open_clip(text):
     HTML entities unescaped twice, whitespace runs collapsed to one space, trimmed, lower case.
     ftfy (open_clip's dependency, not ours) is used when it is installed; without it, mojibake and
     odd Unicode are left as they are and the rest is done."""
+    return _clean_whitespace(text).lower()
+
+
+def open_clip_cleaner(kind):
+    """`--text-clean`: 'lower' (clean_open_clip) or 'whitespace', the same with the case kept:
+    open_clip's default for hub tokenizers (HFTokenizer), for a case-sensitive vocabulary."""
+    cleaners = {"lower": clean_open_clip, "whitespace": _clean_whitespace}
+    if kind not in cleaners:
+        raise UserError(f"--text-clean {kind!r}: expected one of {', '.join(cleaners)}")
+    return cleaners[kind]
+
+
+def _clean_whitespace(text):
     if ftfy is not None:
         text = ftfy.fix_text(text)
     text = html.unescape(html.unescape(text)).strip()
-    return " ".join(text.split()).lower()
+    return " ".join(text.split())
 
 
 # ---- annotations ----

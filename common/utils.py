@@ -411,8 +411,10 @@ def ignore_preemption_signals(worker_id=None):
     is killed by signal" instead of finishing the step and saving. The main process decides: it
     saves, then shuts its workers down. A SIGTERM from the main process itself (multiprocessing's
     terminate(), at exit) still ends the worker, as PyTorch's own worker handler does: the signals
-    are blocked and a thread reads each with its sender (sigwaitinfo)."""
-    if not hasattr(signal, "sigwaitinfo"):          # not Linux: ignore them outright
+    are blocked and a thread reads each with its sender (sigwaitinfo). Before this runs, a forked
+    worker still has the main process's handlers (they set a flag: harmless). Where there is no
+    sigwaitinfo (not Linux) both are ignored outright, the main process's SIGTERM included."""
+    if not hasattr(signal, "sigwaitinfo"):
         for s in PREEMPTION_SIGNALS:
             signal.signal(s, signal.SIG_IGN)
         return

@@ -402,6 +402,29 @@ def test_queue_slots_not_yet_filled_take_no_part_in_itc(tok, task):
     assert torch.isfinite(loss) and all(torch.isfinite(x).all() for x in torch.autograd.grad(loss, (q_i, q_t)))
 
 
+def test_init_from_our_checkpoint_keeps_its_queues_as_retrieval_py_keeps_a_pretraining_files(tok):
+    """--init-from one of our pretraining checkpoints: its queues (the filled slots only) arrive rolled
+    to pointer 0, their image ids unknown (-100, never positives); another queue length starts empty."""
+    import dataclasses
+
+    pre = small_model(tok).train()
+    g = torch.Generator().manual_seed(0)
+    for step in range(3):                                   # 12 of 16 slots, pointer 12
+        pre.dequeue_and_enqueue(F.normalize(torch.randn(4, 16, generator=g), dim=-1),
+                                F.normalize(torch.randn(4, 16, generator=g), dim=-1), torch.arange(4) + 4 * step)
+    saved = {"config": dataclasses.asdict(pre.cfg), "model": pre.state_dict()}
+    cfg = albef_train.Config(**{**SMALL, "task": "retrieval", "init_from": "pre.pt"})
+    model, _ = albef_train.build_model(cfg, tok, ("ours", saved))
+    assert int(model.queue_ptr) == 0 and bool((model.idx_queue == -100).all())
+    for name in ("image_queue", "text_queue", "queue_filled"):
+        assert torch.equal(getattr(model, name), getattr(pre, name).roll(-12, 1)), name
+    assert int(model.queue_filled.sum()) == 12
+    cfg = albef_train.Config(**{**SMALL, "task": "retrieval", "init_from": "pre.pt", "queue_size": 8})
+    cfg.cli_keys = {"queue_size"}                           # --queue-size 8 on the command line
+    other, _ = albef_train.build_model(cfg, tok, ("ours", saved))
+    assert other.queue_filled.shape == (1, 8) and not other.queue_filled.any()
+
+
 # ---- distributed: queues in rank order, global negatives, sharded evaluation ----
 
 def test_queues_global_negatives_and_sharded_eval_under_torchrun(tok, tiny, tmp_path):

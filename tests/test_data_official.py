@@ -94,6 +94,15 @@ def test_open_clip_cleaning_equals_open_clips_own():
     for text in CLEAN_CASES:
         assert clean_open_clip(text) == theirs(text), text
     assert clean_open_clip(MOJIBAKE) == "the mona lisa doesn't have eyebrows."     # ftfy's repair
+    # --text-clean whitespace: open_clip's HFTokenizer default, the case kept
+    whitespace = getattr(tokenizer, "_clean_whitespace",
+                         lambda x: tokenizer.whitespace_clean(tokenizer.basic_clean(x)))
+    for text in CLEAN_CASES:
+        assert data.open_clip_cleaner("whitespace")(text) == whitespace(text), text
+    assert data.open_clip_cleaner("whitespace")("A  Dog") == "A Dog"
+    assert data.open_clip_cleaner("lower") is clean_open_clip
+    with pytest.raises(data.UserError, match="--text-clean 'upper'"):
+        data.open_clip_cleaner("upper")
 
 
 def test_open_clip_cleaning_without_ftfy(monkeypatch):
@@ -202,6 +211,9 @@ def test_clip_and_coca_tokenizers_clean_as_open_clip(module, tmp_path, monkeypat
     with pytest.raises(Stop):
         module.main(["--output-dir", str(tmp_path)])
     assert seen["clean"] is clean_open_clip
+    with pytest.raises(Stop):                                     # a case-sensitive vocabulary
+        module.main(["--output-dir", str(tmp_path), "--text-clean", "whitespace"])
+    assert seen["clean"]("A  Dog") == "A Dog"
 
 
 def test_tokenizer_cleans_every_text(tiny):
