@@ -1,6 +1,6 @@
-"""Image-text data: annotation readers (Karpathy-style JSON, CSV pairs), datasets for training,
-retrieval evaluation and zero-shot classification, transforms, tokenizer, sampler, and the
-built-in tiny dataset.
+"""Image-text data: annotation readers (Karpathy-style JSON, CSV pairs, VQAv2), datasets for
+training, retrieval evaluation and zero-shot classification, transforms, tokenizer, sampler, and
+the built-in tiny dataset.
 
 Bad input fails early with the file and the entry/line named; with `skip_bad=True` an
 unreadable image is replaced by another image's pair and counted in the log instead."""
@@ -489,6 +489,14 @@ class ImageDataset(torch.utils.data.Dataset):
         return self.transform(load_rgb(self.paths[i])), i
 
 
+def eval_image_loader(paths, size, batch_size, workers):
+    """The images of `paths` in order, resized to size x size without cropping (BLIP's and ALBEF's
+    evaluation transform), `batch_size` at a time; (images, index) batches."""
+    return torch.utils.data.DataLoader(ImageDataset(paths, eval_transform(size, crop=False)),
+                                       batch_size=batch_size, num_workers=workers,
+                                       worker_init_fn=ignore_preemption_signals)
+
+
 def retrieval_texts(records, text=None):
     """Flatten an evaluation split: texts (each through `text`, the method's caption processing, if
     given), txt2img (image index of each text)."""
@@ -679,3 +687,74 @@ OPENAI_IMAGENET_TEMPLATES = [
     "a photo of a small {}.", "a tattoo of the {}.",
 ]
 assert len(OPENAI_IMAGENET_TEMPLATES) == 80
+
+
+# ---- text padding and VQA annotations (BLIP-2) ----
+
+def trim_padding(ids, pad_id):
+    """Drop the padding columns no caption of the global batch reaches. Exact: padding is never
+    attended to and never a target, and text positions
+    start at 0 either way. On the host, before the copy to the GPU; the ranks agree on the length
+    (ITM sends token ids between them)."""
+    position = torch.arange(1, ids.shape[1] + 1)
+    longest = dist.host_max(int(((ids != pad_id) * position).max()) if ids.numel() else 0)
+    return ids[:, :max(longest, 2)]
+
+
+def collate_llm(pad_id):
+    """Batches of (image, (ids, labels), image id) padded on the right to the batch's longest:
+    images, ids, mask, labels (-100 at padding), image ids."""
+    def collate(batch):
+        images, texts, r = zip(*batch)
+        n, m = max(len(t[0]) for t in texts), max(len(t[1]) for t in texts)
+        ids = torch.full((len(batch), n), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(batch), n), dtype=torch.long)
+        labels = torch.full((len(batch), m), -100, dtype=torch.long)
+        for i, (x, y) in enumerate(texts):
+            ids[i, :len(x)], mask[i, :len(x)] = torch.tensor(x), 1
+            labels[i, :len(y)] = torch.tensor(y)
+        return torch.stack(images), ids, mask, labels, torch.tensor(r)
+    return collate
+
+
+def read_vqa(questions_path, answers_path, image_root=None):
+    """VQAv2's two files -> [{"image", "question", "question_id", "answers": [str] * 10}]. The
+    image is the entry's "image" path (the tiny split's) or COCO's file name for its image_id and
+    the file's data_subtype (val2014/COCO_val2014_000000000042.jpg) under --image-root."""
+    def load(path, field):
+        data = read_json(path, "VQA file")
+        if not isinstance(data, dict) or not isinstance(data.get(field), list):
+            raise UserError(f"{path}: expected VQAv2's layout, an object with a '{field}' list")
+        return data
+    if not answers_path:
+        raise UserError("--task vqa: pass --val-answers (VQAv2's annotation file) with --val-data "
+                        "(its questions)")
+    questions, annotations = load(questions_path, "questions"), load(answers_path, "annotations")
+    root = image_root or os.path.dirname(os.path.abspath(questions_path))
+    answers = {}
+    for i, a in enumerate(annotations["annotations"]):
+        try:
+            answers[a["question_id"]] = [x["answer"] for x in a["answers"]]
+        except (KeyError, TypeError):
+            raise UserError(f"{answers_path}, annotation {i}: needs 'question_id' and 'answers' "
+                            f"[{{'answer'}}]") from None
+    out = []
+    for i, q in enumerate(questions["questions"]):
+        needs = ("question_id", "image_id", "question")
+        if not (isinstance(q, dict) and all(k in q for k in needs)):
+            raise UserError(f"{questions_path}, question {i}: needs 'question_id', 'image_id' and "
+                            f"'question'")
+        if q["question_id"] not in answers:
+            raise UserError(f"{questions_path}: question {q['question_id']} has no annotation in "
+                            f"{answers_path}")
+        subtype = questions.get("data_subtype", "")
+        image = q.get("image") or os.path.join(subtype, f"COCO_{subtype}_{q['image_id']:012d}.jpg")
+        image = image if os.path.isabs(image) else os.path.join(root, image)
+        if not os.path.isfile(image):
+            raise MissingFileError(f"{questions_path}, question {q['question_id']}: image file "
+                                   f"{image} does not exist")
+        out.append({"image": image, "question": q["question"], "question_id": q["question_id"],
+                    "answers": answers[q["question_id"]]})
+    if not out:
+        raise UserError(f"{questions_path}: no questions")
+    return out

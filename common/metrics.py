@@ -3,6 +3,8 @@ top-1/top-5 (percent), captioning scores, VQAv2 accuracy.
 
 Ties count against the model: a candidate scored equal to the ground truth ranks ahead of
 it. So a collapsed model that gives every pair the same score gets recall 0, never 100."""
+import json
+import os
 import re
 
 import torch
@@ -90,6 +92,17 @@ def embed_texts(encode_text, texts, tokenize, batch_size, dim, device, precision
     return dist.gather_varlen(torch.cat(feats))
 
 
+@torch.no_grad()
+def embed_sharded(encode, start, end, batch_size, dim, device, precision):
+    """(n, dim) features gathered over the ranks in rank order: this rank calls encode(i, j) ->
+    (j - i, dim) on [start, end), `batch_size` rows at a time, under autocast; fp32."""
+    feats = [torch.zeros(0, dim, device=device)]
+    for i in range(start, end, batch_size):
+        with autocast(precision, device):
+            feats.append(encode(i, min(i + batch_size, end)).float())
+    return dist.gather_varlen(torch.cat(feats))
+
+
 def caption_metrics(predictions, references):
     """BLEU-4, METEOR, ROUGE-L and CIDEr with pycocoevalcap (the COCO caption evaluation), after
     its PTB tokenizer. predictions: {image_id: str}; references: {image_id: [str, ...]}.
@@ -110,6 +123,21 @@ def caption_metrics(predictions, references):
     rouge, _ = Rouge().compute_score(gts, res)
     cider, _ = Cider().compute_score(gts, res)
     return {"bleu4": float(bleu[3]), "meteor": float(meteor_score), "rouge_l": float(rouge), "cider": float(cider)}
+
+
+def score_captions(mine, records, output_dir=None):
+    """Each rank's captions of its contiguous shard of `records`, gathered in rank order, scored
+    by caption_metrics on rank 0 (its scores returned on every rank); rank 0 writes captions.json
+    ({"image", "image_id", "caption"} per record) into `output_dir` if given."""
+    predictions = dict(enumerate(c for part in dist.gather_objects(mine) for c in part))
+    references = {i: r["captions"] for i, r in enumerate(records)}
+    metrics = caption_metrics(predictions, references) if dist.is_main() else {}
+    metrics = dist.gather_objects(metrics)[0]                                # rank 0's everywhere
+    if output_dir and dist.is_main():
+        with open(os.path.join(output_dir, "captions.json"), "w") as f:
+            json.dump([{"image": records[i]["image"], "image_id": records[i]["image_id"],
+                        "caption": c} for i, c in predictions.items()], f, indent=1)
+    return metrics
 
 
 # ---- retrieval with ITM re-ranking (ALBEF, BLIP, BLIP-2) ----

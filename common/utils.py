@@ -2,17 +2,14 @@
 the Config dataclass, user errors, seeding, optimiser groups, warm-up + cosine schedule,
 precision, checkpoints (atomic, fsynced, loaded with weights_only=True), the lifecycle guards
 (SIGTERM / SIGUSR1 preemption, non-finite steps), and the metrics log."""
-import argparse
 import contextlib
 import dataclasses
 import importlib.util
-import inspect
 import json
 import math
 import os
 import pickle
 import random
-import re
 import secrets
 import signal
 import sys
@@ -70,141 +67,7 @@ def cli(main):
     sys.exit(code)
 
 
-# ---- config: presets, task recipes, command line, checkpoint ----
-
-def field_help(config_cls):
-    """{field: help text} from the comments on the Config dataclass's lines (the comment after a
-    field, plus comment-only lines that continue it at the same column)."""
-    lines = inspect.getsource(config_cls).splitlines()
-    out, last, col = {}, None, None
-    for line in lines:
-        m = re.match(r"\s+(\w+)\s*:\s*[\w\[\], .]+=.*?(#\s?(.*))?$", line)
-        if m and not line.strip().startswith("#"):
-            last = m.group(1)
-            out[last] = (m.group(3) or "").strip()
-            col = line.index("#") if m.group(2) else None
-        elif last and col is not None and line.strip().startswith("#") and line.index("#") == col:
-            out[last] += " " + line.strip()[1:].strip()
-        else:
-            last = None
-    return out
-
-
-def _preset_epilog(presets, recipes_doc):
-    rows = ["presets (--preset; the command line overrides any of these):"]
-    for name, values in presets.items():
-        rows.append(f"  {name}: " + (", ".join(f"{k}={v}" for k, v in values.items()) or "the Config defaults"))
-    if recipes_doc:
-        rows.append(recipes_doc)
-    return "\n".join(rows)
-
-
-def build_parser(config_cls, presets, description=None, choices=None, recipes_doc=""):
-    """argparse generated from a Config dataclass: `--field-name` for `field_name`, booleans as
-    `--flag/--no-flag`, each with its comment and default as help; presets in the epilog."""
-    choices = {"preset": list(presets), **(choices or {})}
-    parser = argparse.ArgumentParser(description=description, epilog=_preset_epilog(presets, recipes_doc),
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    helps = field_help(config_cls)
-    for f in dataclasses.fields(config_cls):
-        name = "--" + f.name.replace("_", "-")
-        text = f"{helps.get(f.name, '')} (default: {f.default!r})".strip().replace("%", "%%")
-        if f.type in (bool, "bool"):
-            parser.add_argument(name, action=argparse.BooleanOptionalAction, default=None, help=text)
-        else:
-            typ = {"int": int, "float": float, "str": str}.get(f.type, f.type)
-            options = choices.get(f.name)
-            parser.add_argument(name, type=typ, default=None, metavar=None if options else f.name.upper(),
-                                choices=options, help=text)
-    return parser
-
-
-# Fields a resumed run may change: where and how it runs, never what it trains. Not given on the
-# command line, they keep the run's own values (its checkpoint's), except RESUME_FRESH.
-# (--image-root is not one: it resolves the training annotations' image paths.)
-RESUME_MUTABLE = ("output_dir", "resume", "init_from", "eval_only", "workers", "log_every", "save_every", "report_to",
-                  "precision", "compile", "grad_checkpointing", "fsdp", "val_data", "zeroshot_data",
-                  "max_bad_steps")
-RESUME_FRESH = ("output_dir", "resume", "init_from", "eval_only")
-
-# Counts and intervals: the smallest value each may take (checked for the fields a Config has).
-AT_LEAST = {1: ("epochs", "batch_size", "accum_steps", "log_every", "save_every", "max_bad_steps", "k_test",
-                "itm_batch", "num_beams", "max_gen_length", "capfilt_samples", "num_query_tokens", "queue_size"),
-            0: ("max_steps", "warmup_steps", "workers", "train_num_samples", "min_gen_length", "lr",
-                "weight_decay", "grad_clip_norm", "warmup_lr", "min_lr", "dropout", "label_smoothing")}
-
-
-def check_ranges(cfg):
-    """A count or interval out of range (`--save-every 0`, `--batch-size -1`) is a one-line error
-    naming the flag, not a ZeroDivisionError later."""
-    for low, names in AT_LEAST.items():
-        for name in names:
-            value = getattr(cfg, name, None)
-            if isinstance(value, (int, float)) and not isinstance(value, bool) and value < low:
-                raise UserError(f"--{name.replace('_', '-')} must be at least {low}, not {value}")
-
-
-def resolve_config(config_cls, presets, argv=None, *, description=None, recipe=None, recipes_doc="",
-                   choices=None, resume_mutable=()):
-    """The run's Config and, for a resumed run, its checkpoint. One order for every script, each
-    step overriding the ones before it:
-
-      1. the Config dataclass defaults;
-      2. the preset (`--preset`, PRESETS[name]);
-      3. the task recipe, `recipe(cfg) -> dict` (e.g. BLIP's fine-tuning recipe for `--preset
-         vit-b --task retrieval`), for the fields the command line does not set;
-      4. the command line;
-      5. a resumed run (`--resume PATH|auto` finding a checkpoint) continues the run it was: every
-         field comes from the checkpoint's config except those that say where and how it runs
-         (RESUME_MUTABLE + `resume_mutable`), which the command line may change (not given, they
-         keep the checkpoint's values too). A command-line value that contradicts the checkpoint,
-         or another number of processes, is an error naming it (the sample order, the schedule
-         and every rank's RNG depend on them), never a silent change.
-
-    `cfg.cli_keys` holds the fields given on the command line (not a dataclass field: never
-    saved). Needs `dist.setup()` first: rank 0 decides which checkpoint to resume and every rank
-    loads that same file (or all fail together with the reason)."""
-    parser = build_parser(config_cls, presets, description, choices, recipes_doc)
-    args = parser.parse_args(argv)
-    preset = args.preset or config_cls.preset
-    cfg = config_cls(**{**presets[preset], "preset": preset})
-    given = {key: value for key, value in vars(args).items() if value is not None}
-    for key, value in given.items():
-        setattr(cfg, key, value)
-    recipe_values = {k: v for k, v in (recipe(cfg) if recipe else {}).items() if k not in given}
-    for key, value in recipe_values.items():
-        setattr(cfg, key, value)
-    cfg.cli_keys = set(given) | set(recipe_values)   # set on purpose (command line or recipe), not by default
-    check_ranges(cfg)
-    ckpt_path = resume_path(cfg.resume, cfg.output_dir)
-    if not ckpt_path:
-        return cfg, None
-    ckpt = load_checkpoint_everywhere(ckpt_path)
-    saved, mutable = ckpt["config"], set(RESUME_MUTABLE) | set(resume_mutable)
-    for key, value in saved.items():
-        if key in mutable or not hasattr(cfg, key):
-            if hasattr(cfg, key) and key not in given and key not in RESUME_FRESH:
-                setattr(cfg, key, value)         # the run's own value (its workers, val data, ...)
-            continue
-        if key in given and given[key] != value:
-            raise UserError(f"--{key.replace('_', '-')} {given[key]} differs from {value!r} of the run being resumed "
-                            f"({ckpt_path}); resume with the same value, or start a new run with --init-from")
-        setattr(cfg, key, value)
-    if ckpt.get("world_size", dist.world_size()) != dist.world_size():
-        raise UserError(f"{ckpt_path} was written by a run of {ckpt['world_size']} process(es), this one has "
-                        f"{dist.world_size()}: resume with the same number (each rank's sample order and RNG state "
-                        f"depend on it), or start a new run with --init-from")
-    cfg.init_from = ""
-    cfg.resume = ckpt_path
-    return cfg, ckpt
-
-
-def check_resume_position(ckpt, steps_per_epoch):
-    """A resumed run must see the same epoch length, or its mid-epoch skip would point at other samples."""
-    if ckpt and ckpt.get("steps_per_epoch", steps_per_epoch) != steps_per_epoch:
-        raise UserError(f"the resumed run had {ckpt['steps_per_epoch']} steps per epoch, this one has {steps_per_epoch}:"
-                        " the training data changed since the checkpoint; resume with the same data")
-
+# ---- training utilities ----
 
 def seed_everything(seed):
     """Python, NumPy and torch (every device) generators from one seed."""
@@ -662,12 +525,53 @@ class FeatureCache:
     def replay(self, j):
         return contextlib.nullcontext() if self.seeds[j] is None else _seeded(self.seeds[j])
 
+    def micro(self, j, tokens=None):
+        """Micro-batch j's MicroBatch (a context manager: pass 2 of j runs inside it)."""
+        return MicroBatch(j, len(self.cache), tokens, self)
+
     def features(self, j, live):
         """{name: (K*B, ...)}: micro-batch j's from `live` (with gradient), the others' from pass 1."""
         if not self.active:
             return live
         return {k: torch.cat([c[k] for c in self.cache[:j]] + [v] + [c[k] for c in self.cache[j + 1:]])
                 for k, v in live.items()}
+
+
+@dataclasses.dataclass
+class MicroBatch:
+    """What a loss needs to know about its micro-batch so that the K backward passes of --accum-steps
+    K sum to one K x B step, and nothing else: the model's `forward(batch, micro)` reads these fields,
+    never the cache. `MicroBatch()` is a whole step (K = 1). As a context manager it replays the
+    micro-batch's random stream of pass 1 (`FeatureCache.replay`).
+
+    index, count: j and K. `last`: the pass that takes a parameter's gradient once per step (the
+    temperature is in every pass). `tokens`: the step's target-token count over all ranks and
+    micro-batches (a token-mean text loss divides its sum by it; None: by its own count).
+    `accumulating`: the contrastive features come from the cache (K > 1 with a feature pass).
+    `features(live)`: {name: (K*B, ...)} with this micro-batch's live (gradient) features in place."""
+    index: int = 0
+    count: int = 1
+    tokens: "torch.Tensor | None" = None
+    cache: "FeatureCache | None" = dataclasses.field(default=None, repr=False)
+
+    @property
+    def last(self):
+        return self.index == self.count - 1
+
+    @property
+    def accumulating(self):
+        return self.cache is not None and self.cache.active
+
+    def features(self, live):
+        return self.cache.features(self.index, live) if self.accumulating else live
+
+    def __enter__(self):
+        self._replay = self.cache.replay(self.index) if self.cache is not None else contextlib.nullcontext()
+        self._replay.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self._replay.__exit__(*exc)
 
 
 # ---- logging ----
@@ -724,3 +628,32 @@ def save_config(cfg, output_dir):
     if dist.is_main():
         with open(os.path.join(output_dir, "config.json"), "w") as f:
             json.dump(dataclasses.asdict(cfg), f, indent=2)
+
+
+def concat_json_lines(parts, path):
+    """One JSON array in `path`, laid out as json.dump(records, f, indent=1), from JSON-lines files
+    read in order and deleted, one record in memory at a time; atomic (a temporary file renamed)."""
+    first = True
+    with open(path + ".tmp", "w") as out:
+        out.write("[")
+        for name in parts:
+            with open(name) as f:
+                for line in f:
+                    record = json.dumps(json.loads(line), indent=1).replace("\n", "\n ")
+                    out.write(("\n " if first else ",\n ") + record)
+                    first = False
+        out.write("]" if first else "\n]")
+    os.replace(path + ".tmp", path)
+    for name in parts:
+        os.remove(name)
+
+
+def sample_negatives(weights):
+    """One index per row, drawn with probability proportional to `weights` (B, N), by the
+    exponential trick: argmax_j w_j / E_j with E_j ~ Exp(1) picks j with probability w_j / sum(w),
+    as torch.multinomial, without its host syncs. Rows with no mass left (a batch of one, every
+    candidate sharing the image id, NaN similarities) draw uniformly instead of failing."""
+    weights = torch.nan_to_num(weights.float(), nan=0.0, posinf=0.0, neginf=0.0).clamp_(min=0)
+    weights = torch.where(weights.sum(1, keepdim=True) > 0, weights, 1.0)   # no boolean indexing
+    noise = torch.empty_like(weights).exponential_().clamp_(min=1e-30)   # E = 0: 0/0 = NaN
+    return (weights / noise).argmax(1)

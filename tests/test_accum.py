@@ -55,7 +55,7 @@ def test_contrastive_accumulation_equals_one_big_batch(name, tmp_path, subset, m
 
 def queue_model(name, tiny):
     """A small ALBEF or BLIP in training mode, its forward arguments for 8 samples, and the forward."""
-    from tests.dist_fixtures import blip_batch, blip_model
+    from tests.workers.dist_fixtures import blip_batch, blip_model
     from tests.test_albef import captions_batch, small_model
     if name == "albef":
         from common.data import Tokenizer
@@ -128,15 +128,15 @@ def test_blip2_stage1_accumulation_itc_and_itg_equal_one_big_batch_itm_per_micro
     ids[3, 5:], mask[3, 5:] = tok.pad_id, 0
     idx = torch.arange(8)
     big = copy.deepcopy(model)
-    losses = big(images, ids, mask, idx)
+    losses = big(dict(images=images, ids=ids, mask=mask, idx=idx))
     (losses["loss_itc"] + losses["loss_lm"]).backward()
     micro = [dict(images=images[s], ids=ids[s], mask=mask[s], idx=idx[s]) for s in (slice(0, 4), slice(4, 8))]
     count = torch.tensor(float((ids[:, 1:] != tok.pad_id).sum()))
     cache = FeatureCache(lambda b: {**model.itc_features(b["images"], b["ids"], b["mask"]), "idx": b["idx"]}, micro)
     itc = []
     for j, b in enumerate(micro):
-        with cache.replay(j):
-            part = model(**b, cache=cache, j=j, count=count)
+        with cache.micro(j, count) as m:
+            part = model(b, m)
             (part["loss_itc"] + part["loss_lm"]).backward()
         itc.append(part["loss_itc"])
     assert torch.allclose(itc[0], losses["loss_itc"], atol=1e-6) and torch.allclose(itc[1], losses["loss_itc"], atol=1e-6)
@@ -150,11 +150,11 @@ def test_blip2_stage1_accumulation_itc_and_itg_equal_one_big_batch_itm_per_micro
     for j, (m, b) in enumerate(zip(alone, micro)):
         m.zero_grad()
         torch.manual_seed(j)
-        m(**b)["loss_itm"].backward()
+        m(b)["loss_itm"].backward()
     model.zero_grad()
     for j, b in enumerate(micro):
         torch.manual_seed(j)
-        (model(**b, cache=cache, j=j, count=count)["loss_itm"] / 2).backward()
+        (model(b, cache.micro(j, count))["loss_itm"] / 2).backward()
     for n, p in model.named_parameters():
         if p.grad is not None:
             want = sum(dict(m.named_parameters())[n].grad for m in alone) / 2

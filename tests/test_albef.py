@@ -1,7 +1,7 @@
 """ALBEF's model against independent implementations on the same weights (timm's ViT, transformers'
 ViTModel and BertForMaskedLM, a checkpoint in the official key layout built from those), and the
 exact pieces of its losses: MLM masking, the momentum EMA, hard negatives, the queues under
-torchrun. The losses themselves are compared with LAVIS's AlbefPretrain in tests/check_lavis_albef.py."""
+torchrun. The losses themselves are compared with LAVIS's AlbefPretrain in tests/lavis/check_albef.py."""
 import json
 import os
 from functools import partial
@@ -14,6 +14,7 @@ import torch.nn.functional as F
 import albef_train
 from common.data import Tokenizer, read_annotations
 from common.utils import UserError
+from common.weights import albef as albef_weights
 from tests.test_distributed import torchrun
 
 # widths of 128 with 2 heads: the official layout reads heads off the width (width / 64)
@@ -59,17 +60,17 @@ def test_vit_matches_timm_deit_loaded_from_a_state_dict(tok, tmp_path):
     path = str(tmp_path / "deit.pth")
     torch.save({"model": vit.state_dict()}, path)             # DeiT's release format (classifier head included)
     model = small_model(tok)
-    albef_train.load_vision_init(model, path)
+    albef_weights.load_vision_init(model, path)
     x = torch.randn(3, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(model.visual_encoder(x), vit.forward_features(x), atol=1e-5, rtol=1e-5)
     # at another image size the positions are interpolated (DeiT 224 -> ALBEF 256)
     bigger = small_model(tok, image_size=48)
-    albef_train.load_vision_init(bigger, path)
+    albef_weights.load_vision_init(bigger, path)
     assert bigger.visual_encoder.positional_embedding.shape == (1 + 36, 128)
     torch.save({"model": {**vit.state_dict(), "dist_token": torch.zeros(1, 1, 128)}}, path)
     with pytest.raises(UserError, match="distilled DeiT"):
-        albef_train.load_vision_init(model, path)
+        albef_weights.load_vision_init(model, path)
 
 
 def test_vit_matches_transformers_vit_model_folder(tok, tmp_path):
@@ -82,14 +83,14 @@ def test_vit_matches_transformers_vit_model_folder(tok, tmp_path):
         p.data.normal_(0, 0.05) if p.ndim < 2 else None
     hf.save_pretrained(tmp_path / "vit")
     model = small_model(tok)
-    albef_train.load_vision_init(model, str(tmp_path / "vit"))
+    albef_weights.load_vision_init(model, str(tmp_path / "vit"))
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(model.visual_encoder(x), hf(pixel_values=x).last_hidden_state, atol=1e-5, rtol=1e-5)
     # a config field that would change the numbers is refused, named
     edit_config(tmp_path / "vit", hidden_act="relu")
     with pytest.raises(UserError, match="config.json has hidden_act 'relu'"):
-        albef_train.load_vision_init(model, str(tmp_path / "vit"))
+        albef_weights.load_vision_init(model, str(tmp_path / "vit"))
 
 
 def edit_config(folder, **fields):
@@ -114,12 +115,12 @@ def test_text_encoder_and_mlm_head_match_bert_for_masked_lm(tok, tmp_path):
     bert = hf_bert(tok)
     bert.save_pretrained(tmp_path / "bert")
     model = small_model(tok)
-    albef_train.load_text_init(model, str(tmp_path / "bert"))
+    albef_weights.load_text_init(model, str(tmp_path / "bert"))
     _, ids, mask = captions_batch(tok)
     with torch.no_grad():
         ref = bert(input_ids=ids, attention_mask=mask, output_hidden_states=True)
         # text encoder = layers [0, fusion): BERT's hidden state after layer 2
-        torch.testing.assert_close(model.text_features(ids, mask), ref.hidden_states[2], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(model.text_embed(ids, mask), ref.hidden_states[2], atol=1e-5, rtol=1e-5)
         # every layer without an image (cross-attention skipped) + the MLM head = BertForMaskedLM
         logits = model.mlm_head(model.text_encoder(ids, mask))
     torch.testing.assert_close(logits, ref.logits, atol=1e-5, rtol=1e-5)
@@ -130,7 +131,7 @@ def test_text_encoder_and_mlm_head_match_bert_for_masked_lm(tok, tmp_path):
         bert.save_pretrained(tmp_path / "bert")
         edit_config(tmp_path / "bert", **{field: value})
         with pytest.raises(UserError, match=f"config.json has {field} {value!r}"):
-            albef_train.load_text_init(model, str(tmp_path / "bert"))
+            albef_weights.load_text_init(model, str(tmp_path / "bert"))
 
 
 def official_state(tok, vit, bert, fusion=2, seed=4):
@@ -177,7 +178,7 @@ def test_official_layout_checkpoint_loads_through_from_official(tok, tmp_path, c
     with torch.no_grad():
         torch.testing.assert_close(model.visual_encoder(x), vit.forward_features(x), atol=1e-5, rtol=1e-5)
         ref = bert(input_ids=ids, attention_mask=mask, output_hidden_states=True)
-        torch.testing.assert_close(model.text_features(ids, mask), ref.hidden_states[2], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(model.text_embed(ids, mask), ref.hidden_states[2], atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(model.mlm_head(model.text_encoder(ids, mask)), ref.logits, atol=1e-5, rtol=1e-5)
     ours = model.state_dict()
     for a, b in (("text_encoder.layer.3.crossattention.attn.q.weight", "text_encoder.bert.encoder.layer.3.crossattention.self.query.weight"),
@@ -228,7 +229,7 @@ def test_official_layout_checkpoint_loads_through_from_official(tok, tmp_path, c
         albef_train.ALBEF.from_official(path, cfg, tok)
     torch.save({"model": {"something": torch.zeros(1)}}, path)
     with pytest.raises(UserError, match="neither an ALBEF checkpoint"):
-        albef_train.read_init(path)
+        albef_weights.read_init(path)
 
 
 def test_official_file_with_an_mlp_width_not_a_multiple_of_the_width(tok, tmp_path):
@@ -414,14 +415,16 @@ def test_init_from_our_checkpoint_keeps_its_queues_as_retrieval_py_keeps_a_pretr
                                 F.normalize(torch.randn(4, 16, generator=g), dim=-1), torch.arange(4) + 4 * step)
     saved = {"config": dataclasses.asdict(pre.cfg), "model": pre.state_dict()}
     cfg = albef_train.Config(**{**SMALL, "task": "retrieval", "init_from": "pre.pt"})
-    model, _ = albef_train.build_model(cfg, tok, ("ours", saved))
+    albef_train.settle_config(cfg, ("ours", saved), tok)
+    model = albef_train.build_model(cfg, tok, ("ours", saved))
     assert int(model.queue_ptr) == 0 and bool((model.idx_queue == -100).all())
     for name in ("image_queue", "text_queue", "queue_filled"):
         assert torch.equal(getattr(model, name), getattr(pre, name).roll(-12, 1)), name
     assert int(model.queue_filled.sum()) == 12
     cfg = albef_train.Config(**{**SMALL, "task": "retrieval", "init_from": "pre.pt", "queue_size": 8})
-    cfg.cli_keys = {"queue_size"}                           # --queue-size 8 on the command line
-    other, _ = albef_train.build_model(cfg, tok, ("ours", saved))
+    cfg.explicit_keys = {"queue_size"}                           # --queue-size 8 on the command line
+    albef_train.settle_config(cfg, ("ours", saved), tok)
+    other = albef_train.build_model(cfg, tok, ("ours", saved))
     assert other.queue_filled.shape == (1, 8) and not other.queue_filled.any()
 
 
@@ -436,7 +439,7 @@ def test_queues_global_negatives_and_sharded_eval_under_torchrun(tok, tiny, tmp_
         r["image"] = os.path.join(tiny, r["image"])
     small_val.write_text(json.dumps(records))
     out = str(tmp_path / "dist.pt")
-    proc = torchrun(["tests/dist_albef_worker.py", out, str(small_val)], timeout=300)
+    proc = torchrun(["tests/workers/dist_albef_worker.py", out, str(small_val)], timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = torch.load(out, weights_only=True)
     assert got["world"] == 2

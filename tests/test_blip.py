@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import blip_train
-from tests.dist_fixtures import blip_batch, blip_model
+from tests.workers.dist_fixtures import blip_batch, blip_model
 from tests.test_distributed import ROOT, torchrun
 
 
@@ -49,7 +49,7 @@ def test_queue_negatives_and_rerank_under_torchrun(tmp_path, tiny):
     val = [dict(r, image=os.path.join(tiny, r["image"])) for r in json.load(open(os.path.join(tiny, "val.json")))[:7]]
     (tmp_path / "val.json").write_text(json.dumps(val))
     out = tmp_path / "blip.pt"
-    proc = torchrun([os.path.join(ROOT, "tests", "dist_blip_worker.py"), str(out), str(tmp_path / "val.json")],
+    proc = torchrun([os.path.join(ROOT, "tests", "workers", "dist_blip_worker.py"), str(out), str(tmp_path / "val.json")],
                     timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = torch.load(out)
@@ -144,8 +144,8 @@ def test_itm_pairs_and_labels(monkeypatch):
     monkeypatch.setattr(blip_train.F, "cross_entropy", spy_ce)
     monkeypatch.setattr(blip_train, "hard_negatives", spy_hn)
     with torch.no_grad():
-        embeds = model.image_features(images)
-        model.loss_itm(ids, mask, idx, embeds, model.image_embed(embeds), model.text_embed(ids, mask), False)
+        embeds = model.image_embed(images)
+        model.loss_itm(ids, mask, idx, embeds, model.image_feat(embeds), model.text_feat(ids, mask), False)
         pos = model.itm_logits(ids, mask, embeds)
         neg_img = model.itm_logits(ids, mask, embeds[drawn["neg_image"]])
         neg_txt = model.itm_logits(ids[drawn["neg_text"]], mask[drawn["neg_text"]], embeds)
@@ -167,7 +167,7 @@ def test_lm_loss_is_shifted_and_skips_prompt_and_padding(monkeypatch):
 
     monkeypatch.setattr(blip_train.F, "cross_entropy", spy_ce)
     with torch.no_grad():
-        model.loss_lm(ids, mask, model.image_features(images), prompt_length=3)
+        model.loss_lm(ids, mask, model.image_embed(images), prompt_length=3)
     targets = seen["targets"].view(4, -1)                     # (B, L - 1): targets for positions 0..L-2
     expected = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
     expected[:, :2] = -100                                     # tokens 1, 2 belong to the prompt ([DEC] = 0)
@@ -188,8 +188,8 @@ def test_global_negatives_gather_image_tokens_in_the_autocast_dtype(monkeypatch)
         return x
     monkeypatch.setattr(blip_train.dist, "gather_with_grad", spy)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        embeds = model.image_features(images).float()        # fp32, as CUDA autocast's LayerNorm returns
-        feats = (model.image_embed(embeds), model.text_embed(ids, mask))
+        embeds = model.image_embed(images).float()        # fp32, as CUDA autocast's LayerNorm returns
+        feats = (model.image_feat(embeds), model.text_feat(ids, mask))
         torch.manual_seed(0)
         half = model.loss_itm(ids, mask, idx, embeds, *feats, True)
         monkeypatch.setattr(torch, "get_autocast_dtype", lambda device: torch.float32)

@@ -2,7 +2,7 @@
 Blip2ForConditionalGeneration and BertModel folders built from tiny random configs), the three
 attention masks of Fig. 2 on constructed inputs, the frozen image encoder, the exact ITC gradient
 against LAVIS's no-grad gather, and the losses under torchrun. The losses themselves are compared
-with LAVIS's Blip2Qformer in tests/check_lavis_blip2.py."""
+with LAVIS's Blip2Qformer in tests/lavis/check_blip2.py."""
 import os
 
 import pytest
@@ -91,7 +91,7 @@ def test_vision_model_features_match_transformers(tok, hf_retrieval):
     assert ours.cfg.ln_vision_eps == 1e-6 and ours.cfg.num_query_tokens == 4
     x = torch.randn(3, 3, 32, 32)
     with torch.no_grad():
-        torch.testing.assert_close(ours.image_features(x), hf.vision_model(pixel_values=x).last_hidden_state,
+        torch.testing.assert_close(ours.image_embeds(x), hf.vision_model(pixel_values=x).last_hidden_state,
                                    atol=1e-5, rtol=1e-5)
 
 
@@ -117,7 +117,7 @@ def test_a_folders_sizes_and_epsilon_are_its_own_and_other_values_are_refused(to
     with torch.no_grad():
         ref = hf(pixel_values=images, input_ids=ids, attention_mask=mask,
                  use_image_text_matching_head=True).logits_per_image
-        image_embeds = ours.image_features(images)
+        image_embeds = ours.image_embeds(images)
         want = hf.vision_model(pixel_values=images).last_hidden_state
         torch.testing.assert_close(image_embeds, want, atol=1e-5, rtol=1e-5)
         got = ours.itm_logits(ids, mask, image_embeds)
@@ -145,12 +145,12 @@ def test_itm_logits_and_itc_similarity_match_blip2_for_image_text_retrieval(tok,
     images, ids, mask = batch(tok)
     with torch.no_grad():
         ref = hf(pixel_values=images, input_ids=ids, attention_mask=mask, use_image_text_matching_head=True)
-        image_embeds = ours.image_features(images)
+        image_embeds = ours.image_embeds(images)
         torch.testing.assert_close(ours.itm_logits(ids, mask, image_embeds), ref.logits_per_image, atol=1e-5, rtol=1e-5)
         # without the ITM head: the highest query-text cosine of each image with its own text
         # (transformers' diagonal use; it has no temperature)
         ref = hf(pixel_values=images, input_ids=ids, attention_mask=mask, use_image_text_matching_head=False)
-        image_feats = ours.image_embed(ours.query_pass(image_embeds)[0])          # (B, Q, E)
+        image_feats = ours.image_feats(ours.query_pass(image_embeds)[0])          # (B, Q, E)
         text_feat = ours.encode_text(ids, mask)                                   # (B, E)
         sim = torch.einsum("bqe,ne->bnq", image_feats, text_feat).amax(-1)
     torch.testing.assert_close(image_feats, ref.image_embeds, atol=1e-5, rtol=1e-5)
@@ -173,7 +173,7 @@ def test_conditional_generation_folder_gives_vision_and_qformer(tok, tmp_path):
     with torch.no_grad():
         image = hf.vision_model(pixel_values=x).last_hidden_state
         ref = hf.qformer(query_embeds=hf.query_tokens.expand(2, -1, -1), encoder_hidden_states=image).last_hidden_state
-        torch.testing.assert_close(ours.query_pass(ours.image_features(x))[0], ref, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(ours.query_pass(ours.image_embeds(x))[0], ref, atol=1e-5, rtol=1e-5)
 
 
 def test_clip_l_option_is_the_penultimate_layer_of_a_transformers_clip_folder(tok, tmp_path):
@@ -207,7 +207,7 @@ def test_eva_k_bias_must_be_zero_and_stays_zero_in_training(tok, hf_retrieval, t
     # a trained (unfrozen) EVA keeps k = 0: its gradient is zeroed there
     model = small_model(tok, freeze_vision=False).train()
     images, ids, mask = batch(tok)
-    sum(model(images, ids, mask, torch.arange(4)).values()).backward()
+    sum(model(dict(images=images, ids=ids, mask=mask, idx=torch.arange(4))).values()).backward()
     g = model.visual_encoder.transformer.resblocks[0].attn.qkv.bias.grad
     assert g[32:64].abs().max() == 0 and g[:32].abs().max() > 0 and g[64:].abs().max() > 0
 
@@ -257,7 +257,7 @@ def test_the_three_masks_on_a_constructed_input(tok):
     changed[:, j] = (changed[:, j] + 7) % tok.vocab_size
     Q = model.cfg.num_query_tokens
     with torch.no_grad():
-        image_embeds = model.image_features(images)
+        image_embeds = model.image_embeds(images)
         runs = {w: (joint(model, ids, mask, image_embeds, w), joint(model, changed, mask, image_embeds, w))
                 for w in ("unimodal", "bidirectional", "multimodal_causal")}
         # ITC (uni-modal): no query output changes; the joint pass is the two separate passes
@@ -301,7 +301,7 @@ def test_frozen_encoder_gets_no_gradient_no_state_and_does_not_change(tok):
     optimizer = torch.optim.AdamW(blip2_train.param_groups(model, model.cfg), lr=1e-2)
     images, ids, mask = batch(tok)
     for _ in range(3):
-        losses = model(images, ids, mask, torch.arange(4))
+        losses = model(dict(images=images, ids=ids, mask=mask, idx=torch.arange(4)))
         sum(losses.values()).backward()
         assert all(p.grad is None for p in model.visual_encoder.parameters())
         optimizer.step()
@@ -323,7 +323,7 @@ def test_frozen_encoder_gets_no_gradient_no_state_and_does_not_change(tok):
 def test_itc_gradient_is_exact_where_a_no_grad_gather_drops_terms(tok, monkeypatch):
     """ITC's value and gradient against the formula written out here; and LAVIS's gather (no
     gradient, even for the rank's own features; emulated by detaching, which
-    tests/check_lavis_blip2.py compares with LAVIS itself) loses exactly two terms: i2t's gradient
+    tests/lavis/check_blip2.py compares with LAVIS itself) loses exactly two terms: i2t's gradient
     on the text side and t2i's on the image side."""
     import torch.nn.functional as F
     from common import dist
@@ -365,10 +365,10 @@ def test_two_ranks_match_one_process_itc_itm_itg(tok, tmp_path, tiny):
     negatives are constructed to live on the other rank (image ids), and the ITM pairs scored
     on a rank include texts of the other."""
     out = str(tmp_path / "dist.pt")
-    proc = torchrun(["tests/dist_blip2_worker.py", out])
+    proc = torchrun(["tests/workers/dist_blip2_worker.py", out])
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = torch.load(out, weights_only=True)
-    from tests.dist_blip2_worker import run
+    from tests.workers.dist_blip2_worker import run
     ref = run(rank=0, world=1)
     for k in ("loss_itc", "loss_itm", "loss_lm"):
         assert abs(got["losses"][k] - ref["losses"][k]) < 1e-5, (k, got["losses"][k], ref["losses"][k])

@@ -93,7 +93,7 @@ def test_logits_and_loss_equal_transformers(pair):
             logits, same = ours.llm_logits(images, ids, mask, labels)
         assert (logits - out.logits).abs().max() < 1e-5 and torch.equal(same, labels)
     with torch.no_grad():
-        loss = ours(images, ids, mask, labels=labels)["loss_lm"]
+        loss = ours(dict(images=images, ids=ids, mask=mask, labels=labels))["loss_lm"]
     assert abs(loss.item() - out.loss.item()) < 1e-5, (loss.item(), out.loss.item())
 
 

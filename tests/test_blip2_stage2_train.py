@@ -48,7 +48,8 @@ def test_only_the_qformer_and_projection_train_and_the_llm_stays_bit_identical(f
     blip2_train.tiny_llm(cfg, llm_tok).save_pretrained(folder)
     llm_tok.save_pretrained(folder)
     cfg = blip2_train.Config(**{**MODEL, **LLM}, stage=2, llm=folder, freeze_vision=not finetune, dropout=0.0)
-    model, cfg = blip2_train.build_model(cfg, None, (None, None), llm_tok)
+    blip2_train.settle_config(cfg, (None, None), None, llm_tok)
+    model = blip2_train.build_model(cfg, (None, None), None, llm_tok)
     model.train()
     assert not model.language_model.training and model.visual_encoder.training == finetune
     trains = QFORMER_SIDE + (("visual_encoder.",) if finetune else ())
@@ -62,7 +63,7 @@ def test_only_the_qformer_and_projection_train_and_the_llm_stays_bit_identical(f
     optimizer = adamw(groups, lr=1e-2)
     batch = a_batch(llm_tok, cfg)
     for _ in range(3):
-        loss = model(*batch[:3], labels=batch[3])["loss_lm"]
+        loss = model(dict(zip(("images", "ids", "mask", "labels"), batch)))["loss_lm"]
         loss.backward()
         for n, p in model.named_parameters():
             assert (p.grad is not None) == n.startswith(trains), n
@@ -72,12 +73,12 @@ def test_only_the_qformer_and_projection_train_and_the_llm_stays_bit_identical(f
     assert all(torch.equal(v, vit_before[k]) for k, v in model.visual_encoder.state_dict().items()) != finetune
     assert not torch.equal(next(model.qformer.parameters()), qformer_before)
     # the frozen LM's layers recomputed in backward: the same loss and gradients
-    loss = model(*batch[:3], labels=batch[3])["loss_lm"]
+    loss = model(dict(zip(("images", "ids", "mask", "labels"), batch)))["loss_lm"]
     loss.backward()
     want = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     model.zero_grad(set_to_none=True)
     model.set_grad_checkpointing()
-    again = model(*batch[:3], labels=batch[3])["loss_lm"]
+    again = model(dict(zip(("images", "ids", "mask", "labels"), batch)))["loss_lm"]
     again.backward()
     assert again.item() == loss.item()
     for n, p in model.named_parameters():
@@ -94,7 +95,8 @@ def test_the_loss_counts_only_the_targets_and_truncation_keeps_the_end(llm_tok):
     encoder and the target keeps its </s>."""
     torch.manual_seed(0)
     cfg = blip2_train.Config(**{**MODEL, **LLM}, stage=2, dropout=0.0)
-    model, cfg = blip2_train.build_model(cfg, None, (None, None), llm_tok)
+    blip2_train.settle_config(cfg, (None, None), None, llm_tok)
+    model = blip2_train.build_model(cfg, (None, None), None, llm_tok)
     model.eval()
     newline = llm_tok("\n", add_special_tokens=False)["input_ids"]
     prompt = "Question: how many shapes are there? Short answer:"
@@ -108,7 +110,7 @@ def test_the_loss_counts_only_the_targets_and_truncation_keeps_the_end(llm_tok):
     images, ids, mask, labels = a_batch(llm_tok, cfg)
     assert ((labels == -100) | (mask == 1)).all() and (labels[mask == 0] == -100).all()
     with torch.no_grad():
-        loss = model(images, ids, mask, labels=labels)["loss_lm"]
+        loss = model(dict(images=images, ids=ids, mask=mask, labels=labels))["loss_lm"]
         x, m = model.llm_inputs(model.soft_prompt(images), ids, mask)
         full = model.language_model(inputs_embeds=x, attention_mask=m).logits         # (B, Q + L, V)
         Q = cfg.num_query_tokens
@@ -117,7 +119,7 @@ def test_the_loss_counts_only_the_targets_and_truncation_keeps_the_end(llm_tok):
         assert (labels[:, 0] != -100).sum() == 2               # the two samples without a prompt
         assert abs(loss.item() - torch.stack(terms).mean().item()) < 1e-5
         noisy = ids.masked_fill(mask == 0, 7)
-        assert model(images, noisy, mask, labels=labels)["loss_lm"].item() == loss.item()
+        assert model(dict(images=images, ids=noisy, mask=mask, labels=labels))["loss_lm"].item() == loss.item()
     # encoder-decoder: a T5-style tokenizer (text </s>)
     from tokenizers import processors
     t5_tok = llm_tok.__class__.from_pretrained(llm_tok.name_or_path)
@@ -136,7 +138,8 @@ def test_opt_targets_are_lavis_blip2_opt_targets(llm_tok):
     [BOS]."""
     torch.manual_seed(0)
     cfg = blip2_train.Config(**{**MODEL, **LLM}, stage=2, dropout=0.0)
-    model, cfg = blip2_train.build_model(cfg, None, (None, None), llm_tok)
+    blip2_train.settle_config(cfg, (None, None), None, llm_tok)
+    model = blip2_train.build_model(cfg, (None, None), None, llm_tok)
     model.eval()
     end = blip2_train.end_ids(cfg, llm_tok, True)
     captions = ["a small red circle on a white background", "two shapes on gray", "a blue square"]
@@ -158,7 +161,7 @@ def test_opt_targets_are_lavis_blip2_opt_targets(llm_tok):
             logits = model.language_model(inputs_embeds=x, attention_mask=m).logits
             lavis = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1),
                                                       targets[:, 1:].flatten())
-            ours = model(images, ids, mask, labels=labels)["loss_lm"]
+            ours = model(dict(images=images, ids=ids, mask=mask, labels=labels))["loss_lm"]
         assert abs(ours.item() - lavis.item()) < 1e-6, (prompt, ours.item(), lavis.item())
         assert (targets[:, Q] != -100).all() == (not prompt)   # the last query's target: [BOS]
 
@@ -172,7 +175,7 @@ def stage1_checkpoint(path, tiny, **fields):
     model = blip2_train.build_blip2(cfg, Tokenizer(os.path.join(tiny, "tokenizer")))
     blip2_train.load_vision(model, cfg)
     torch.save({"config": dataclasses.asdict(cfg), "model": model.trainable_state_dict(),
-                "vision_fingerprint": blip2_train.fingerprint(model.visual_encoder)}, path)
+                "vision_fingerprint": blip2_train.blip2_weights.fingerprint(model.visual_encoder)}, path)
     return str(path)
 
 
@@ -189,7 +192,9 @@ def test_stage2_from_stage1_takes_the_command_lines_image_size_and_encoder(  # n
     def build(argv):
         cfg, _ = blip2_train.resolve_config(blip2_train.Config, blip2_train.PRESETS, argv,
                                             recipe=blip2_train.task_recipe)
-        return blip2_train.build_model(cfg, None, blip2_train.read_init(cfg.init_from), llm_tok)
+        init = blip2_train.blip2_weights.read_init(cfg.init_from)
+        blip2_train.settle_config(cfg, init, None, llm_tok)
+        return blip2_train.build_model(cfg, init, None, llm_tok), cfg
 
     eva = write_random_eva(tmp_path)
     s1 = stage1_checkpoint(tmp_path / "eva.pt", tiny, vision_weights=eva)

@@ -123,7 +123,7 @@ def test_start_from_transformers_and_lavis_files(tmp_path, subset):  # noqa: F81
     model = blip2_train.BLIP2.from_hf(folder, tokenizer=tok)
     cfg = model.cfg
     lavis = {}
-    for ours, theirs in blip2_train.qformer_map(cfg, "Qformer.bert", text_ffn=True, hf=False).items():
+    for ours, theirs in blip2_train.blip2_weights.qformer_map(cfg, "Qformer.bert", text_ffn=True, hf=False).items():
         value = model.state_dict()[ours]
         for i, t in enumerate(theirs if isinstance(theirs, tuple) else (theirs,)):
             n = value.shape[0] // (len(theirs) if isinstance(theirs, tuple) else 1)
@@ -160,7 +160,9 @@ def test_start_from_transformers_and_lavis_files(tmp_path, subset):  # noqa: F81
     llm_tok = AutoTokenizer.from_pretrained(os.path.join(os.path.dirname(subset[-1]), "tokenizer_llm"))
     for init, source in ((lavis_file, loaded), (folder, model)):
         cfg2 = blip2_train.Config(**{**MODEL, "vision_weights": eva if init == lavis_file else ""}, stage=2, init_from=init)
-        stage2, cfg2 = blip2_train.build_model(cfg2, None, blip2_train.read_init(init), llm_tok)
+        read = blip2_train.blip2_weights.read_init(init)
+        blip2_train.settle_config(cfg2, read, None, llm_tok)
+        stage2 = blip2_train.build_model(cfg2, read, None, llm_tok)
         assert cfg2.stage == 2 and not hasattr(stage2, "itm_head") and not hasattr(stage2.qformer, "word_embeddings")
         for name, value in stage2.state_dict().items():
             if not name.startswith(("language_model.", "language_projection.")):

@@ -62,7 +62,7 @@ def test_retrieval_itm_and_cosine_match_transformers(tok, images, tmp_path):
     with torch.no_grad():
         ref_itm = hf(input_ids=enc_ids, pixel_values=images, attention_mask=mask, use_itm_head=True).itm_score
         ref_cos = hf(input_ids=ids, pixel_values=images, attention_mask=mask, use_itm_head=False).itm_score
-        itm = ours.itm_logits(ids, mask, ours.image_features(images))
+        itm = ours.itm_logits(ids, mask, ours.image_embed(images))
         cos = ours.encode_image(images) @ ours.encode_text(ids, mask).T
     torch.testing.assert_close(itm, ref_itm, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(cos, ref_cos, atol=1e-5, rtol=1e-5)
@@ -99,7 +99,7 @@ def test_decoder_logits_match_transformers(tok, images, captioner):
     dec_ids[:, 0] = ours.dec_id
     with torch.no_grad():
         ref = hf(input_ids=dec_ids, pixel_values=images, attention_mask=mask).logits
-        out = ours.lm_logits(ids, mask, ours.image_features(images))
+        out = ours.lm_logits(ids, mask, ours.image_embed(images))
     keep = mask.bool()
     torch.testing.assert_close(out[keep], ref[keep], atol=1e-5, rtol=1e-5)
 

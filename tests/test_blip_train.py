@@ -9,7 +9,7 @@ import torch
 
 import blip_train
 from common.utils import UserError
-from tests.dist_fixtures import BLIP_SMALL_ARGS, blip_model
+from tests.workers.dist_fixtures import BLIP_SMALL_ARGS, blip_model
 from tests.test_clip_train import read_metrics, subset  # noqa: F401  (fixture)
 from tests.test_distributed import sigterm_mid_run, torchrun
 

@@ -319,7 +319,7 @@ def test_two_ranks_give_the_loss_and_gradients_of_one_process(tmp_path):
     batch) losses and their gradients under torchrun x2 equal one process on the whole batch."""
     from tests.test_distributed import torchrun
     out = str(tmp_path / "dist.pt")
-    proc = torchrun(["tests/dist_coca_worker.py", out], timeout=300)
+    proc = torchrun(["tests/workers/dist_coca_worker.py", out], timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = torch.load(out, weights_only=True)
     assert got["world"] == 2 and got["length"] == 6          # rank 0 trimmed its padding: 5 tokens + 1 of 12 columns
@@ -328,7 +328,7 @@ def test_two_ranks_give_the_loss_and_gradients_of_one_process(tmp_path):
     model = CoCa(cfg, pad_id=PAD, eos_id=EOT)
     x, ids = dist_batch()
     positions, targets = caption_positions(ids, PAD)
-    loss, losses = coca_train.compute_losses(model, cfg, x, ids, positions, targets, x.device)
+    loss, losses = coca_train.compute_losses(model, cfg, (x, ids, positions, targets))
     loss.backward()
     for k, v in {"loss": loss, **losses}.items():
         torch.testing.assert_close(got["values"][k], v.detach(), atol=1e-5, rtol=1e-5, msg=k)

@@ -8,7 +8,7 @@ import sys
 import torch
 
 import clip_train
-from tests.dist_fixtures import clip_batch, clip_config
+from tests.workers.dist_fixtures import clip_batch, clip_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -77,7 +77,7 @@ def sigterm_mid_run(script, args, out, stop_at, log_path, timeout=300, workers=2
 
 def test_two_ranks_match_one_process(tmp_path):
     out = tmp_path / "dist.pt"
-    proc = torchrun([os.path.join(ROOT, "tests", "dist_clip_worker.py"), str(out)], timeout=300)
+    proc = torchrun([os.path.join(ROOT, "tests", "workers", "dist_clip_worker.py"), str(out)], timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = torch.load(out)
     assert got["world"] == 2

@@ -29,7 +29,7 @@ def assert_close_losses(got, want, steps, tol=1e-5):
 def assert_compiled_run_matches(args, out, ddp, steps, tol=1e-5):
     """--fsdp --compile (the aot_eager backend: Dynamo's capture and AOT autograd, no Inductor) gives
     the eager DDP run's losses, from compiled graphs (Dynamo breaks the graph at FSDP's hooks)."""
-    run_ok(["tests/compiled_run.py", *args, "--output-dir", out, "--fsdp", "--compile"])
+    run_ok(["tests/workers/compiled_run.py", *args, "--output-dir", out, "--fsdp", "--compile"])
     assert_close_losses(train_losses(out), train_losses(ddp), steps, tol=tol)
     for r in range(2):
         with open(os.path.join(out, f"compiled_graphs_rank{r}.json")) as f:

@@ -8,7 +8,7 @@ import torch
 
 from common.encoders import BertEncoder, KVCache
 from common.generation import beam_search, greedy_or_sample, nucleus_sample
-from tests.dist_fixtures import blip_model
+from tests.workers.dist_fixtures import blip_model
 
 EOS, PAD = 1, 0
 
@@ -136,7 +136,7 @@ def test_blip_cache_feeds_new_tokens_only_and_projects_the_image_once(blip):
 
 def test_one_beam_is_greedy(blip):
     images = torch.randn(6, 3, 32, 32, generator=torch.Generator().manual_seed(8))
-    embeds = blip.image_features(images).detach()
+    embeds = blip.image_embed(images).detach()
 
     def step(tokens, cache):
         with torch.no_grad():

@@ -12,8 +12,8 @@ import torch
 
 import blip_train
 import clip_train
-from common import utils
-from tests.dist_fixtures import blip_batch, blip_model, clip_batch, clip_config
+from common import config, utils
+from tests.workers.dist_fixtures import blip_batch, blip_model, clip_batch, clip_config
 from tests.test_distributed import ROOT, signal_processes, torchrun
 
 TINY_CLIP = ["--vision-layers", "1", "--text-layers", "1", "--vision-width", "32", "--text-width", "32",
@@ -106,7 +106,7 @@ def test_compiled_coca_step_equals_eager():
     positions, targets = coca_train.caption_positions(ids, 0)
 
     def step(m, _):
-        loss, losses = coca_train.compute_losses(m, cfg, images, ids, positions, targets, images.device)
+        loss, losses = coca_train.compute_losses(m, cfg, (images, ids, positions, targets))
         loss.backward()
         return torch.stack([losses[k].detach() for k in sorted(losses)])
     _compiled_matches_eager(model, step)
@@ -125,7 +125,7 @@ def test_compiled_blip2_step_equals_eager(tiny):
 
     def step(m, _):
         torch.manual_seed(1)
-        losses = m(images, ids, mask, torch.arange(4), "pretrain")
+        losses = m(dict(images=images, ids=ids, mask=mask, idx=torch.arange(4)))
         sum(losses.values()).backward()
         return torch.stack([losses[k].detach() for k in sorted(losses)])
     _compiled_matches_eager(model, step)
@@ -137,9 +137,9 @@ def test_compiled_blip2_step_equals_eager(tiny):
 def test_help_documents_every_flag_default_preset_and_task(script):
     import importlib
     script = importlib.import_module(script)
-    text = utils.build_parser(script.Config, script.PRESETS, choices={"task": getattr(script, "TASKS", None)},
+    text = config.build_parser(script.Config, script.PRESETS, choices={"task": getattr(script, "TASKS", None)},
                               recipes_doc=getattr(script, "RECIPES_DOC", "")).format_help()
-    helps = utils.field_help(script.Config)
+    helps = config.field_help(script.Config)
     for f in script.Config.__dataclass_fields__:
         assert f"--{f.replace('_', '-')}" in text and helps[f], f          # every flag, with its meaning
     assert text.count("(default:") >= len(helps)
@@ -185,7 +185,7 @@ def test_config_order_preset_recipe_command_line_checkpoint(tmp_path):
     """preset -> task recipe -> command line; a resumed run keeps its checkpoint's values (here a
     retrieval fine-tuning run started at 224 px with a 64-entry queue, against the recipe's
     384 / 57,600), and a contradicting flag is an error naming it."""
-    resolve = lambda argv: utils.resolve_config(blip_train.Config, blip_train.PRESETS, argv,  # noqa: E731
+    resolve = lambda argv: config.resolve_config(blip_train.Config, blip_train.PRESETS, argv,  # noqa: E731
                                                 recipe=blip_train.task_recipe)
     fresh, _ = resolve(["--preset", "vit-b", "--task", "retrieval", "--output-dir", str(tmp_path)])
     assert (fresh.image_size, fresh.queue_size, fresh.lr, fresh.vision_width) == (384, 57600, 1e-5, 768)
@@ -207,14 +207,14 @@ def test_config_order_preset_recipe_command_line_checkpoint(tmp_path):
     with pytest.raises(utils.UserError, match=r"run of 8 process\(es\), this one has 1"):
         resolve(["--resume", "auto", "--output-dir", str(tmp_path)])
     with pytest.raises(utils.UserError, match="the training data changed"):
-        utils.check_resume_position({"steps_per_epoch": 10}, 11)
+        config.check_resume_position({"steps_per_epoch": 10}, 11)
 
 
 def test_resumed_finetuning_run_keeps_its_image_size_and_queue(tmp_path):
     """The bug: a resumed retrieval run started with --image-size / --queue-size got the defaults
     back and failed in load_state_dict. Now the checkpoint's config wins; a finished run resumed
     is evaluated again."""
-    from tests.dist_fixtures import BLIP_SMALL_ARGS
+    from tests.workers.dist_fixtures import BLIP_SMALL_ARGS
     args = [*BLIP_SMALL_ARGS, "--workers", "0", "--task", "retrieval", "--output-dir", str(tmp_path)]
     first = blip_train.main([*args, "--image-size", "48", "--queue-size", "16", "--max-steps", "2"])
     again = blip_train.main([a for a in args if a not in ("--image-size=32", "--queue-size=8")] + ["--resume", "auto"])
@@ -302,7 +302,7 @@ def test_ranks_agree_on_resume_load_failure_and_preemption(tmp_path):
     """Under torchrun: rank 0 alone decides which checkpoint to resume (rank 1 sees no file, as with
     node-local folders); a file rank 1 cannot read fails on both ranks naming rank 1; a SIGTERM on
     rank 1 only stops both; any_rank spreads a flag."""
-    proc = torchrun([os.path.join(ROOT, "tests", "dist_lifecycle_worker.py"), str(tmp_path)], timeout=300)
+    proc = torchrun([os.path.join(ROOT, "tests", "workers", "dist_lifecycle_worker.py"), str(tmp_path)], timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     for g in got:
@@ -430,7 +430,7 @@ def test_resume_keeps_the_runs_own_values_of_what_it_may_change(tmp_path):
     checkpoint, not the Config defaults: evaluation stayed on (--val-data), a preset's workers=8,
     gradient checkpointing, precision. Given, they change; --val-data '' turns evaluation off.
     --image-root resolves the training annotations' paths: another one is refused."""
-    resolve = lambda argv: utils.resolve_config(clip_train.Config, clip_train.PRESETS, argv)  # noqa: E731
+    resolve = lambda argv: config.resolve_config(clip_train.Config, clip_train.PRESETS, argv)  # noqa: E731
     out = ["--output-dir", str(tmp_path)]
     started, _ = resolve(["--preset", "vit-l-14", "--val-data", "v.json", "--precision", "bf16",
                           "--image-root", "/data/coco", "--save-every", "7", *out])     # the preset: workers 8,
@@ -469,10 +469,11 @@ def test_resume_with_fp16_after_fp32_and_bad_steps_in_a_row_across_resume(tmp_pa
                 (step, ok, diagnose), self.pending = self.pending, None
                 self._count(step, bool(ok), diagnose)
 
-    real_save = clip_train.save_checkpoint
-    monkeypatch.setattr(clip_train, "save_checkpoint", lambda path, state: (
+    from common import run as run_machinery
+    real_save = run_machinery.save_checkpoint
+    monkeypatch.setattr(run_machinery, "save_checkpoint", lambda path, state: (
         saved.setdefault(state["step"], (state["bad_steps"], state.get("bad_in_a_row"))), real_save(path, state)))
-    monkeypatch.setattr(clip_train, "NonFiniteGuard", LateGuard)
+    monkeypatch.setattr(run_machinery, "NonFiniteGuard", LateGuard)
     monkeypatch.setattr(clip_train, "clip_loss", nan_at({3, 4}))
     preempt_at(monkeypatch, clip_train, 4)
     args = [*TINY_CLIP, "--max-steps", "8", "--save-every", "3", "--max-bad-steps", "3", "--output-dir", str(tmp_path)]
@@ -492,22 +493,22 @@ def test_counts_and_intervals_out_of_range_are_one_line_errors(tmp_path, flag, v
     """--save-every 0 / --log-every 0 raised ZeroDivisionError mid-run; every count and interval is
     checked when the config is resolved."""
     with pytest.raises(utils.UserError, match=f"^{flag} must be at least [01], not {value}$"):
-        utils.resolve_config(clip_train.Config, clip_train.PRESETS, [flag, value, "--output-dir", str(tmp_path)])
+        config.resolve_config(clip_train.Config, clip_train.PRESETS, [flag, value, "--output-dir", str(tmp_path)])
     for script in ("albef_train", "blip2_train"):
         import importlib
         module = importlib.import_module(script)
         with pytest.raises(utils.UserError, match="--k-test must be at least 1"):
-            utils.resolve_config(module.Config, module.PRESETS, ["--k-test", "0", "--output-dir", str(tmp_path)])
+            config.resolve_config(module.Config, module.PRESETS, ["--k-test", "0", "--output-dir", str(tmp_path)])
 
 
 def test_readme_slurm_script_saves_first_and_requeues_after(tmp_path):
-    """The README's SLURM script (taken from README.md) with a fake `scontrol` and `srun` on PATH:
+    """The SLURM script of docs/scale.md with a fake `scontrol` and `srun` on PATH:
     SIGUSR1 to the batch shell (--signal=B:USR1) reaches srun, the script waits for it to finish
     saving, and only then runs `scontrol requeue` (which ends a running job)."""
     import re
     import signal
     import time
-    with open(os.path.join(ROOT, "README.md")) as f:
+    with open(os.path.join(ROOT, "docs", "scale.md")) as f:
         readme = f.read()
     script = next(b for b in re.findall(r"```bash\n(.*?)```", readme, re.S) if "scontrol requeue" in b)
     log, bin_dir = tmp_path / "log.txt", tmp_path / "bin"

@@ -1,6 +1,6 @@
 """Salesforce LAVIS 1.0.2's pretraining models (BlipPretrain, AlbefPretrain, Blip2Qformer stage 1)
-built from small random configurations, offline, on CPU: the peer that tests/check_lavis_blip.py
-and tests/bench_lavis.py compare our BLIP and ALBEF with. Runs in the environment of tests/lavis/setup.sh
+built from small random configurations, offline, on CPU: the peer that tests/lavis/check_blip.py
+and tests/bench/bench_lavis.py compare our BLIP and ALBEF with. Runs in the environment of tests/lavis/setup.sh
 (transformers 4.26, numpy 1); the vocabulary and caption helpers also import in the project's.
 
     bash tests/lavis/setup.sh

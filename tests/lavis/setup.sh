@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Salesforce LAVIS 1.0.2 (the official BLIP / ALBEF / BLIP-2 code) in its own virtual environment,
-# from PyPI only, for tests/check_lavis_blip.py, tests/check_lavis_albef.py and tests/bench_lavis.py. LAVIS needs
+# from PyPI only, for tests/lavis/check_blip.py, tests/lavis/check_albef.py and tests/bench/bench_lavis.py. LAVIS needs
 # transformers 4.26 and numpy 1, so it cannot share the project's environment.
 #
 #     bash tests/lavis/setup.sh                         # venv at ~/.cache/blip-lavis-peer/venv

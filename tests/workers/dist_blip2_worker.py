@@ -32,7 +32,7 @@ def run(rank, world):
     original = blip2_train.sample_negatives
     blip2_train.sample_negatives = lambda weights: weights.argmax(1)
     try:
-        losses = model(images[mine], ids[mine], mask[mine], idx[mine])
+        losses = model(dict(images=images[mine], ids=ids[mine], mask=mask[mine], idx=idx[mine]))
     finally:
         blip2_train.sample_negatives = original
     sum(losses.values()).backward()

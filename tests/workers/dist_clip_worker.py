@@ -10,7 +10,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 sys.path.insert(0, __file__.rsplit("/tests/", 1)[0])
 import clip_train  # noqa: E402
 from common import dist  # noqa: E402
-from tests.dist_fixtures import clip_batch, clip_config  # noqa: E402
+from tests.workers.dist_fixtures import clip_batch, clip_config  # noqa: E402
 
 
 def main(out):

@@ -4,7 +4,7 @@ argmax (tests/lavis/peer.py's deterministic_negatives). Not collected by pytest;
 environment (.ci/run runs it on every change):
 
     bash tests/lavis/setup.sh
-    ~/.cache/blip-lavis-peer/venv/bin/python tests/check_lavis_albef.py
+    ~/.cache/blip-lavis-peer/venv/bin/python tests/lavis/check_albef.py
 
 Two differences from the official code that LAVIS has are aligned explicitly:
 - LAVIS's BERT has no token-type embeddings (med_config_albef.json: add_type_embeddings false);
@@ -20,11 +20,11 @@ import sys
 
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
 import albef_train  # noqa: E402
 from tests.lavis import peer  # noqa: E402
-from tests.check_lavis_blip import grad_difference  # noqa: E402
+from tests.lavis.check_blip import grad_difference  # noqa: E402
 from common.encoders import hf_bert_lm_head_map, hf_bert_map, load_mapped, timm_vit_map  # noqa: E402
 
 

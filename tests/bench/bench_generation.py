@@ -3,8 +3,8 @@ use_cache=False (every step recomputes the whole prefix and the image's cross-at
 values, as generation did before the cache), same random weights, same images, alternating, on the
 same thread count. Not collected by pytest.
 
-    python tests/bench_generation.py --preset tiny --rounds 3
-    python tests/bench_generation.py --preset vit-b --image-size 224 --rounds 1
+    python tests/bench/bench_generation.py --preset tiny --rounds 3
+    python tests/bench/bench_generation.py --preset vit-b --image-size 224 --rounds 1
 
 Times one batch of captions from precomputed ViT tokens (the ViT is the same either way), beam
 search (3 beams) and nucleus sampling (top-p 0.9, repetition penalty 1.1) at max lengths 20 and 30
@@ -18,7 +18,7 @@ import time
 
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
 
 
@@ -52,7 +52,7 @@ def main():
     images = torch.randn(args.batch_size, 3, cfg.image_size, cfg.image_size)
     prompt = torch.tensor([5, 6, 7])                                 # a 3-token prompt, as "a picture of"
     with torch.no_grad():
-        embeds = model.image_features(images)
+        embeds = model.image_embed(images)
     print(f"# {args.preset}: image {cfg.image_size} px ({embeds.shape[1]} tokens, width {cfg.vision_width}), "
           f"MED {cfg.text_layers} layers width {cfg.text_width}, vocab {cfg.vocab_size}, batch {args.batch_size}, "
           f"{args.threads} thread(s), {args.rounds} round(s)")

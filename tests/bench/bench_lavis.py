@@ -5,7 +5,7 @@ text length, captions and thread count, alternating, each measurement in a fresh
 collected by pytest.
 
     bash tests/lavis/setup.sh                      # once: LAVIS in its own venv (~1 min)
-    python tests/bench_lavis.py blip|albef|blip2 [--config tiny|compute --rounds 3 --steps 10]
+    python tests/bench/bench_lavis.py blip|albef|blip2 [--config tiny|compute --rounds 3 --steps 10]
 
 --config tiny: ViT 32 px / patch 8, width 64, 2 layers; MED width 64, 4 layers; batch 16, 1 thread
 (mostly Python overhead). --config compute: ViT 96 px / patch 16, width 384, 6 layers, 6 heads;
@@ -33,9 +33,9 @@ import sys
 import tempfile
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
-from tests.bench_clip import status_kb, summarize_steps  # noqa: E402
+from tests.bench.bench_clip import status_kb, summarize_steps  # noqa: E402
 from tests.lavis import peer  # noqa: E402  (configurations, vocabulary, captions: the same on both sides)
 
 
@@ -94,7 +94,7 @@ def worker(args):
     def step(i):
         if args.model == "blip2":      # as blip2_train.main: padding columns trimmed on the host first
             step_ids = ids if args.no_trim else blip2_train.trim_padding(ids, tok.pad_id)
-            losses = model(images, step_ids, (step_ids != tok.pad_id).long(), idx, "pretrain")
+            losses = model(dict(images=images, ids=step_ids, mask=(step_ids != tok.pad_id).long(), idx=idx))
         else:
             losses = model(images, ids, mask, idx, alpha, task="pretrain")
         opt.zero_grad(set_to_none=True)

@@ -1,4 +1,4 @@
-"""`python tests/compiled_run.py SCRIPT ARGS...`: run a training script with torch.compile's
+"""`python tests/workers/compiled_run.py SCRIPT ARGS...`: run a training script with torch.compile's
 `aot_eager` backend (Dynamo's graph capture and AOT autograd, without Inductor's code generation,
 which takes minutes on a CPU). Each rank writes the node counts of the graphs it compiled to
 OUTPUT_DIR/compiled_graphs_rank<R>.json, so a test can tell that compilation happened."""

@@ -25,8 +25,8 @@ def main(out):
     mine = coca_train.trim_padding(mine, 0, multiple=1)
     positions, targets = coca_train.caption_positions(mine, 0)
     ddp = DDP(model)     # held: a DDP wrapper collected before backward would take its gradient hooks with it
-    loss, losses = coca_train.compute_losses(ddp, cfg, images[rank * b:(rank + 1) * b], mine, positions,
-                                             targets, device)
+    loss, losses = coca_train.compute_losses(ddp, cfg, (images[rank * b:(rank + 1) * b], mine, positions,
+                                                    targets))
     loss.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters()}
     values = {k: dist.all_reduce_mean(v.detach()) for k, v in {"loss": loss, **losses}.items()}

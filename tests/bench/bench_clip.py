@@ -2,9 +2,9 @@
 precision and thread count, alternating in one run (each measurement in a fresh process so
 that peak memory is its own). Not collected by pytest.
 
-    python tests/bench_clip.py                                  # tiny preset, CPU
-    python tests/bench_clip.py --config compute                 # width 384, 6 layers, 96 px, batch 32, CPU
-    python tests/bench_clip.py --preset vit-b-32 --batch-size 128 --precision bf16   # on a GPU
+    python tests/bench/bench_clip.py                                  # tiny preset, CPU
+    python tests/bench/bench_clip.py --config compute                 # width 384, 6 layers, 96 px, batch 32, CPU
+    python tests/bench/bench_clip.py --preset vit-b-32 --batch-size 128 --precision bf16   # on a GPU
 
 Reports samples/s and peak memory (CUDA: max allocated; CPU: peak RSS growth during the run)
 for each and the ratio ours / open_clip."""
@@ -17,10 +17,10 @@ import subprocess
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
 # --config compute: a compute-bound CPU configuration (the tiny preset mostly measures Python
-# overhead), the same as tests/bench_lavis.py's: both towers width 384, 6 layers, 6 heads;
+# overhead), the same as tests/bench/bench_lavis.py's: both towers width 384, 6 layers, 6 heads;
 # 96 px / patch 16 (36 patches); 32 text tokens; batch 32 on 2 threads.
 COMPUTE = dict(image_size=96, patch_size=16, vision_width=384, vision_layers=6, vision_heads=6, text_width=384,
                text_layers=6, text_heads=6, context_length=32, embed_dim=256)

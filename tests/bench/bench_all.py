@@ -3,8 +3,8 @@ CLIP and CoCa, LAVIS 1.0.2 for ALBEF, BLIP and BLIP-2 stage 1, transformers for 
 and data loading from shards against JSON, one after another, then one Markdown table. Not
 collected by pytest; needs LAVIS's environment (`bash tests/lavis/setup.sh`) and a quiet machine.
 
-    python tests/bench_all.py                 # tiny and compute rows (~25 min on 2 CPU cores)
-    python tests/bench_all.py --only tiny     # the tiny rows and data loading (~6 min)
+    python tests/bench/bench_all.py                 # tiny and compute rows (~25 min on 2 CPU cores)
+    python tests/bench/bench_all.py --only tiny     # the tiny rows and data loading (~6 min)
 
 Each row runs the benchmark's own command (printed in the table), which alternates ours and the
 peer in fresh processes and prints a JSON summary; ratios are of medians over its rounds:
@@ -18,24 +18,24 @@ import subprocess
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TINY = ["--rounds", "3", "--steps", "10"]
 COMPUTE = ["--config", "compute", "--rounds", "3", "--steps", "3", "--warmup", "1"]
 ROWS = [   # (method, peer, size, command)
-    ("CLIP", "open_clip", "tiny", ["tests/bench_clip.py", "--rounds", "3", "--steps", "15"]),
-    ("CLIP", "open_clip", "compute", ["tests/bench_clip.py", "--config", "compute", "--rounds", "3", "--steps", "4",
+    ("CLIP", "open_clip", "tiny", ["tests/bench/bench_clip.py", "--rounds", "3", "--steps", "15"]),
+    ("CLIP", "open_clip", "compute", ["tests/bench/bench_clip.py", "--config", "compute", "--rounds", "3", "--steps", "4",
                                       "--warmup", "1"]),
-    ("ALBEF", "LAVIS", "tiny", ["tests/bench_lavis.py", "albef", *TINY]),
-    ("ALBEF", "LAVIS", "compute", ["tests/bench_lavis.py", "albef", *COMPUTE]),
-    ("BLIP", "LAVIS", "tiny", ["tests/bench_lavis.py", "blip", *TINY]),
-    ("BLIP", "LAVIS", "compute", ["tests/bench_lavis.py", "blip", *COMPUTE]),
-    ("BLIP-2 stage 1", "LAVIS", "tiny", ["tests/bench_lavis.py", "blip2", *TINY]),
-    ("BLIP-2 stage 1", "LAVIS", "compute", ["tests/bench_lavis.py", "blip2", *COMPUTE]),
-    ("BLIP-2 stage 2", "transformers", "tiny", ["tests/bench_blip2_stage2.py", *TINY, "--warmup", "2"]),
-    ("BLIP-2 stage 2", "transformers", "compute", ["tests/bench_blip2_stage2.py", *COMPUTE]),
-    ("CoCa", "open_clip", "tiny", ["tests/bench_coca.py", *TINY]),
-    ("CoCa", "open_clip", "compute", ["tests/bench_coca.py", *COMPUTE]),
-    ("data: shards", "JSON files", "jpeg256", ["tests/bench_data.py", "--rounds", "3", "--batches", "60"]),
+    ("ALBEF", "LAVIS", "tiny", ["tests/bench/bench_lavis.py", "albef", *TINY]),
+    ("ALBEF", "LAVIS", "compute", ["tests/bench/bench_lavis.py", "albef", *COMPUTE]),
+    ("BLIP", "LAVIS", "tiny", ["tests/bench/bench_lavis.py", "blip", *TINY]),
+    ("BLIP", "LAVIS", "compute", ["tests/bench/bench_lavis.py", "blip", *COMPUTE]),
+    ("BLIP-2 stage 1", "LAVIS", "tiny", ["tests/bench/bench_lavis.py", "blip2", *TINY]),
+    ("BLIP-2 stage 1", "LAVIS", "compute", ["tests/bench/bench_lavis.py", "blip2", *COMPUTE]),
+    ("BLIP-2 stage 2", "transformers", "tiny", ["tests/bench/bench_blip2_stage2.py", *TINY, "--warmup", "2"]),
+    ("BLIP-2 stage 2", "transformers", "compute", ["tests/bench/bench_blip2_stage2.py", *COMPUTE]),
+    ("CoCa", "open_clip", "tiny", ["tests/bench/bench_coca.py", *TINY]),
+    ("CoCa", "open_clip", "compute", ["tests/bench/bench_coca.py", *COMPUTE]),
+    ("data: shards", "JSON files", "jpeg256", ["tests/bench/bench_data.py", "--rounds", "3", "--batches", "60"]),
 ]
 
 

@@ -4,7 +4,7 @@ BLIP on the same weights and token ids, with hard negatives pinned to the argmax
 runs in LAVIS's environment (.ci/run runs it on every change):
 
     bash tests/lavis/setup.sh
-    ~/.cache/blip-lavis-peer/venv/bin/python tests/check_lavis_blip.py
+    ~/.cache/blip-lavis-peer/venv/bin/python tests/lavis/check_blip.py
 
 Prints both sets of losses and exits non-zero when any differs by more than 1e-5, or any weight's
 gradient by more than 1e-4 of that gradient's largest entry."""
@@ -13,7 +13,7 @@ import sys
 
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
 import blip_train  # noqa: E402
 from tests.lavis import peer  # noqa: E402

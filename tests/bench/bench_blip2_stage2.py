@@ -4,7 +4,7 @@ random weights (the transformers model is built, randomised, saved with save_pre
 is loaded from that folder with BLIP2.from_hf), the same batch and thread count, fp32 on CPU,
 alternating, each measurement in a fresh process. Not collected by pytest.
 
-    python tests/bench_blip2_stage2.py [--config tiny|compute] [--rounds 3 --steps 10 --warmup 2 --threads 2]
+    python tests/bench/bench_blip2_stage2.py [--config tiny|compute] [--rounds 3 --steps 10 --warmup 2 --threads 2]
 
 --config tiny: tests/test_blip2_stage2.py's sizes (ViT 32 px / patch 8, width 32, 2 layers;
 Q-Former width 32, 4 layers, 4 queries; OPT width 24, 2 layers, vocabulary 60), batch 16, text
@@ -14,7 +14,7 @@ width 256, 4 layers, 4 heads; Q-Former width 256, 4 layers, 4 heads, 32 queries;
 
 The batch: [BOS] caption [EOS] per row, caption lengths varied, right-padded to the longest row
 (as collate_llm), labels = the ids with -100 on [BOS] and on the padding (stage-2 pretraining: no
-prompt). Ours reads model(images, ids, mask, labels=labels)["loss_lm"]; transformers reads
+prompt). Ours reads model(dict(images=images, ids=ids, mask=mask, labels=labels))["loss_lm"]; transformers reads
 input_ids = [Q image-token placeholders; ids] with labels -100 on the placeholders, and
 use_cache=False (as ours).
 
@@ -41,9 +41,9 @@ import sys
 import tempfile
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
-from tests.bench_clip import rss_mb, status_kb, summarize_steps  # noqa: E402  (as the other benchmarks)
+from tests.bench.bench_clip import rss_mb, status_kb, summarize_steps  # noqa: E402  (as the other benchmarks)
 
 # --config compute's architecture (transformers' config names); tiny is tests/test_blip2_stage2.py's
 COMPUTE = dict(
@@ -124,7 +124,7 @@ def load(impl, folder, args):
         groups = blip2_train.param_groups(model, model.cfg)
 
         def loss_fn():
-            return model(images, ids, mask, labels=labels)["loss_lm"]
+            return model(dict(images=images, ids=ids, mask=mask, labels=labels))["loss_lm"]
         return model, loss_fn, groups
     from transformers import Blip2ForConditionalGeneration
     model = Blip2ForConditionalGeneration.from_pretrained(folder, dtype=torch.float32)

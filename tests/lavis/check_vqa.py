@@ -5,7 +5,7 @@ punctuation touching and not touching spaces, digit groups and periods, plus una
 Not collected by pytest; runs in LAVIS's environment (.ci/run runs it):
 
     bash tests/lavis/setup.sh
-    ~/.cache/blip-lavis-peer/venv/bin/python tests/check_lavis_vqa.py
+    ~/.cache/blip-lavis-peer/venv/bin/python tests/lavis/check_vqa.py
 
 Exits non-zero when any question's accuracy differs by more than 1e-9."""
 import contextlib
@@ -14,7 +14,7 @@ import os
 import random
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 from common.metrics import vqa_accuracy  # noqa: E402
 from tests.lavis import peer  # noqa: E402
 

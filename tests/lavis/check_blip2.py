@@ -5,7 +5,7 @@ LAVIS, our sample_negatives replaced by the argmax). Not collected by pytest; ru
 environment (.ci/run runs it on every change):
 
     bash tests/lavis/setup.sh
-    ~/.cache/blip-lavis-peer/venv/bin/python tests/check_lavis_blip2.py
+    ~/.cache/blip-lavis-peer/venv/bin/python tests/lavis/check_blip2.py
 
 The weights reach our model through our loaders on LAVIS's own file formats: LAVIS's state dict
 without the frozen encoder saved as {"model": ...} (what LAVIS saves and releases as
@@ -43,12 +43,12 @@ import tempfile
 
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
 import blip2_train  # noqa: E402
 from common import dist  # noqa: E402
 from tests.lavis import peer  # noqa: E402
-from tests.check_lavis_blip import grad_difference  # noqa: E402
+from tests.lavis.check_blip import grad_difference  # noqa: E402
 from common.encoders import hf_bert_lm_head_map  # noqa: E402
 
 TOL_LOSS, TOL_GRAD = 1e-5, 1e-4
@@ -56,7 +56,7 @@ TOL_LOSS, TOL_GRAD = 1e-5, 1e-4
 
 def trainable_map(cfg):
     """Our trained keys -> LAVIS's (the correspondence from_lavis loads with), for the gradients."""
-    mapping = blip2_train.qformer_map(cfg, "Qformer.bert", text_ffn=True, hf=False)
+    mapping = blip2_train.blip2_weights.qformer_map(cfg, "Qformer.bert", text_ffn=True, hf=False)
     mapping.update(hf_bert_lm_head_map("lm_head", "Qformer.cls.predictions",
                                        tied_to="Qformer.bert.embeddings.word_embeddings.weight"))
     mapping.update({f"{n}.{p}": f"{n}.{p}" for n in ("ln_vision", "vision_proj", "text_proj", "itm_head")
@@ -101,7 +101,7 @@ def build_ours(lavis, folder):
         qformer_mlp_dim=qc.intermediate_size, cross_attention_freq=peer.BLIP2["cross_attention_freq"],
         max_positions=qc.max_position_embeddings, vocab_size=len(tok), embed_dim=c["embed_dim"],
         max_length=lavis.max_txt_len, dropout=0.0, vision_weights=eva_file)
-    cfg.cli_keys = {"qformer_heads"}          # as --qformer-heads on the command line: the file cannot say
+    cfg.explicit_keys = {"qformer_heads"}          # as --qformer-heads on the command line: the file cannot say
     ours = blip2_train.BLIP2.from_lavis(qformer_file, cfg)
     print(f"heads: LAVIS {qc.num_attention_heads}, ours {ours.cfg.qformer_heads} (the file has no per-head shape; "
           f"without the flag from_lavis takes width / 64 = {qc.hidden_size // 64})")
@@ -144,7 +144,7 @@ def main():
     bad = 0
     # the frozen EVA encoder (read from eva_vit_g.pth) and ln_vision: the features all three losses read
     with torch.no_grad():
-        a, b = ours.image_features(images), lavis.ln_vision(lavis.visual_encoder(images))
+        a, b = ours.image_embeds(images), lavis.ln_vision(lavis.visual_encoder(images))
     diff = float((a - b).abs().max())
     bad += diff > TOL_LOSS
     print(f"image features (EVA + ln_vision) {tuple(a.shape)}: largest difference {diff:.2e}")
@@ -156,7 +156,7 @@ def main():
     try:
         with peer.deterministic_negatives():
             ref = lavis(batch)
-            got = ours(images, ids, mask, idx, task="pretrain")
+            got = ours(dict(images=images, ids=ids, mask=mask, idx=idx))
     finally:
         dist.gather_with_grad = exact_gather
     for k in ("loss_itc", "loss_itm", "loss_lm"):
@@ -172,7 +172,7 @@ def main():
     # our exact gather: the i2t term's gradient reaches the text side and t2i's the image side
     ours.zero_grad(set_to_none=True)
     with peer.deterministic_negatives():
-        again = ours(images, ids, mask, idx, task="pretrain")
+        again = ours(dict(images=images, ids=ids, mask=mask, idx=idx))
     assert all(torch.equal(again[k], got[k]) for k in got), "the gather changed a loss value"
     sum(again.values()).backward()
     projections = []

@@ -4,7 +4,7 @@ the scripts use (common.data.train_loader: decoding, CLIP's training crop, token
 DataLoader workers; the 224 px crop, or 64 px for --images tiny), alternating, each measurement in a
 fresh process. Not collected by pytest.
 
-    python tests/bench_data.py [--images jpeg256|tiny --rounds 3 --batches 60 --workers 2 --batch-size 64]
+    python tests/bench/bench_data.py [--images jpeg256|tiny --rounds 3 --batches 60 --workers 2 --batch-size 64]
 
 The data: the tiny set's training split, 3,000 images and 15,000 pairs, either re-encoded as
 256 px JPEGs (quality 95; img2dataset's default size, cropped to 224 px: the default, a realistic
@@ -21,7 +21,7 @@ import tempfile
 import time
 import types
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
 
 

@@ -6,9 +6,9 @@
    memory (CUDA: max allocated; CPU: peak RSS growth during the run) for each and the ratio
    ours / open_clip (medians over rounds).
 
-    python tests/bench_coca.py                                  # tiny preset, batch 64, CPU
-    python tests/bench_coca.py --config compute                 # width 384, 96 px, vocab 49408, batch 16, CPU
-    python tests/bench_coca.py --preset coca-vit-b-32 --batch-size 128 --precision bf16   # on a GPU
+    python tests/bench/bench_coca.py                                  # tiny preset, batch 64, CPU
+    python tests/bench/bench_coca.py --config compute                 # width 384, 96 px, vocab 49408, batch 16, CPU
+    python tests/bench/bench_coca.py --preset coca-vit-b-32 --batch-size 128 --precision bf16   # on a GPU
 
    Each side runs its own training loop's step. Ours (coca_train.py's loop): trim_padding and
    caption_positions on the host, the copy to the device, model(images, ids, positions) and
@@ -29,12 +29,12 @@
    seq_len), so [EOT] never wins and every row decodes the full length whatever the random weights
    prefer; both paths must give the same tokens (checked in fp32). Reports images/s of each and
    the speed-up cached / uncached (medians over rounds). One thread by default (as
-   tests/bench_generation.py): decoding one token runs many small ops, and on a loaded 2-core
+   tests/bench/bench_generation.py): decoding one token runs many small ops, and on a loaded 2-core
    machine each op of a 2-thread run can wait milliseconds for the second thread.
 
-    python tests/bench_coca.py --generation                     # tiny preset, batch 8, CPU
-    python tests/bench_coca.py --generation --config compute
-    python tests/bench_coca.py --generation --preset coca-vit-b-32 --batch-size 32 --precision bf16   # GPU
+    python tests/bench/bench_coca.py --generation                     # tiny preset, batch 8, CPU
+    python tests/bench/bench_coca.py --generation --config compute
+    python tests/bench/bench_coca.py --generation --preset coca-vit-b-32 --batch-size 32 --precision bf16   # GPU
 """
 import argparse
 import json
@@ -44,7 +44,7 @@ import statistics
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
 # --config compute: a compute-bound CPU configuration (the tiny preset mostly measures Python
 # overhead): ViT width 384, 6 layers, 6 heads, 96 px / patch 16 (36 patches); a 64-query pooler
@@ -59,7 +59,7 @@ PAD = 0
 N_BATCHES = 4           # caption batches used in turn (trimming sees each batch's own longest caption)
 
 
-from tests.bench_clip import alternate, rss_mb  # noqa: E402  (the same rounds and peak RSS as the CLIP benchmark)
+from tests.bench.bench_clip import alternate, rss_mb  # noqa: E402  (the same rounds and peak RSS as the CLIP benchmark)
 
 
 def make_config(args):
@@ -145,7 +145,7 @@ def worker(args):
             ids = ids.to(device, non_blocking=True)
             positions, targets = positions.to(device, non_blocking=True), targets.to(device, non_blocking=True)
             with autocast(args.precision, device):
-                loss, _ = coca_train.compute_losses(model, cfg, images, ids, positions, targets, device)
+                loss, _ = coca_train.compute_losses(model, cfg, (images, ids, positions, targets))
         else:                                    # as open_clip_train's train_one_epoch
             ids = ids.to(device, non_blocking=True)
             with autocast(args.precision, device):

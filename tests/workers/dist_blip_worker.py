@@ -9,7 +9,7 @@ import torch
 sys.path.insert(0, __file__.rsplit("/tests/", 1)[0])
 import blip_train  # noqa: E402
 from common import dist  # noqa: E402
-from tests.dist_fixtures import blip_batch, blip_model  # noqa: E402
+from tests.workers.dist_fixtures import blip_batch, blip_model  # noqa: E402
 
 
 def main(out, val_file):

@@ -1,0 +1,67 @@
+"""CLIP weights from other projects: a transformers `CLIPModel` folder (openai/clip-vit-base-patch32
+saved with save_pretrained, or any of the hub's CLIP checkpoints), and the --init-from dispatch
+between such a folder and one of our checkpoints."""
+import os
+
+from ..encoders import hf_clip_text_map, hf_clip_vision_map, load_mapped, read_hf_checkpoint
+from ..utils import UserError, load_checkpoint
+
+
+def read_init(path):
+    """What --init-from names: ("hf", None) for a transformers folder, ("ours", checkpoint) for one of
+    our checkpoints, (None, None) without one."""
+    if not path:
+        return None, None
+    return ("hf", None) if os.path.isdir(path) else ("ours", load_checkpoint(path))
+
+
+def hf_architecture(path):
+    """The Config fields of a transformers CLIPModel folder (its config.json, with transformers'
+    defaults for what it omits); an activation or a tower mismatch we do not build is an error."""
+    from transformers import CLIPConfig
+    hf = CLIPConfig.from_pretrained(path)
+    v, t = hf.vision_config, hf.text_config
+    for name, sub in (("vision", v), ("text", t)):
+        if sub.hidden_act not in ("quick_gelu", "gelu"):
+            raise UserError(f"{path}: {name} activation {sub.hidden_act!r} is not supported")
+    if (v.intermediate_size / v.hidden_size != t.intermediate_size / t.hidden_size or v.hidden_act != t.hidden_act
+            or v.layer_norm_eps != t.layer_norm_eps):
+        raise UserError(f"{path}: vision and text towers differ in MLP ratio, activation or LayerNorm eps")
+    # transformers pools at argmax(ids) when eos_token_id is the legacy value 2 (OpenAI's
+    # checkpoints); OpenAI's EOT is the largest id, so that is the first EOS = vocab_size - 1.
+    eos = t.vocab_size - 1 if t.eos_token_id == 2 else t.eos_token_id
+    return dict(image_size=v.image_size, patch_size=v.patch_size, vision_width=v.hidden_size,
+                vision_layers=v.num_hidden_layers, vision_heads=v.num_attention_heads,
+                text_width=t.hidden_size, text_layers=t.num_hidden_layers, text_heads=t.num_attention_heads,
+                context_length=t.max_position_embeddings, vocab_size=t.vocab_size, eos_id=eos,
+                embed_dim=hf.projection_dim, mlp_ratio=v.intermediate_size / v.hidden_size,
+                act=v.hidden_act, layer_norm_eps=v.layer_norm_eps)
+
+
+def load_hf(model, path):
+    """Every weight of the folder into `model` (built from hf_architecture(path)), mapped and
+    shape-checked; a missing or unused key is an error naming it."""
+    _, state = read_hf_checkpoint(path)
+    cfg = model.cfg
+    mapping = {"visual_projection.weight": "visual_projection.weight",
+               "text_projection.weight": "text_projection.weight", "logit_scale": "logit_scale",
+               **hf_clip_vision_map("visual", "vision_model", cfg.vision_layers),
+               **hf_clip_text_map("text", "text_model", cfg.text_layers)}
+    load_mapped(model, state, mapping, source=path, ignore=("position_ids",))
+
+
+def init_architecture(init, path, fields):
+    """The architecture `fields` that the --init-from source fixes ({} without one)."""
+    kind, saved = init
+    if kind == "hf":
+        return hf_architecture(path)
+    return {k: saved["config"][k] for k in fields} if kind == "ours" else {}
+
+
+def load_init(model, init, path):
+    """The --init-from weights into `model`, built at the source's architecture."""
+    kind, saved = init
+    if kind == "hf":
+        load_hf(model, path)
+    elif kind == "ours":
+        model.load_state_dict(saved["model"])
