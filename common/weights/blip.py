@@ -3,13 +3,13 @@ projections, ITM head) and `BlipForConditionalGeneration` (ViT, text decoder, LM
 the Salesforce hub checkpoints saved with save_pretrained; and the --init-from dispatch between
 such a folder and one of our checkpoints. The functions take the model (blip_train.BLIP), or
 `build`: a function from a Config to a fresh model; nothing here imports the script."""
-import os
 from dataclasses import replace
 
 from .. import dist
 from ..encoders import (hf_bert_lm_head_map, hf_bert_map, hf_blip_vision_map, load_mapped,
                         read_hf_checkpoint, resize_pos_embed)
-from ..utils import UserError, load_checkpoint
+from ..utils import UserError
+from . import read_hf_or_ours
 
 # Momentum encoders: copies of the online ones after loading (no published file has them).
 MOMENTUM = ("visual_encoder_m.", "text_encoder_m.", "vision_proj_m.", "text_proj_m.")
@@ -22,12 +22,7 @@ ARCH_FIELDS = ("image_size", "patch_size", "vision_width", "vision_layers", "vis
                "text_mlp_dim", "max_positions", "text_eps", "vocab_size", "embed_dim", "queue_size")
 
 
-def read_init(path):
-    """What --init-from names: ("hf", None) for a transformers folder, ("ours", checkpoint) for one
-    of our checkpoints, (None, None) without one."""
-    if not path:
-        return None, None
-    return ("hf", None) if os.path.isdir(path) else ("ours", load_checkpoint(path))
+read_init = read_hf_or_ours      # a transformers folder, or one of our checkpoints
 
 
 def hf_architecture(path):

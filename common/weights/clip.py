@@ -1,18 +1,13 @@
 """CLIP weights from other projects: a transformers `CLIPModel` folder (openai/clip-vit-base-patch32
 saved with save_pretrained, or any of the hub's CLIP checkpoints), and the --init-from dispatch
 between such a folder and one of our checkpoints."""
-import os
 
 from ..encoders import hf_clip_text_map, hf_clip_vision_map, load_mapped, read_hf_checkpoint
-from ..utils import UserError, load_checkpoint
+from ..utils import UserError
+from . import read_hf_or_ours
 
 
-def read_init(path):
-    """What --init-from names: ("hf", None) for a transformers folder, ("ours", checkpoint) for one of
-    our checkpoints, (None, None) without one."""
-    if not path:
-        return None, None
-    return ("hf", None) if os.path.isdir(path) else ("ours", load_checkpoint(path))
+read_init = read_hf_or_ours      # a transformers folder, or one of our checkpoints
 
 
 def hf_architecture(path):
