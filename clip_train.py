@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from common import dist
 from common.config import BaseConfig, resolve_config
-from common.data import (Example, ImageDataset, eval_transform, image_folder, load_tokenizer,
+from common.data import (Example, eval_image_loader, image_folder, load_tokenizer,
                          open_clip_cleaner, read_annotations, retrieval_texts, tiny_data,
                          train_loader, train_transform, training_records)
 from common.encoders import Block, TextTransformer, VisionTransformer
@@ -36,8 +36,8 @@ from common.metrics import (embed_texts, retrieval_metrics, zeroshot_classifier_
 from common.run import (end_epoch, epochs, eval_only, finish, log_train, open_log, optimizer_step,
                         start_run, step_done)
 from common.utils import (FeatureCache, Preemption, UserError, adamw, autocast, cli,
-                          first_nonfinite_module, ignore_preemption_signals, param_groups,
-                          precision_dtype, resolve_precision, seed_everything, sync_gradients)
+                          first_nonfinite_module, param_groups, precision_dtype, resolve_precision,
+                          seed_everything, sync_gradients)
 from common.weights import clip as clip_weights
 
 
@@ -145,10 +145,8 @@ def build_data(cfg, tokenizer, rank, world_size):
 def embed_images(model, paths, cfg, device, precision):
     """Embeddings of this rank's contiguous shard of `paths`, gathered in order from all ranks."""
     start, end = dist.shard_range(len(paths))
-    images = ImageDataset(paths[start:end], eval_transform(cfg.image_size))
-    loader = torch.utils.data.DataLoader(images,
-                                         batch_size=cfg.batch_size, num_workers=cfg.workers,
-                                         worker_init_fn=ignore_preemption_signals)
+    loader = eval_image_loader(paths[start:end], cfg.image_size, cfg.batch_size, cfg.workers,
+                               crop=True)                       # CLIP's preprocessing
     feats = [torch.zeros(0, cfg.embed_dim, device=device)]
     for images, _ in loader:
         with autocast(precision, device):

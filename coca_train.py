@@ -38,7 +38,7 @@ from torch.utils.checkpoint import checkpoint as grad_checkpoint
 
 from common import dist
 from common.config import BaseConfig, resolve_config
-from common.data import (Example, ImageDataset, eval_transform, image_folder, load_tokenizer,
+from common.data import (Example, eval_image_loader, image_folder, load_tokenizer,
                          open_clip_cleaner, read_annotations, retrieval_texts, tiny_data,
                          train_loader, train_transform, training_records)
 from common.encoders import Attention, Block, KVCache, MLP, TextTransformer, VisionTransformer
@@ -48,8 +48,8 @@ from common.metrics import (caption_metrics, embed_texts, retrieval_metrics,
 from common.run import (end_epoch, epochs, eval_only, finish, log_train, open_log, optimizer_step,
                         start_run, step_done)
 from common.utils import (FeatureCache, MicroBatch, Preemption, UserError, adamw, autocast, cli,
-                          first_nonfinite_module, ignore_preemption_signals, param_groups,
-                          precision_dtype, resolve_precision, seed_everything, sync_gradients)
+                          first_nonfinite_module, param_groups, precision_dtype, resolve_precision,
+                          seed_everything, sync_gradients)
 from common.weights import coca as coca_weights
 
 
@@ -402,9 +402,8 @@ def embed_images(model, paths, cfg, device, precision, captions=None):
     """Contrastive embeddings of this rank's contiguous shard of `paths`, gathered in order from
     all ranks. `captions` (a dict): also caption this rank's images, from the same ViT pass."""
     start, end = dist.shard_range(len(paths))
-    images = ImageDataset(paths[start:end], eval_transform(cfg.image_size))
-    loader = torch.utils.data.DataLoader(images, batch_size=cfg.batch_size, num_workers=cfg.workers,
-                                         worker_init_fn=ignore_preemption_signals)
+    loader = eval_image_loader(paths[start:end], cfg.image_size, cfg.batch_size, cfg.workers,
+                               crop=True)                       # CLIP's preprocessing
     feats = [torch.zeros(0, cfg.embed_dim, device=device)]
     for images, _ in loader:
         with autocast(precision, device):

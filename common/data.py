@@ -489,10 +489,11 @@ class ImageDataset(torch.utils.data.Dataset):
         return self.transform(load_rgb(self.paths[i])), i
 
 
-def eval_image_loader(paths, size, batch_size, workers):
-    """The images of `paths` in order, resized to size x size without cropping (BLIP's and ALBEF's
-    evaluation transform), `batch_size` at a time; (images, index) batches."""
-    return torch.utils.data.DataLoader(ImageDataset(paths, eval_transform(size, crop=False)),
+def eval_image_loader(paths, size, batch_size, workers, crop=False):
+    """The images of `paths` in order through eval_transform: resized to size x size without
+    cropping (BLIP's and ALBEF's evaluation), or with `crop` CLIP's short-side resize and centre
+    crop; `batch_size` at a time, (images, index) batches."""
+    return torch.utils.data.DataLoader(ImageDataset(paths, eval_transform(size, crop=crop)),
                                        batch_size=batch_size, num_workers=workers,
                                        worker_init_fn=ignore_preemption_signals)
 
