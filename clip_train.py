@@ -11,6 +11,15 @@ The paper, in this file:
     Sec. 3.1.4         zero-shot prompts and prompt ensembles                 evaluate
     Table 19/20        the ViT presets                                        PRESETS
 
+Three variants researchers pick today, each a flag:
+    --loss siglip      SigLIP (Zhai et al. 2023, arXiv:2303.15343, Sec. 3.2-3.3): a sigmoid per
+                       image-text pair, learned bias; exchanged in per-rank blocks    siglip_loss
+    --loss diht        DiHT's HN-NCE (Radenovic et al. 2023, arXiv:2301.02280, Sec. 3.3):
+                       InfoNCE with hard negatives importance-weighted                hn_nce_loss
+    --patch-dropout P  FLIP (Li et al. 2023, arXiv:2212.00794, Sec. 3): a random 1 - P of each
+                       image's patches in training; --unmasked-steps N: the last N see all
+                       (common.encoders.drop_patches)
+
     python clip_train.py                                    # tiny built-in data, CPU, ~3 min
     torchrun --nproc_per_node 8 clip_train.py --preset vit-b-32 \\
         --train-data train.json --val-data val.json --zeroshot-data imagenet/val \\
@@ -24,6 +33,7 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from common import dist
 from common.config import BaseConfig, resolve_config
@@ -53,7 +63,8 @@ class CLIP(nn.Module):
         self.visual = VisionTransformer(image_size=cfg.image_size, patch_size=cfg.patch_size,
                                         width=cfg.vision_width, layers=cfg.vision_layers,
                                         heads=cfg.vision_heads, mlp_ratio=cfg.mlp_ratio,
-                                        act=cfg.act, eps=cfg.layer_norm_eps, pre_norm=True)
+                                        act=cfg.act, eps=cfg.layer_norm_eps, pre_norm=True,
+                                        patch_dropout=cfg.patch_dropout)
         self.text = TextTransformer(vocab_size=cfg.vocab_size, context_length=cfg.context_length,
                                     width=cfg.text_width, layers=cfg.text_layers,
                                     heads=cfg.text_heads, eos_id=cfg.eos_id,
@@ -62,8 +73,12 @@ class CLIP(nn.Module):
         self.text_projection = nn.Linear(cfg.text_width, cfg.embed_dim, bias=False)
         nn.init.normal_(self.visual_projection.weight, std=cfg.vision_width ** -0.5)
         nn.init.normal_(self.text_projection.weight, std=cfg.text_width ** -0.5)
-        # Temperature tau as a log-parametrised scale, initialised to 1/0.07 (Sec. 2.5).
-        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+        # Temperature tau as a log-parametrised scale, initialised to 1/0.07 (Sec. 2.5). SigLIP
+        # starts at t' = log 10 with a learned bias b = -10 (Sec. 3.2: every pair begins near "no
+        # match", so the |B| - 1 negatives of a positive do not dominate the first steps).
+        siglip = cfg.loss == "siglip"
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(10 if siglip else 1 / 0.07)))
+        self.logit_bias = nn.Parameter(torch.tensor(-10.0)) if siglip else None
 
     def set_grad_checkpointing(self, enabled=True):
         self.visual.transformer.grad_checkpointing = enabled
@@ -78,7 +93,10 @@ class CLIP(nn.Module):
         return F.normalize(x, dim=-1) if normalize else x
 
     def forward(self, images, ids):
-        return self.encode_image(images), self.encode_text(ids), self.logit_scale.exp()
+        """The two embeddings and the loss's learned scalars: the scale t = exp(t') and, for SigLIP,
+        the bias b (open_clip's CLIP.forward order)."""
+        out = self.encode_image(images), self.encode_text(ids), self.logit_scale.exp()
+        return out if self.logit_bias is None else (*out, self.logit_bias)
 
     @classmethod
     def from_hf(cls, path, image_size=None):
@@ -116,6 +134,86 @@ def clip_loss(image_emb, text_emb, logit_scale):
     labels = torch.arange(B, device=image_emb.device) + B * dist.rank()
     return (F.cross_entropy(logits_per_image, labels)
             + F.cross_entropy(logits_per_text, labels)) / 2
+
+
+def siglip_loss(image_features, text_features, logit_scale, logit_bias):
+    """SigLIP's pairwise sigmoid loss (Sec. 3.2): each image-text pair is its own binary problem,
+    z_ij = 1 for a matching pair and -1 otherwise, with no softmax over the batch:
+
+        L = -1/|B| sum_i sum_j log sigmoid(z_ij (t x_i . y_j + b))
+
+    divided by the number of images (as open_clip's SigLipLoss), not |B|^2. With several ranks,
+    each scores its B images against every rank's texts, one rank's block of B texts at a time
+    (Sec. 3.3's chunked scheme): a block's B x B logits are recomputed in backward instead of
+    kept, so a rank holds O(B^2) loss activations, not O(B*N) as with one all-gathered matrix
+    (docs/clip.md measures both). The texts come through the gradient-carrying gather, so, as for
+    clip_loss, DDP's mean of the ranks' gradients is the one-process gradient of the global loss."""
+    all_texts = dist.gather_with_grad(text_features)                # (N, E)
+    B = image_features.shape[0]
+    loss = 0.0
+    for start in range(0, all_texts.shape[0], B):                   # rank r's texts: r*B .. r*B+B
+        loss = loss + checkpoint(_sigmoid_block, image_features, all_texts[start:start + B],
+                                 logit_scale, logit_bias, start == B * dist.rank(),
+                                 use_reentrant=False, preserve_rng_state=False)
+    return loss / B
+
+
+def _sigmoid_block(images, texts, logit_scale, logit_bias, own):
+    """sum_ij -log sigmoid(z_ij logits_ij) of one (B, B) block; only a rank's own texts match."""
+    logits = logit_scale * images @ texts.T + logit_bias            # (B, B)
+    z = 2 * torch.eye(len(images), device=logits.device) - 1 if own else -1.0
+    return -F.logsigmoid(z * logits).sum()
+
+
+def hn_nce_loss(image_emb, text_emb, logit_scale, alpha=1.0, beta=0.5):
+    """DiHT's hard-negative NCE (Sec. 3.3): InfoNCE whose negatives are importance-weighted by
+    their hardness. For image i, with s_ij = t x_i . y_j (t = 1/tau),
+
+        L_i2t = -1/B sum_i log e^{s_ii} / (alpha e^{s_ii} + sum_{j!=i} w_ij e^{s_ij}),
+        w_ij = (B - 1) e^{beta s_ij} / sum_{k!=i} e^{beta s_ik}
+
+    (the weights average to 1 over the B - 1 negatives; beta = 0 and alpha = 1 is InfoNCE, alpha = 0
+    drops the positive from the denominator), L_t2i the same with images and texts swapped, and
+    L = L_i2t + L_t2i (the paper's sum: twice clip_loss at alpha = 1, beta = 0). Negatives come from
+    every rank as in clip_loss: a row's weights need only that row, which is local."""
+    all_images = dist.gather_with_grad(image_emb)                   # (N, E)
+    all_texts = dist.gather_with_grad(text_emb)                     # (N, E)
+    B = image_emb.shape[0]
+    labels = torch.arange(B, device=image_emb.device) + B * dist.rank()
+    return (_hn_nce(logit_scale * image_emb @ all_texts.T, labels, alpha, beta)     # (B, N)
+            + _hn_nce(logit_scale * text_emb @ all_images.T, labels, alpha, beta))
+
+
+def _hn_nce(logits, labels, alpha, beta):
+    """One direction, in log space: rows are anchors, `labels` the positive's column."""
+    N = logits.shape[1]
+    positive = F.one_hot(labels, N).bool()                          # (B, N)
+    s_pos = logits[positive]                                        # (B,)
+    negatives = lambda x: x.masked_fill(positive, -math.inf)        # noqa: E731
+    # log sum_{j!=i} w_ij e^{s_ij} = log(N - 1) + lse_j((1 + beta) s_ij) - lse_j(beta s_ij)
+    log_weighted = (math.log(N - 1) + torch.logsumexp(negatives((1 + beta) * logits), 1)
+                    - torch.logsumexp(negatives(beta * logits), 1))
+    log_alpha = math.log(alpha) if alpha > 0 else -math.inf
+    return (torch.logaddexp(s_pos + log_alpha, log_weighted) - s_pos).mean()
+
+
+def contrastive_loss(cfg):
+    """--loss: (image (B, E), text (B, E), the model's scalars) -> loss, negatives of all ranks."""
+    if cfg.loss == "diht":
+        if cfg.batch_size * cfg.accum_steps * dist.world_size() < 2:
+            raise UserError("--loss diht needs negatives: at least 2 pairs in the contrastive "
+                            "batch (batch size x accum steps x processes)")
+        return lambda image, text, scale: hn_nce_loss(image, text, scale, cfg.diht_alpha,
+                                                      cfg.diht_beta)
+    return {"clip": clip_loss, "siglip": siglip_loss}[cfg.loss]
+
+
+def logged_scalars(model):
+    """The temperature's scale t = exp(t') and SigLIP's bias b, for the training log."""
+    out = {"logit_scale": dist.value(model.logit_scale).exp().item()}
+    if model.logit_bias is not None:
+        out["logit_bias"] = dist.value(model.logit_bias).item()
+    return out
 
 
 # ---- data ----
@@ -216,6 +314,13 @@ class Config(BaseConfig):
     beta1: float = 0.9              # AdamW beta1
     beta2: float = 0.98             # paper: 0.98 for ViTs
     eps: float = 1e-6               # AdamW epsilon
+    # loss, and FLIP's image masking
+    loss: str = "clip"              # clip (InfoNCE, Fig. 3) | siglip (sigmoid, Zhai et al. 2023) |
+                                    # diht (HN-NCE, Radenovic et al. 2023)
+    diht_alpha: float = 1.0         # diht: the positive's weight in its denominator (0: decoupled)
+    diht_beta: float = 0.5          # diht: hardness, negatives weighted e^(beta s_ij) (0: InfoNCE)
+    patch_dropout: float = 0.0      # FLIP: share of each training image's patches dropped, [0, 1)
+    unmasked_steps: int = 0         # FLIP: the last N steps keep every patch (unmasked tuning)
     # run
     output_dir: str = "runs/clip"
     init_from: str = ""             # Hugging Face CLIPModel folder, or one of our checkpoints
@@ -272,7 +377,8 @@ def build_model(cfg, init, arch):
 
 def main(argv=None):
     rank, local_rank, world_size, device = dist.setup()
-    cfg, ckpt = resolve_config(Config, PRESETS, argv, description=__doc__)
+    cfg, ckpt = resolve_config(Config, PRESETS, argv, description=__doc__,
+                               choices={"loss": ["clip", "siglip", "diht"]})
     precision = resolve_precision(cfg.precision, device)
     seed_everything(cfg.seed)                     # the same initial weights on every rank
     init = clip_weights.read_init(cfg.init_from)  # a transformers folder, or one of our checkpoints
@@ -300,21 +406,26 @@ def main(argv=None):
     if cfg.compile:
         train_model = torch.compile(train_model)
     # AdamW as the paper (Sec. 2.5, beta2 0.98, eps 1e-6), decoupled decay off for gains,
-    # biases, embeddings and the temperature; the fused kernel.
-    optimizer = adamw(param_groups(model, cfg.weight_decay, ("logit_scale",)), lr=cfg.lr,
+    # biases, embeddings, the temperature and SigLIP's bias; the fused kernel.
+    optimizer = adamw(param_groups(model, cfg.weight_decay, ("logit_",)), lr=cfg.lr,
                       betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
     # the schedule, the scaler, the non-finite guard; a resumed run's state
     run = start_run(cfg, model, optimizer, loader, sampler, log, ckpt, precision)
     del ckpt
 
-    def embed(batch):               # (images, ids) -> ({"image", "text"}: (B, E) each, scale)
+    def embed(batch):               # (images, ids) -> ({"image", "text"}: (B, E) each, [t, (b)])
         with autocast(precision, device):
-            image_emb, text_emb, logit_scale = train_model(*batch)
-        return {"image": image_emb.float(), "text": text_emb.float()}, logit_scale.float()
+            image_emb, text_emb, *scalars = train_model(*batch)
+        return {"image": image_emb.float(), "text": text_emb.float()}, [s.float() for s in scalars]
+
+    loss_fn = contrastive_loss(cfg)            # --loss clip | siglip | diht
 
     with Preemption() as preemption:              # SIGTERM / SIGUSR1: save the step and leave
         for batches in epochs(run, loader):
             for group in batches:
+                # FLIP: patches dropped in training, all of them in the last --unmasked-steps steps
+                masked = run.step < run.total_steps - cfg.unmasked_steps
+                model.visual.patch_dropout = cfg.patch_dropout if masked else 0.0
                 micro = [(images.to(device, non_blocking=True), ids.to(device, non_blocking=True))
                          for images, ids, _ in group]
                 # --accum-steps K: the contrastive batch is K x B (x world size), a feature cache:
@@ -323,19 +434,19 @@ def main(argv=None):
                 cache = FeatureCache(lambda batch: embed(batch)[0], micro)
                 for j, batch in enumerate(micro):
                     with cache.micro(j) as m, sync_gradients(train_model, m.last):
-                        live, logit_scale = embed(batch)
+                        live, scalars = embed(batch)
                         emb = m.features(live)                      # (K*B, E) each
-                        # the temperature's gradient is taken once per step (it is in all K passes)
-                        scale = logit_scale if m.last else logit_scale.detach()
-                        loss = clip_loss(emb["image"], emb["text"], scale)
+                        # the temperature's (and bias') gradient is taken once per step (it is in
+                        # all K passes)
+                        scalars = [s if m.last else s.detach() for s in scalars]
+                        loss = loss_fn(emb["image"], emb["text"], *scalars)
                         run.scaler.scale(loss).backward()
                 diagnose = lambda b=micro[-1]: first_nonfinite_module(  # noqa: E731
                     model, {"images": b[0]}, lambda: model(*b))     # names a non-finite step's culprit
                 _, grad_norm = optimizer_step(run, loss, diagnose)
                 with torch.no_grad():  # open_clip: keep the scale <= 100 for stability (Sec. 2.5)
                     model.logit_scale.clamp_(0, math.log(100))
-                log_train(run, {"loss": loss}, grad_norm,
-                          lambda: {"logit_scale": dist.value(model.logit_scale).exp().item()})
+                log_train(run, {"loss": loss}, grad_norm, lambda: logged_scalars(model))
                 if step_done(run, preemption):
                     break
             end_epoch(run, evaluate_run, "r_mean", preemption)   # save, evaluate, keep the best

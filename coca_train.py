@@ -14,6 +14,8 @@ The paper, in this file:
     Sec. 3.1-3.2       L_Cap, next-token cross-entropy (teacher forcing)       caption_loss
     Sec. 3.2           L = lambda_Con L_Con + lambda_Cap L_Cap                 compute_losses
     Sec. 4             zero-shot retrieval and classification, captions        evaluate, generate
+    FLIP (Li et al. 2023, arXiv:2212.00794, Sec. 3), --patch-dropout P: a random 1 - P of each
+    image's patches in training, the last --unmasked-steps N with all (common.encoders)
 
 Module names follow open_clip's `coca_ViT-B-32`, whose weights load (common/weights/coca.py);
 `--pooler paper` gives the paper's two poolers. Differences from open_clip: docs/coca.md.
@@ -174,7 +176,8 @@ class CoCa(nn.Module):
         self.visual = VisionTransformer(image_size=cfg.image_size, patch_size=cfg.patch_size,
                                         width=cfg.vision_width, layers=cfg.vision_layers,
                                         heads=cfg.vision_heads, mlp_ratio=cfg.mlp_ratio,
-                                        act=cfg.act, eps=eps, pre_norm=True, post_norm=False)
+                                        act=cfg.act, eps=eps, pre_norm=True, post_norm=False,
+                                        patch_dropout=cfg.patch_dropout)
         Dv, heads = cfg.vision_width, cfg.pooler_heads
         self.attn_pool = AttentionalPooler(E, Dv, heads, cfg.n_queries, eps)
         self.ln_post = nn.LayerNorm(E, eps=eps)
@@ -507,6 +510,8 @@ class Config(BaseConfig):
     beta1: float = 0.9              # AdamW beta1
     beta2: float = 0.98             # AdamW beta2
     eps: float = 1e-6               # AdamW epsilon
+    patch_dropout: float = 0.0      # FLIP: share of each training image's patches dropped, [0, 1)
+    unmasked_steps: int = 0         # FLIP: the last N steps keep every patch (unmasked tuning)
     # run
     output_dir: str = "runs/coca"
     init_from: str = ""             # open_clip weights (.bin, .safetensors, hub folder), or ours
@@ -659,6 +664,9 @@ def main(argv=None):
     with Preemption() as preemption:              # SIGTERM / SIGUSR1: save the step and leave
         for batches in epochs(run, loader):
             for group in batches:
+                # FLIP: patches dropped in training, all of them in the last --unmasked-steps steps
+                masked = run.step < run.total_steps - cfg.unmasked_steps
+                model.visual.patch_dropout = cfg.patch_dropout if masked else 0.0
                 micro = []
                 for images, ids, _ in group:      # padding and targets on the host: no device sync
                     ids = trim_padding(ids, cfg.pad_id)

@@ -120,7 +120,9 @@ RESUME_FRESH = ("output_dir", "resume", "init_from", "eval_only")
 AT_LEAST = {1: ("epochs", "batch_size", "accum_steps", "log_every", "save_every", "max_bad_steps", "k_test",
                 "itm_batch", "num_beams", "max_gen_length", "capfilt_samples", "num_query_tokens", "queue_size"),
             0: ("max_steps", "warmup_steps", "workers", "train_num_samples", "min_gen_length", "lr",
-                "weight_decay", "grad_clip_norm", "warmup_lr", "min_lr", "dropout", "label_smoothing")}
+                "weight_decay", "grad_clip_norm", "warmup_lr", "min_lr", "dropout", "label_smoothing",
+                "unmasked_steps", "diht_alpha", "diht_beta")}
+BELOW_ONE = ("patch_dropout",)  # fractions in [0, 1)
 
 
 def check_ranges(cfg):
@@ -131,6 +133,12 @@ def check_ranges(cfg):
             value = getattr(cfg, name, None)
             if isinstance(value, (int, float)) and not isinstance(value, bool) and value < low:
                 raise UserError(f"--{name.replace('_', '-')} must be at least {low}, not {value}")
+    for name in BELOW_ONE:
+        value = getattr(cfg, name, 0.0)
+        if not 0 <= value < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be in [0, 1), not {value}")
+    if getattr(cfg, "unmasked_steps", 0) and not cfg.patch_dropout:
+        raise UserError("--unmasked-steps ends FLIP's masking: it needs --patch-dropout above 0")
 
 
 def resolve_config(config_cls, presets, argv=None, *, description=None, recipe=None, recipes_doc="",

@@ -182,13 +182,15 @@ def resize_pos_embed(pos, new_grid):
 class VisionTransformer(nn.Module):
     """ViT (Dosovitskiy et al. 2021): conv patch embedding, class token, learned positions,
     optional pre-norm (`ln_pre`, CLIP only) and a final norm on every token (`ln_post`; CoCa's
-    attentional pooler normalises its own keys instead: `post_norm=False`).
-    Returns all tokens (B, 1 + P, D); token 0 is the class token."""
+    attentional pooler normalises its own keys instead: `post_norm=False`), and FLIP's patch
+    dropout in training (`patch_dropout`, see drop_patches; an attribute the loop may change).
+    Returns all tokens, (B, 1 + P, D) or (B, 1 + P', D) after patch dropout; token 0: class."""
 
     def __init__(self, *, image_size, patch_size, width, layers, heads, mlp_ratio=4.0,
                  act="gelu", eps=1e-5, pre_norm=True, patch_bias=False, post_norm=True,
-                 mlp_dim=None):
+                 mlp_dim=None, patch_dropout=0.0):
         super().__init__()
+        self.patch_dropout = patch_dropout
         assert image_size % patch_size == 0, f"image size {image_size} is not a multiple of patch {patch_size}"
         self.image_size, self.patch_size = image_size, patch_size
         self.grid = image_size // patch_size
@@ -211,6 +213,8 @@ class VisionTransformer(nn.Module):
         if x.shape[1] + 1 != pos.shape[0]:                            # another image size at eval
             pos = resize_pos_embed(pos, int(math.isqrt(x.shape[1])))
         x = torch.cat([cls, x], 1) + pos.to(x.dtype)                 # (B, 1 + P, D)
+        if self.training and self.patch_dropout > 0:
+            x = drop_patches(x, self.patch_dropout)                  # (B, 1 + P', D)
         x = self.transformer(self.ln_pre(x))
         return self.ln_post(x)
 
@@ -223,6 +227,26 @@ class VisionTransformer(nn.Module):
         self.image_size, self.grid = image_size, image_size // self.patch_size
         pos = resize_pos_embed(self.positional_embedding.data, self.grid)
         self.positional_embedding = nn.Parameter(pos, self.positional_embedding.requires_grad)
+
+
+def drop_patches(x, p):
+    """FLIP's image masking (Li et al. 2023, Sec. 3; open_clip's patch_dropout): each image keeps a
+    uniformly random max(1, int(P (1 - p))) of its P patch tokens, after the positions are added,
+    so the kept ones need no mask and the encoder's cost falls with the ratio; the class token
+    (token 0) is always kept. (B, 1 + P, D) -> (B, 1 + P', D)."""
+    B, P, D = x.shape[0], x.shape[1] - 1, x.shape[2]
+    keep = max(1, int(P * (1 - p)))
+    kept = _random_subsets(B, P, keep, x.device)                        # (B, P'), per image
+    patches = x[:, 1:].gather(1, kept.unsqueeze(-1).expand(B, keep, D))
+    return torch.cat([x[:, :1], patches], 1)
+
+
+@torch.compiler.disable
+def _random_subsets(B, P, keep, device):
+    """`keep` of P indices per row, drawn eagerly even under torch.compile: the feature cache's two
+    passes (no-grad, then with gradient: two compiled graphs) must draw the same masks from the
+    same seed, which the eager generator guarantees."""
+    return torch.rand(B, P, device=device).argsort(1)[:, :keep]
 
 
 # ---- CLIP text transformer ----

@@ -2,7 +2,10 @@
 and the checkpoint's own fields of every script's default (tiny) run are those recorded in
 tests/contract_keys.json from checkpoints written before the redesign of issue 20 (one step of the
 default run; evaluation skipped). A renamed parameter, a dropped or renamed config field or
-checkpoint field would leave earlier checkpoints unable to resume or initialise a run."""
+checkpoint field would leave earlier checkpoints unable to resume or initialise a run. Fields
+added since (issue 21: CLIP's loss, diht_alpha, diht_beta, patch_dropout, unmasked_steps; CoCa's
+patch_dropout, unmasked_steps) are in the lists too: a checkpoint without them resumes with
+their defaults, which are the behaviour it was trained with."""
 import importlib
 import json
 import os

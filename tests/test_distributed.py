@@ -92,6 +92,19 @@ def test_two_ranks_match_one_process(tmp_path):
         torch.testing.assert_close(got["grads"][name], p.grad, atol=1e-5, rtol=1e-4, msg=name)
         n_checked += p.grad.abs().sum() > 0
     assert n_checked == len(list(model.parameters()))        # every gradient is non-zero and compared
+    # SigLIP (each rank's images against both ranks' text blocks) and DiHT's HN-NCE (hardness
+    # weights over the whole gathered row): the same loss and every gradient as one process
+    for name, loss_fn in (("siglip", clip_train.siglip_loss), ("diht", clip_train.hn_nce_loss)):
+        torch.manual_seed(0)
+        model = clip_train.CLIP(clip_config(loss=name))
+        loss = loss_fn(*model(images, ids))
+        loss.backward()
+        torch.testing.assert_close(got[name]["loss"], loss.detach(), atol=1e-5, rtol=1e-5, msg=name)
+        for p_name, p in model.named_parameters():
+            torch.testing.assert_close(got[name]["grads"][p_name], p.grad, atol=1e-5, rtol=1e-5,
+                                       msg=f"{name} {p_name}")
+            assert p.grad.abs().sum() > 0, (name, p_name)
+        assert ("logit_bias" in got[name]["grads"]) == (name == "siglip")
     assert got["varlen"].tolist() == [[0.0, 0.0], [1.0, 1.0], [1.0, 1.0]]
     assert got["nograd"].tolist() == [[0], [1]]
     assert got["objs"] == [{"rank": 0}, {"rank": 1}]

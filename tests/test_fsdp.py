@@ -118,14 +118,16 @@ def test_clip_fsdp_bf16_mixed_precision_runs_close_to_ddp(tmp_path, subset):  # 
     assert train_losses(fsdp) != train_losses(ddp)          # the blocks did run on bf16 weights
 
 
-@pytest.mark.parametrize("name", ["clip", "blip2"])
-def test_fsdp_with_accumulation_equals_ddp(name, tmp_path, subset):  # noqa: F811
+@pytest.mark.parametrize("name, extra", [("clip", ["--loss", "diht"]),
+                                         ("clip", ["--loss", "siglip", "--patch-dropout", "0.5"]), ("blip2", [])])
+def test_fsdp_with_accumulation_equals_ddp(name, extra, tmp_path, subset):  # noqa: F811
     """--accum-steps 2 under FSDP (gradient sync on the last micro-batch only; BLIP-2's feature cache
-    calling itc_features outside forward) gives DDP's losses."""
+    calling itc_features outside forward) gives DDP's losses; for CLIP with DiHT's loss, and with
+    SigLIP's (its bias a sharded parameter) and FLIP's patch dropout (the same masks: the same seeds)."""
     from tests import test_blip2_train
     small = {"clip": SMALL, "blip2": test_blip2_train.SMALL}[name]
     args = [f"{name}_train.py", *small, "--train-data", subset[1], "--tokenizer", subset[-1], "--batch-size", "4",
-            "--accum-steps", "2", "--max-steps", "2"]
+            "--accum-steps", "2", "--max-steps", "2", *extra]
     ddp, fsdp = str(tmp_path / "ddp"), str(tmp_path / "fsdp")
     run_ok([*args, "--output-dir", ddp])
     run_ok([*args, "--output-dir", fsdp, "--fsdp"])

@@ -3,6 +3,7 @@ saved with save_pretrained, or any of the hub's CLIP checkpoints), and the --ini
 between such a folder and one of our checkpoints."""
 
 from ..encoders import hf_clip_text_map, hf_clip_vision_map, load_mapped, read_hf_checkpoint
+from .. import dist
 from ..utils import UserError
 from . import read_hf_or_ours
 
@@ -42,7 +43,9 @@ def load_hf(model, path):
                "text_projection.weight": "text_projection.weight", "logit_scale": "logit_scale",
                **hf_clip_vision_map("visual", "vision_model", cfg.vision_layers),
                **hf_clip_text_map("text", "text_model", cfg.text_layers)}
-    load_mapped(model, state, mapping, source=path, ignore=("position_ids",))
+    # SigLIP's bias (--loss siglip) is not in a CLIPModel folder: it keeps its init, b = -10
+    load_mapped(model, state, mapping, source=path, ignore=("position_ids",),
+                keep_init=("logit_bias",))
 
 
 def init_architecture(init, path, fields):
@@ -59,4 +62,12 @@ def load_init(model, init, path):
     if kind == "hf":
         load_hf(model, path)
     elif kind == "ours":
-        model.load_state_dict(saved["model"])
+        # one loss's weights may start another's run: SigLIP's bias is added (at its init) or left
+        missing, unused = model.load_state_dict(saved["model"], strict=False)
+        missing, unused = ([k for k in keys if k != "logit_bias"] for keys in (missing, unused))
+        if missing or unused:
+            raise UserError(f"{path}: keys missing {missing[:5]} or unused {unused[:5]}")
+        if (model.logit_bias is None) != ("logit_bias" not in saved["model"]) and dist.rank() == 0:
+            print(f"{path}: a {saved['config'].get('loss', 'clip')} checkpoint starts a "
+                  f"--loss {model.cfg.loss} run: SigLIP's bias "
+                  f"{'left out' if model.logit_bias is None else 'starts at -10'}", flush=True)

@@ -5,6 +5,7 @@ that peak memory is its own). Not collected by pytest.
     python tests/bench/bench_clip.py                                  # tiny preset, CPU
     python tests/bench/bench_clip.py --config compute                 # width 384, 6 layers, 96 px, batch 32, CPU
     python tests/bench/bench_clip.py --preset vit-b-32 --batch-size 128 --precision bf16   # on a GPU
+    python tests/bench/bench_clip.py --config compute --patch-dropout 0.5      # FLIP, both sides
 
 Reports samples/s and peak memory (CUDA: max allocated; CPU: peak RSS growth during the run)
 for each and the ratio ours / open_clip."""
@@ -65,7 +66,8 @@ def build(impl, cfg, device):
     model = open_clip.model.CLIP(
         cfg.embed_dim,
         vision_cfg=dict(layers=cfg.vision_layers, width=cfg.vision_width, head_width=cfg.vision_width // cfg.vision_heads,
-                        patch_size=cfg.patch_size, image_size=cfg.image_size, mlp_ratio=cfg.mlp_ratio),
+                        patch_size=cfg.patch_size, image_size=cfg.image_size, mlp_ratio=cfg.mlp_ratio,
+                        patch_dropout=cfg.patch_dropout),
         text_cfg=dict(context_length=cfg.context_length, vocab_size=cfg.vocab_size, width=cfg.text_width,
                       heads=cfg.text_heads, layers=cfg.text_layers, mlp_ratio=cfg.mlp_ratio),
         quick_gelu=cfg.act == "quick_gelu").to(device)
@@ -82,6 +84,8 @@ def worker(args):
     cfg = clip_train.Config(**{**clip_train.PRESETS[args.preset], "preset": args.preset,
                                **(COMPUTE if args.config == "compute" else {})})
     cfg.vocab_size = cfg.vocab_size or 64
+    cfg.patch_dropout = args.patch_dropout
+    cfg.image_size = args.image_size or cfg.image_size
     cfg.eos_id = cfg.vocab_size - 1   # open_clip pools at argmax(ids): EOS must be the largest id
     base = rss_mb()
     torch.manual_seed(0)
@@ -137,6 +141,8 @@ def main():
     p.add_argument("--threads", type=int, help="default: 2")
     p.add_argument("--precision", default="fp32")
     p.add_argument("--grad-checkpointing", action="store_true")
+    p.add_argument("--patch-dropout", type=float, default=0.0, help="FLIP: on both sides")
+    p.add_argument("--image-size", type=int, help="default: the configuration's")
     p.add_argument("--impl", help=argparse.SUPPRESS)
     args = p.parse_args()
     for key, value in RUN_DEFAULTS[args.config].items():

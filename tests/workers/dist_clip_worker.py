@@ -1,7 +1,7 @@
 """Run under `torchrun --nproc_per_node 2` by test_distributed.py (gloo, CPU): each rank takes its
 half of a fixed global batch, runs the DDP-wrapped CLIP and the gathered loss, and rank 0 saves
 the mean loss, the averaged gradients and the results of the gather helpers for the test to
-compare with one process on the whole batch."""
+compare with one process on the whole batch; the same for SigLIP's and DiHT's losses."""
 import sys
 
 import torch
@@ -24,13 +24,24 @@ def main(out):
     loss = clip_train.clip_loss(img, txt, scale)
     loss.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    # SigLIP (its bias a parameter of the model) and DiHT's HN-NCE on the same halves
+    others = {}
+    for name, loss_fn in (("siglip", clip_train.siglip_loss), ("diht", clip_train.hn_nce_loss)):
+        torch.manual_seed(0)
+        m = clip_train.CLIP(clip_config(loss=name))
+        wrapped = DDP(m)                 # kept: its hooks average the gradients in backward
+        outputs = wrapped(images[rank * b:(rank + 1) * b], ids[rank * b:(rank + 1) * b])
+        other = loss_fn(*outputs)
+        other.backward()
+        others[name] = {"loss": dist.all_reduce_mean(other.detach()),
+                        "grads": {n: p.grad.clone() for n, p in m.named_parameters()}}
     # gather helpers: rank r contributes r + 1 rows (variable length), in rank order
     varlen = dist.gather_varlen(torch.full((rank + 1, 2), float(rank)))
     nograd = dist.gather_no_grad(torch.tensor([[rank]]))
     objs = dist.gather_objects({"rank": rank})
     if rank == 0:
         torch.save({"loss": dist.all_reduce_mean(loss), "grads": grads, "varlen": varlen, "nograd": nograd,
-                    "objs": objs, "world": world}, out)
+                    "objs": objs, "world": world, **others}, out)
     else:
         dist.all_reduce_mean(loss)
     dist.cleanup()

@@ -2,11 +2,11 @@
 import torch
 
 
-def clip_config():
+def clip_config(**overrides):
     import clip_train
     return clip_train.Config(vocab_size=50, eos_id=49, image_size=32, patch_size=8, vision_width=64, vision_layers=2,
                              vision_heads=2, text_width=32, text_layers=2, text_heads=2, context_length=12,
-                             embed_dim=24)
+                             embed_dim=24, **overrides)
 
 
 def clip_batch(n=8):
