@@ -41,11 +41,10 @@ def test_contrastive_accumulation_equals_one_big_batch(name, loss, tmp_path, sub
     want = first_gradients(str(tmp_path / "big"), 0.9)
     script.main([*base, "--batch-size", "8", "--accum-steps", "2", "--output-dir", str(tmp_path / "k2")])
     assert_same_gradients(first_gradients(str(tmp_path / "k2"), 0.9), want)
-    if loss != "diht":     # (DiHT's exchange is clip_loss's: tests/test_distributed.py checks it)
-        proc = torchrun([f"{name}_train.py", *base, "--batch-size", "4", "--accum-steps", "2", "--output-dir",
-                         str(tmp_path / "dist")], timeout=300)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        assert_same_gradients(first_gradients(str(tmp_path / "dist"), 0.9), want)
+    proc = torchrun([f"{name}_train.py", *base, "--batch-size", "4", "--accum-steps", "2", "--output-dir",
+                     str(tmp_path / "dist")], timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_same_gradients(first_gradients(str(tmp_path / "dist"), 0.9), want)
     # control: each micro-batch its own contrastive batch of 8 (no cache) gives another gradient.
     # (The temperature's gradient taken in every pass, as open_clip's accum_freq does, would be
     # twice the big batch's and fail the comparison above.)
