@@ -11,14 +11,11 @@ The paper, in this file:
     Sec. 3.1.4         zero-shot prompts and prompt ensembles                 evaluate
     Table 19/20        the ViT presets                                        PRESETS
 
-Three variants researchers pick today, each a flag:
-    --loss siglip      SigLIP (Zhai et al. 2023, arXiv:2303.15343, Sec. 3.2-3.3): a sigmoid per
-                       image-text pair, learned bias; exchanged in per-rank blocks    siglip_loss
-    --loss diht        DiHT's HN-NCE (Radenovic et al. 2023, arXiv:2301.02280, Sec. 3.3):
-                       InfoNCE with hard negatives importance-weighted                hn_nce_loss
-    --patch-dropout P  FLIP (Li et al. 2023, arXiv:2212.00794, Sec. 3): a random 1 - P of each
-                       image's patches in training; --unmasked-steps N: the last N see all
-                       (common.encoders.drop_patches)
+Variants as flags: SigLIP (Zhai et al. 2023, arXiv:2303.15343), DiHT (Radenovic et al. 2023,
+arXiv:2301.02280), FLIP (Li et al. 2023, arXiv:2212.00794):
+    SigLIP Sec. 3.2-3.3   --loss siglip: a sigmoid per pair, a learned bias      siglip_loss
+    DiHT Sec. 3.3         --loss diht: hard negatives importance-weighted        hn_nce_loss
+    FLIP Sec. 3           --patch-dropout P, --unmasked-steps N                  main
 
     python clip_train.py                                    # tiny built-in data, CPU, ~3 min
     torchrun --nproc_per_node 8 clip_train.py --preset vit-b-32 \\
@@ -29,11 +26,11 @@ Three variants researchers pick today, each a flag:
 import math
 import os
 from dataclasses import dataclass, replace
+from functools import partial
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from common import dist
 from common.config import BaseConfig, resolve_config
@@ -73,9 +70,8 @@ class CLIP(nn.Module):
         self.text_projection = nn.Linear(cfg.text_width, cfg.embed_dim, bias=False)
         nn.init.normal_(self.visual_projection.weight, std=cfg.vision_width ** -0.5)
         nn.init.normal_(self.text_projection.weight, std=cfg.text_width ** -0.5)
-        # Temperature tau as a log-parametrised scale, initialised to 1/0.07 (Sec. 2.5). SigLIP
-        # starts at t' = log 10 with a learned bias b = -10 (Sec. 3.2: every pair begins near "no
-        # match", so the |B| - 1 negatives of a positive do not dominate the first steps).
+        # Temperature tau as a log-parametrised scale, initialised to 1/0.07 (Sec. 2.5); SigLIP's
+        # t' = log 10 and learned bias b = -10 (every pair starts near "no match", Sec. 3.2).
         siglip = cfg.loss == "siglip"
         self.logit_scale = nn.Parameter(torch.tensor(math.log(10 if siglip else 1 / 0.07)))
         self.logit_bias = nn.Parameter(torch.tensor(-10.0)) if siglip else None
@@ -137,83 +133,51 @@ def clip_loss(image_emb, text_emb, logit_scale):
 
 
 def siglip_loss(image_features, text_features, logit_scale, logit_bias):
-    """SigLIP's pairwise sigmoid loss (Sec. 3.2): each image-text pair is its own binary problem,
-    z_ij = 1 for a matching pair and -1 otherwise, with no softmax over the batch:
-
-        L = -1/|B| sum_i sum_j log sigmoid(z_ij (t x_i . y_j + b))
-
-    divided by the number of images (as open_clip's SigLipLoss), not |B|^2. With several ranks,
-    each scores its B images against every rank's texts, one rank's block of B texts at a time
-    (Sec. 3.3's chunked scheme): a block's B x B logits are recomputed in backward instead of
-    kept, so a rank holds O(B^2) loss activations, not O(B*N) as with one all-gathered matrix
-    (docs/clip.md measures both). The texts come through the gradient-carrying gather, so, as for
-    clip_loss, DDP's mean of the ranks' gradients is the one-process gradient of the global loss."""
-    all_texts = dist.gather_with_grad(text_features)                # (N, E)
-    B = image_features.shape[0]
-    loss = 0.0
-    for start in range(0, all_texts.shape[0], B):                   # rank r's texts: r*B .. r*B+B
-        loss = loss + checkpoint(_sigmoid_block, image_features, all_texts[start:start + B],
-                                 logit_scale, logit_bias, start == B * dist.rank(),
-                                 use_reentrant=False, preserve_rng_state=False)
-    return loss / B
-
-
-def _sigmoid_block(images, texts, logit_scale, logit_bias, own):
-    """sum_ij -log sigmoid(z_ij logits_ij) of one (B, B) block; only a rank's own texts match."""
-    logits = logit_scale * images @ texts.T + logit_bias            # (B, B)
-    z = 2 * torch.eye(len(images), device=logits.device) - 1 if own else -1.0
-    return -F.logsigmoid(z * logits).sum()
+    """SigLIP's pairwise sigmoid loss (Sec. 3.2), z_ij = 1 for a matching pair and -1 otherwise:
+    L = -1/|B| sum_i sum_j log sigmoid(z_ij (t x_i . y_j + b)), per image as open_clip's SigLipLoss.
+    Across ranks: each rank's images against one rank's block of texts at a time (Sec. 3.3), each
+    block recomputed in backward, so O(B^2) activations instead of O(B*N) (docs/clip.md)."""
+    def block(images, texts, own):                                  # (B, B) pairs; own: diagonal
+        logits = logit_scale * images @ texts.T + logit_bias
+        z = 2 * torch.eye(len(images), device=logits.device) - 1 if own else -1.0
+        return -F.logsigmoid(z * logits).sum()
+    return dist.sum_rank_blocks(block, image_features, text_features) / len(image_features)
 
 
 def hn_nce_loss(image_emb, text_emb, logit_scale, alpha=1.0, beta=0.5):
-    """DiHT's hard-negative NCE (Sec. 3.3): InfoNCE whose negatives are importance-weighted by
-    their hardness. For image i, with s_ij = t x_i . y_j (t = 1/tau),
-
-        L_i2t = -1/B sum_i log e^{s_ii} / (alpha e^{s_ii} + sum_{j!=i} w_ij e^{s_ij}),
-        w_ij = (B - 1) e^{beta s_ij} / sum_{k!=i} e^{beta s_ik}
-
-    (the weights average to 1 over the B - 1 negatives; beta = 0 and alpha = 1 is InfoNCE, alpha = 0
-    drops the positive from the denominator), L_t2i the same with images and texts swapped, and
-    L = L_i2t + L_t2i (the paper's sum: twice clip_loss at alpha = 1, beta = 0). Negatives come from
-    every rank as in clip_loss: a row's weights need only that row, which is local."""
-    all_images = dist.gather_with_grad(image_emb)                   # (N, E)
-    all_texts = dist.gather_with_grad(text_emb)                     # (N, E)
-    B = image_emb.shape[0]
-    labels = torch.arange(B, device=image_emb.device) + B * dist.rank()
+    """DiHT's hard-negative NCE (Sec. 3.3), InfoNCE with negatives weighted by hardness: with
+    s_ij = t x_i . y_j, L_i2t = -1/B sum_i log e^s_ii / (alpha e^s_ii + sum_{j!=i} w_ij e^s_ij),
+    w_ij = (B-1) e^(beta s_ij) / sum_{k!=i} e^(beta s_ik), L_t2i alike, L = L_i2t + L_t2i
+    (alpha 1, beta 0: twice clip_loss). Negatives, and each row's weights, from every rank."""
+    all_images, all_texts = dist.gather_with_grad(image_emb), dist.gather_with_grad(text_emb)
+    labels = torch.arange(len(image_emb), device=image_emb.device) + len(image_emb) * dist.rank()
     return (_hn_nce(logit_scale * image_emb @ all_texts.T, labels, alpha, beta)     # (B, N)
             + _hn_nce(logit_scale * text_emb @ all_images.T, labels, alpha, beta))
 
 
 def _hn_nce(logits, labels, alpha, beta):
-    """One direction, in log space: rows are anchors, `labels` the positive's column."""
-    N = logits.shape[1]
-    positive = F.one_hot(labels, N).bool()                          # (B, N)
+    """One direction in log space; rows are anchors, `labels` their positives' columns."""
+    positive = F.one_hot(labels, logits.shape[1]).bool()            # (B, N)
     s_pos = logits[positive]                                        # (B,)
-    negatives = lambda x: x.masked_fill(positive, -math.inf)        # noqa: E731
-    # log sum_{j!=i} w_ij e^{s_ij} = log(N - 1) + lse_j((1 + beta) s_ij) - lse_j(beta s_ij)
-    log_weighted = (math.log(N - 1) + torch.logsumexp(negatives((1 + beta) * logits), 1)
-                    - torch.logsumexp(negatives(beta * logits), 1))
+    lse = lambda x: torch.logsumexp(x.masked_fill(positive, -math.inf), 1)  # noqa: E731  j != i
+    # log sum_{j!=i} w_ij e^s_ij = log(N - 1) + lse((1 + beta) s) - lse(beta s)
+    log_negatives = math.log(logits.shape[1] - 1) + lse((1 + beta) * logits) - lse(beta * logits)
     log_alpha = math.log(alpha) if alpha > 0 else -math.inf
-    return (torch.logaddexp(s_pos + log_alpha, log_weighted) - s_pos).mean()
+    return (torch.logaddexp(s_pos + log_alpha, log_negatives) - s_pos).mean()
 
 
 def contrastive_loss(cfg):
-    """--loss: (image (B, E), text (B, E), the model's scalars) -> loss, negatives of all ranks."""
-    if cfg.loss == "diht":
-        if cfg.batch_size * cfg.accum_steps * dist.world_size() < 2:
-            raise UserError("--loss diht needs negatives: at least 2 pairs in the contrastive "
-                            "batch (batch size x accum steps x processes)")
-        return lambda image, text, scale: hn_nce_loss(image, text, scale, cfg.diht_alpha,
-                                                      cfg.diht_beta)
-    return {"clip": clip_loss, "siglip": siglip_loss}[cfg.loss]
+    """--loss: (image, text, the model's scalars) -> the loss."""
+    if cfg.loss == "diht" and cfg.batch_size * cfg.accum_steps * dist.world_size() < 2:
+        raise UserError("--loss diht needs negatives: 2 or more pairs per contrastive batch")
+    return {"clip": clip_loss, "siglip": siglip_loss,
+            "diht": partial(hn_nce_loss, alpha=cfg.diht_alpha, beta=cfg.diht_beta)}[cfg.loss]
 
 
 def logged_scalars(model):
-    """The temperature's scale t = exp(t') and SigLIP's bias b, for the training log."""
-    out = {"logit_scale": dist.value(model.logit_scale).exp().item()}
-    if model.logit_bias is not None:
-        out["logit_bias"] = dist.value(model.logit_bias).item()
-    return out
+    """The temperature's scale t = exp(t') and SigLIP's bias b."""
+    bias = {} if model.logit_bias is None else {"logit_bias": dist.value(model.logit_bias).item()}
+    return {"logit_scale": dist.value(model.logit_scale).exp().item(), **bias}
 
 
 # ---- data ----

@@ -14,8 +14,7 @@ The paper, in this file:
     Sec. 3.1-3.2       L_Cap, next-token cross-entropy (teacher forcing)       caption_loss
     Sec. 3.2           L = lambda_Con L_Con + lambda_Cap L_Cap                 compute_losses
     Sec. 4             zero-shot retrieval and classification, captions        evaluate, generate
-    FLIP (Li et al. 2023, arXiv:2212.00794, Sec. 3), --patch-dropout P: a random 1 - P of each
-    image's patches in training, the last --unmasked-steps N with all (common.encoders)
+    FLIP (Li et al. 2023, arXiv:2212.00794), --patch-dropout P --unmasked-steps N   main
 
 Module names follow open_clip's `coca_ViT-B-32`, whose weights load (common/weights/coca.py);
 `--pooler paper` gives the paper's two poolers. Differences from open_clip: docs/coca.md.
@@ -664,8 +663,7 @@ def main(argv=None):
     with Preemption() as preemption:              # SIGTERM / SIGUSR1: save the step and leave
         for batches in epochs(run, loader):
             for group in batches:
-                # FLIP: patches dropped in training, all of them in the last --unmasked-steps steps
-                masked = run.step < run.total_steps - cfg.unmasked_steps
+                masked = run.step < run.total_steps - cfg.unmasked_steps   # FLIP, unmasked tuning
                 model.visual.patch_dropout = cfg.patch_dropout if masked else 0.0
                 micro = []
                 for images, ids, _ in group:      # padding and targets on the host: no device sync

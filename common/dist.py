@@ -124,6 +124,17 @@ def gather_with_grad(x):
     return _GatherWithGrad.apply(x)
 
 
+def sum_rank_blocks(block, x, y):
+    """sum over ranks r of block(x, y_r, own=r == this rank), y_r rank r's (B, ...) rows of `y`
+    gathered with gradient; each block under activation checkpointing, so only one block's
+    intermediate activations (a (B, B) score matrix, say) exist at a time, recomputed in backward,
+    instead of all W blocks' (B, N) until backward (SigLIP's chunked loss, Sec. 3.3)."""
+    from torch.utils.checkpoint import checkpoint
+    ys, B = gather_with_grad(y), y.shape[0]
+    return sum(checkpoint(block, x, ys[s:s + B], s == B * rank(), use_reentrant=False,
+                          preserve_rng_state=False) for s in range(0, ys.shape[0], B))
+
+
 @torch.no_grad()
 def gather_no_grad(x):
     """(B, ...) on each rank -> (W*B, ...) in rank order, detached (for queues, sampling weights)."""
