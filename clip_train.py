@@ -34,12 +34,12 @@ import torch.nn.functional as F
 
 from common import dist
 from common.config import BaseConfig, resolve_config
-from common.data import (Example, eval_image_loader, image_folder, load_tokenizer,
+from common.data import (Example, image_folder, load_tokenizer,
                          open_clip_cleaner, read_annotations, retrieval_texts, tiny_data,
                          train_loader, train_transform, training_records)
 from common.encoders import Block, TextTransformer, VisionTransformer
-from common.metrics import (embed_texts, retrieval_metrics, zeroshot_classifier_sharded,
-                            zeroshot_metrics)
+from common.metrics import (embed_images, embed_texts, retrieval_metrics,
+                            zeroshot_classifier_sharded, zeroshot_metrics)
 from common.run import (end_epoch, epochs, eval_only, finish, log_train, open_log, optimizer_step,
                         start_run, step_done)
 from common.utils import (FeatureCache, Preemption, UserError, adamw, autocast, cli,
@@ -204,28 +204,18 @@ def build_data(cfg, tokenizer, rank, world_size):
 # ---- evaluation ----
 
 @torch.no_grad()
-def embed_images(model, paths, cfg, device, precision):
-    """Embeddings of this rank's contiguous shard of `paths`, gathered in order from all ranks."""
-    start, end = dist.shard_range(len(paths))
-    loader = eval_image_loader(paths[start:end], cfg.image_size, cfg.batch_size, cfg.workers,
-                               crop=True)                       # CLIP's preprocessing
-    feats = [torch.zeros(0, cfg.embed_dim, device=device)]
-    for images, _ in loader:
-        with autocast(precision, device):
-            feats.append(model.encode_image(images.to(device)).float())
-    return dist.gather_varlen(torch.cat(feats))
-
-
-@torch.no_grad()
 def evaluate(model, cfg, val, zeroshot, tokenizer, device, precision):
     """Retrieval recall@K on the val split and zero-shot top-1/top-5; every rank embeds its
     shard, the features are gathered, and every rank computes the same metrics."""
     was_training = model.training
     model.eval()
     metrics = {}
+    images = lambda paths: embed_images(  # noqa: E731  (CLIP's preprocessing, gathered in order)
+        model.encode_image, paths, cfg.image_size, cfg.batch_size, cfg.workers, cfg.embed_dim,
+        device, precision)
     if val is not None:
         texts, txt2img = retrieval_texts(val)
-        image_emb = embed_images(model, [r["image"] for r in val], cfg, device, precision)
+        image_emb = images([r["image"] for r in val])
         tokenize = lambda t: tokenizer(t, cfg.context_length)  # noqa: E731
         text_emb = embed_texts(model.encode_text, texts, tokenize, cfg.batch_size, cfg.embed_dim,
                                device, precision)
@@ -235,7 +225,7 @@ def evaluate(model, cfg, val, zeroshot, tokenizer, device, precision):
         classifier = zeroshot_classifier_sharded(model.encode_text, tokenizer, classnames,
                                                  templates, cfg.context_length, cfg.embed_dim,
                                                  device, precision)
-        image_emb = embed_images(model, paths, cfg, device, precision)
+        image_emb = images(paths)
         metrics.update(zeroshot_metrics(image_emb @ classifier.T, labels))
     model.train(was_training)
     return metrics

@@ -39,12 +39,12 @@ from torch.utils.checkpoint import checkpoint as grad_checkpoint
 
 from common import dist
 from common.config import BaseConfig, resolve_config
-from common.data import (Example, eval_image_loader, image_folder, load_tokenizer,
+from common.data import (Example, image_folder, load_tokenizer,
                          open_clip_cleaner, read_annotations, retrieval_texts, tiny_data,
                          train_loader, train_transform, training_records)
 from common.encoders import Attention, Block, KVCache, MLP, TextTransformer, VisionTransformer
 from common.generation import beam_search, greedy_or_sample
-from common.metrics import (caption_metrics, embed_texts, retrieval_metrics,
+from common.metrics import (caption_metrics, embed_images, embed_texts, retrieval_metrics,
                             zeroshot_classifier_sharded, zeroshot_metrics)
 from common.run import (end_epoch, epochs, eval_only, finish, log_train, open_log, optimizer_step,
                         start_run, step_done)
@@ -400,27 +400,6 @@ def trim_padding(ids, pad_id, multiple=8):
 # ---- evaluation ----
 
 @torch.no_grad()
-def embed_images(model, paths, cfg, device, precision, captions=None):
-    """Contrastive embeddings of this rank's contiguous shard of `paths`, gathered in order from
-    all ranks. `captions` (a dict): also caption this rank's images, from the same ViT pass."""
-    start, end = dist.shard_range(len(paths))
-    loader = eval_image_loader(paths[start:end], cfg.image_size, cfg.batch_size, cfg.workers,
-                               crop=True)                       # CLIP's preprocessing
-    feats = [torch.zeros(0, cfg.embed_dim, device=device)]
-    for images, _ in loader:
-        with autocast(precision, device):
-            image_emb, tokens = model.image_features(images.to(device))
-            if captions is not None:
-                seqs = model.generate(None, image_tokens=tokens, sample=cfg.sample,
-                                      num_beams=cfg.num_beams, max_length=cfg.max_gen_length,
-                                      min_length=cfg.min_gen_length, top_p=cfg.top_p,
-                                      **captions["ids"])
-                captions["tokens"] += seqs.tolist()
-        feats.append(F.normalize(image_emb.float(), dim=-1))
-    return dist.gather_varlen(torch.cat(feats))
-
-
-@torch.no_grad()
 def evaluate(model, cfg, val, zeroshot, tokenizer, device, precision, output_dir=None):
     """Sec. 4: zero-shot retrieval recall@K on the val split and captions of its images (beam
     search; pycocoevalcap; captions.json) from one ViT pass per image; zero-shot classification
@@ -428,10 +407,22 @@ def evaluate(model, cfg, val, zeroshot, tokenizer, device, precision, output_dir
     was_training = model.training
     model.eval()
     metrics = {}
+
+    def images(paths, captions=None):        # with `captions`: also caption, from the same ViT pass
+        def encode(x):
+            image_emb, tokens = model.image_features(x)
+            if captions is not None:
+                captions["tokens"] += model.generate(
+                    None, image_tokens=tokens, sample=cfg.sample, num_beams=cfg.num_beams,
+                    max_length=cfg.max_gen_length, min_length=cfg.min_gen_length, top_p=cfg.top_p,
+                    **captions["ids"]).tolist()
+            return F.normalize(image_emb.float(), dim=-1)
+        return embed_images(encode, paths, cfg.image_size, cfg.batch_size, cfg.workers,
+                            cfg.embed_dim, device, precision)
     if val is not None:
         texts, txt2img = retrieval_texts(val)
         captions = {"tokens": [], "ids": dict(sot_id=tokenizer.bos_id, eos_id=tokenizer.eos_id)}
-        image_emb = embed_images(model, [r["image"] for r in val], cfg, device, precision, captions)
+        image_emb = images([r["image"] for r in val], captions)
         tokenize = lambda t: trim_padding(tokenizer(t, cfg.context_length), cfg.pad_id)  # noqa
         text_emb = embed_texts(model.encode_text, texts, tokenize, cfg.batch_size, cfg.embed_dim,
                                device, precision)
@@ -451,7 +442,7 @@ def evaluate(model, cfg, val, zeroshot, tokenizer, device, precision, output_dir
         classifier = zeroshot_classifier_sharded(model.encode_text, tokenizer, classnames,
                                                  templates, cfg.context_length, cfg.embed_dim,
                                                  device, precision)
-        image_emb = embed_images(model, paths, cfg, device, precision)
+        image_emb = images(paths)
         metrics.update(zeroshot_metrics(image_emb @ classifier.T, labels))
     model.train(was_training)
     return metrics

@@ -10,7 +10,7 @@ import re
 import torch
 
 from . import dist
-from .data import ImageDataset, eval_transform
+from .data import ImageDataset, eval_image_loader, eval_transform
 from .utils import autocast, ignore_preemption_signals, precision_dtype
 
 
@@ -89,6 +89,19 @@ def embed_texts(encode_text, texts, tokenize, batch_size, dim, device, precision
         ids = tokenize(texts[i:min(i + batch_size, end)]).to(device)
         with autocast(precision, device):
             feats.append(encode_text(ids).float())
+    return dist.gather_varlen(torch.cat(feats))
+
+
+def embed_images(encode_image, paths, image_size, batch_size, workers, dim, device, precision):
+    """(n_images, dim) embeddings: this rank encodes its contiguous shard of `paths` with CLIP's
+    preprocessing (short-side resize, centre crop) in DataLoader workers, and the shards are
+    gathered in order; embed_texts's twin for images."""
+    start, end = dist.shard_range(len(paths))
+    loader = eval_image_loader(paths[start:end], image_size, batch_size, workers, crop=True)
+    feats = [torch.zeros(0, dim, device=device)]
+    for images, _ in loader:
+        with autocast(precision, device):
+            feats.append(encode_image(images.to(device)).float())
     return dist.gather_varlen(torch.cat(feats))
 
 
