@@ -33,7 +33,7 @@ from common.utils import UserError, cli  # noqa: E402
 KEPT = {".jpg": "jpg", ".jpeg": "jpeg", ".png": "png", ".webp": "webp"}
 
 
-def _add(tar, name, data):
+def add_member(tar, name, data):
     info = tarfile.TarInfo(name)
     info.size, info.mtime, info.mode = len(data), 0, 0o644
     tar.addfile(info, io.BytesIO(data))
@@ -71,9 +71,9 @@ def write_shards(annotations, out, shard_size=10000, image_root=None, shuffle=Fa
                 data, ext = image_bytes(rec["image"])
                 meta = {"image_id": str(rec["image_id"]), "image": os.path.relpath(rec["image"], root),
                         "caption_index": c}
-                _add(tar, f"{key}.{ext}", data)
-                _add(tar, f"{key}.json", json.dumps(meta).encode())
-                _add(tar, f"{key}.txt", rec["captions"][c].encode())
+                add_member(tar, f"{key}.{ext}", data)
+                add_member(tar, f"{key}.json", json.dumps(meta).encode())
+                add_member(tar, f"{key}.txt", rec["captions"][c].encode())
         os.replace(tmp, os.path.join(out, name))
         sizes[name] = min(shard_size, len(pairs) - start)
     write_sizes(out, sizes)
