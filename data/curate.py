@@ -3,7 +3,8 @@ CLIP-score filter (Gadre et al. 2023) and SemDeDup (Abbas et al. 2023, arXiv:230
 removal written down with its reason and the score that decided it.
 
     python data/curate.py --data train.json --model runs/clip/checkpoint_best.pt --out curated --quality
-    python data/curate.py --data 'laion/{00000..00999}.tar' --model clip-vit-b-32/ --out curated --keep-fraction 0.3
+    python data/curate.py --data 'laion/{00000..00999}.tar' --model clip-vit-b-32/ --out curated \
+        --keep-fraction 0.3
     torchrun --nproc_per_node 8 data/curate.py ...        # image checks and embeddings sharded over ranks
 
 A pair (image, caption) is removed by the first step that rejects it:
@@ -22,7 +23,7 @@ A pair (image, caption) is removed by the first step that rejects it:
 
 Unreadable images are removed (and counted) with or without --quality. Defaults that hold on any
 dataset and any model (docs/curate.md has the measurements behind them):
-- low information and blur are judged against the dataset itself: entropy below 0.35 x the
+- low information and blur are judged against the dataset itself: grey entropy below 0.2 x the
   dataset's median (cleanvision's absolute 3 bits flags every flat synthetic image), and blur as the
   share of the Laplacian's variance that survives one more 1-px Gaussian blur (a sharp image loses
   most of it, a blurred one little; the variance itself measures how many edges there are);
@@ -31,7 +32,8 @@ dataset and any model (docs/curate.md has the measurements behind them):
 - the CLIP score without a threshold flag: a fixed cosine means nothing across models, so each
   caption ranks its own image among 100 random images of the dataset (seeded) and the pair is kept
   when at most 5 of them score higher (its image is in the caption's top 5 %);
-- SemDeDup's eps is 0.0005: different images of one scene stay, re-encodings go.
+- SemDeDup's eps is 0.0001: only what the model sees as one image goes (the paper's 0.01-0.07
+  would remove different images of one scene on the tiny data; choose it on purpose).
 
 --model: one of our CLIP or CoCa checkpoints, a transformers CLIPModel folder, or open_clip CoCa
 weights (the loaders of clip_train.py and coca_train.py). --data: every source --train-data reads
@@ -57,7 +59,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from common import dist  # noqa: E402
 from common.config import resolve_config  # noqa: E402
-from common.data import eval_transform, load_rgb, load_tokenizer, open_clip_cleaner, read_annotations  # noqa: E402
+from common.data import (eval_transform, load_rgb, load_tokenizer, open_clip_cleaner,  # noqa: E402
+                         read_annotations)
 from common.shards import expand_shards, is_shards, _is_remote  # noqa: E402
 from common.utils import UserError, autocast, cli, load_checkpoint, resolve_precision  # noqa: E402
 from data.make_shards import add_member, write_sizes  # noqa: E402
@@ -101,6 +104,7 @@ def read_shards(spec):
     """(image refs, pairs, samples) of local shards, read by their tar index (each image is opened
     later at its offset). A sample is KEY.{jpg,png,...}, KEY.txt[, KEY.json]; samples whose json has
     the same "image_id" (data/make_shards.py writes one sample per caption) are one image."""
+    from webdataset.tariterators import base_plus_ext
     urls = expand_shards(spec)
     remote = [u for u in urls if _is_remote(u)]
     if remote:
@@ -112,8 +116,8 @@ def read_shards(spec):
             with tarfile.open(url) as tar:
                 members = {}
                 for m in tar:
-                    if m.isreg():
-                        key, _, ext = m.name.partition(".")
+                    key, ext = base_plus_ext(m.name)            # webdataset's grouping of a sample's files
+                    if m.isreg() and key is not None:
                         members.setdefault(key, {})[ext.lower()] = m
                 for key, parts in members.items():
                     image = next((parts[e] for e in IMAGE_EXTS if e in parts), None)
@@ -190,7 +194,8 @@ def model_kind(path):
                 kind = json.load(f).get("model_type", "?")
             if kind != "clip":
                 raise UserError(f"--model {path}: a transformers {kind!r} folder; curate.py embeds with CLIP "
-                                f"(a CLIPModel folder), CoCa (open_clip weights) or our CLIP/CoCa checkpoints")
+                                f"(a CLIPModel folder), CoCa (open_clip weights) or our CLIP/CoCa "
+                                f"checkpoints")
             return "clip"
         return "coca"                          # open_clip's folder: coca_train's loader checks it
     if not os.path.isfile(path):
@@ -209,21 +214,22 @@ def model_kind(path):
                     f"(one image and one text embedding per pair)")
 
 
-def load_model(path, device):
+def load_model(path, device, tokenizer_name=""):
     """(model with encode_image / encode_text, tokenizer, its config), built as clip_train.py or
-    coca_train.py builds it from --init-from PATH."""
+    coca_train.py builds it from --init-from PATH (generation settings, unused here, left aside)."""
     kind = model_kind(path)
     import clip_train
     import coca_train
     script = clip_train if kind == "clip" else coca_train
     weights = script.clip_weights if kind == "clip" else script.coca_weights
-    cfg, _ = resolve_config(script.Config, script.PRESETS, ["--init-from", path])
+    generation = [] if kind == "clip" else ["--max-gen-length", "1", "--min-gen-length", "0"]
+    cfg, _ = resolve_config(script.Config, script.PRESETS, ["--init-from", path, *generation])
     init = weights.read_init(path)
-    if kind == "clip":
-        name = init[1]["config"]["tokenizer"] if init[0] == "ours" else ""
-    else:
-        name = weights.init_tokenizer(init)
-    tokenizer = load_tokenizer(name, path, clean=open_clip_cleaner(cfg.text_clean))
+    if not tokenizer_name and kind == "clip":
+        tokenizer_name = init[1]["config"]["tokenizer"] if init[0] == "ours" else ""   # "": the folder's
+    elif not tokenizer_name:
+        tokenizer_name = weights.init_tokenizer(init)      # ours: the run's; open_clip: OpenAI's BPE
+    tokenizer = load_tokenizer(tokenizer_name, path, clean=open_clip_cleaner(cfg.text_clean))
     arch = script.settle_config(cfg, init, tokenizer)
     model = (script.build_model(cfg, init, arch) if kind == "clip" else
              script.build_model(cfg, tokenizer, init, arch))
@@ -234,8 +240,8 @@ def load_model(path, device):
 
 def image_properties(ref):
     """What the checks need, from one read of the image: size, entropy (bits, of the grey
-    histogram: 0 for a flat image), blur (see below), an md5 of the decoded pixels (cleanvision's exact-duplicate hash)
-    and a perceptual hash. None when it cannot be read."""
+    histogram: 0 for a flat image), blur (see below), an md5 of the decoded pixels (cleanvision's
+    exact-duplicate hash) and a perceptual hash. None when it cannot be read."""
     try:
         img = open_image(ref)
     except OSError:
@@ -394,8 +400,8 @@ def embed(model, tokenizer, cfg, images, captions, args, device):
                 if not os.path.isfile(os.path.join(folder, f"{kind}_{c:06d}.npy"))]
         from tqdm import tqdm
         bar = tqdm(total=sum(len(items[c * args.chunk:(c + 1) * args.chunk]) for c in mine),
-                   unit="pair" if kind == "captions" else "image", desc=f"{kind} (rank {dist.rank()})", disable=not dist.is_main(),
-                   mininterval=5)
+                   unit="pair" if kind == "captions" else "image", desc=f"{kind} (rank {dist.rank()})",
+                   disable=not dist.is_main(), mininterval=5)
         for c in mine:
             out = []
             for batch in batches(items[c * args.chunk:(c + 1) * args.chunk]):
@@ -443,22 +449,36 @@ def clip_score_filter(scores, image_emb, text_emb, args, draws=100, allowed=5):
         drawn = images[torch.randint(len(images), (len(t), draws), generator=g)].float()   # (b, M, E)
         s = torch.einsum("be,bme->bm", t, drawn)
         beaten[start:start + len(t)] = (s > torch.from_numpy(scores[start:start + len(t)])[:, None]).sum(1)
-    return (beaten <= allowed).numpy(), None, f"rank: at most {allowed} of {draws} random images score above the pair's own"
+    rule = f"rank: at most {allowed} of {draws} random images score above the pair's own"
+    return (beaten <= allowed).numpy(), None, rule
 
 
 # ---- 4. SemDeDup ----
 
 def kmeans(x, k, iters, backend, seed=0):
     """Spherical k-means of normalised rows x (n, E): (assignment (n,), centroids (k, E)). faiss when
-    installed (or --kmeans faiss), else torch: Lloyd's iterations on the cosine, from k random rows."""
+    installed (or --kmeans faiss; the best of 3 random starts), else torch: Lloyd's iterations on the
+    cosine, from greedy k-means++ (Arthur & Vassilvitskii 2007; of 2 + log k rows drawn by squared
+    distance, the one that lowers the potential most) on a sample of 20 k rows when k <= 1,000 (it
+    costs O(20 k^2) dot products), from k random rows above that (use faiss there)."""
     if backend == "faiss":
         import faiss
-        km = faiss.Kmeans(x.shape[1], k, niter=iters, seed=seed, spherical=True, verbose=False)
+        km = faiss.Kmeans(x.shape[1], k, niter=iters, seed=seed, spherical=True, verbose=False, nredo=3,
+                          max_points_per_centroid=256, min_points_per_centroid=1)
         km.train(x.numpy())
         centroids = torch.from_numpy(km.centroids)
     else:
         g = torch.Generator().manual_seed(seed)
-        centroids = x[torch.randperm(len(x), generator=g)[:k]].clone()
+        sample = x[torch.randperm(len(x), generator=g)[:20 * k if k <= 1000 else k]]
+        centroids = sample[:k].clone()
+        if k <= 1000:
+            centroids = sample[:1].clone()
+            d2 = (2 - 2 * sample @ centroids[0]).clamp(min=0)              # squared distance to the closest
+            while len(centroids) < k:
+                trials = torch.multinomial(d2 + 1e-12, 2 + int(math.log(k)), generator=g)
+                new = torch.minimum(d2[None], (2 - 2 * sample[trials] @ sample.T).clamp(min=0))
+                best = int(new.sum(1).argmin())
+                centroids, d2 = torch.cat([centroids, sample[trials[best]][None]]), new[best]
         for _ in range(iters):
             assign = torch.cat([(part @ centroids.T).argmax(1) for part in x.split(65536)])
             sums = torch.zeros_like(centroids).index_add_(0, assign, x)
@@ -505,25 +525,24 @@ def _has_faiss():
 
 # ---- 5. outputs ----
 
-def contact_sheet(path, data, removed, kept_images, image_emb, row_of, per_reason=6, size=96):
-    """report.png: a row per removal reason, each example beside a kept image (the one it repeats
-    for duplicates, else its nearest kept image by embedding, else the next kept one), with scores."""
+def contact_sheet(path, data, removed, neighbour, per_reason=6, size=96):
+    """report.png: a row per removal reason, up to `per_reason` images spread over its list, each
+    beside the kept image neighbour(pair) (the one it repeats; for a low CLIP score the kept image
+    its caption fits best; else the nearest kept image), with the score and the caption."""
     reasons = sorted({r["reason"] for r in removed})
-    sheet = Image.new("RGB", (160 + per_reason * (2 * size + 12), max(1, len(reasons)) * (size + 28)), "white")
+    width, height = 160 + per_reason * (2 * size + 12), max(1, len(reasons)) * (size + 28)
+    sheet = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(sheet)
-    kept = sorted(kept_images)
-    kept_rows = torch.from_numpy(image_emb[[row_of[i] for i in kept]]).float() if kept else None
     for y, reason in zip(range(0, sheet.height, size + 28), reasons):
         draw.text((4, y + size // 2), reason, fill="black")
-        examples = [r for r in removed if r["reason"] == reason][:per_reason]
+        first = {}                                              # one caption per image
+        for r in removed:
+            if r["reason"] == reason:
+                first.setdefault(r["image_index"], r)
+        first = list(first.values())
+        examples = [first[k * len(first) // per_reason] for k in range(min(per_reason, len(first)))]
         for x, r in zip(range(160, sheet.width, 2 * size + 12), examples):
-            i, other = r["image_index"], r.get("duplicate_index")
-            if other is None and kept:
-                other = (kept[int((kept_rows @ torch.from_numpy(image_emb[row_of[i]]).float()).argmax())]
-                         if i in row_of else kept[i % len(kept)])
-            for dx, index, colour in ((0, i, "red"), (size + 4, other, "green")):
-                if index is None:
-                    continue
+            for dx, index in ((0, r["image_index"]), (size + 4, neighbour(r["pair_index"]))):
                 try:
                     img = open_image(data.images[index])
                     img.thumbnail((size, size))
@@ -538,20 +557,19 @@ def contact_sheet(path, data, removed, kept_images, image_emb, row_of, per_reaso
     os.replace(path + ".tmp.png", path)
 
 
-def write_outputs(data, args, decisions, kept_pairs, report, image_emb, row_of):
+def write_outputs(data, args, decisions, kept_pairs, report, neighbour):
     """OUT/kept.json (kept.csv, shards/), removed.jsonl, report.json, report.png: each written under
     a temporary name and renamed."""
     os.makedirs(args.out, exist_ok=True)
     removed = [dict(image=data.name(data.pairs[n][0]), caption=data.pairs[n][1], reason=reason, score=score,
                     duplicate_of=None if other is None else data.name(other), image_index=data.pairs[n][0],
-                    duplicate_index=other)
+                    pair_index=n)
                for n, (reason, score, other) in sorted(decisions.items())]
     report["kept_data"] = write_kept(data, kept_pairs, args.out)
     write_atomic(os.path.join(args.out, "removed.jsonl"), "".join(
         json.dumps({k: v for k, v in r.items() if not k.endswith("_index")}) + "\n" for r in removed))
     write_atomic(os.path.join(args.out, "report.json"), json.dumps(report, indent=1))
-    contact_sheet(os.path.join(args.out, "report.png"), data, removed,
-                  {data.pairs[n][0] for n in kept_pairs}, image_emb, row_of)
+    contact_sheet(os.path.join(args.out, "report.png"), data, removed, neighbour)
 
 
 # ---- main ----
@@ -560,19 +578,21 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", required=True, help="annotation file (JSON, CSV) or local webdataset shards")
     p.add_argument("--image-root", default="", help="folder relative image paths start from")
-    p.add_argument("--model", required=True, help="our CLIP/CoCa checkpoint, a CLIPModel folder, open_clip CoCa")
+    p.add_argument("--model", required=True, help="our CLIP/CoCa checkpoint, CLIPModel folder, open_clip CoCa")
+    p.add_argument("--tokenizer", default="", help="tokenizer folder or hub name (default: the model's)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--quality", action="store_true", help="run the image checks (step 1)")
     p.add_argument("--min-size", type=int, default=32, help="shorter side (px) below which an image goes")
-    p.add_argument("--min-aspect", type=float, default=0.35, help="short/long side below which (cleanvision's)")
+    p.add_argument("--min-aspect", type=float, default=0.35, help="short/long side below which")
     p.add_argument("--low-information", type=float, default=0.2, help="entropy below this x the median")
     p.add_argument("--blurry", type=float, default=0.6, help="blur above which (share of the Laplacian kept)")
-    p.add_argument("--changed-pixels", type=float, default=0.001, help="near duplicate: at most this share changed")
+    p.add_argument("--changed-pixels", type=float, default=0.001, help="near duplicate: share changed")
     p.add_argument("--min-clip-score", type=float, help="keep pairs with cosine >= S")
     p.add_argument("--keep-fraction", type=float, help="keep the top F of the pairs by cosine")
     p.add_argument("--dedup-eps", type=float, default=0.0001, help="SemDeDup: remove cosine > 1 - eps")
     p.add_argument("--clusters", type=int, default=0, help="k-means clusters (0: one per 10,000 images)")
-    p.add_argument("--kmeans", default="auto", choices=["auto", "torch", "faiss"], help="auto: faiss if installed")
+    p.add_argument("--kmeans", default="auto", choices=["auto", "torch", "faiss"],
+                   help="auto: faiss if installed")
     p.add_argument("--kmeans-iters", type=int, default=20)
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--chunk", type=int, default=65536, help="items per saved embedding chunk")
@@ -593,11 +613,12 @@ def main(argv=None):
     _, _, _, device = dist.setup()
     started = time.time()
     data = Dataset(args.data, args.image_root)
-    model, tokenizer, cfg = load_model(args.model, device)
+    model, tokenizer, cfg = load_model(args.model, device, args.tokenizer)
 
     # 1. image checks
     failed, stats = image_checks(data, args)
-    decisions = {n: failed[i] for n, (i, _) in enumerate(data.pairs) if i in failed}   # pair: (reason, score, of)
+    # decisions: {pair: (reason, score, the image it repeats or None)}
+    decisions = {n: failed[i] for n, (i, _) in enumerate(data.pairs) if i in failed}
     good = [i for i in range(len(data.images)) if i not in failed]
     row_of = {i: r for r, i in enumerate(good)}                          # image -> embedding row
     live = [n for n, (i, _) in enumerate(data.pairs) if i in row_of]
@@ -625,7 +646,8 @@ def main(argv=None):
     for reason, _, _ in decisions.values():
         counts[reason] = counts.get(reason, 0) + 1
     if not kept_pairs:
-        raise UserError(f"every pair was removed (CLIP score: {rule}; --dedup-eps {args.dedup_eps}; {counts}): "
+        raise UserError(f"every pair was removed (CLIP score: {rule}; --dedup-eps {args.dedup_eps}; "
+                        f"{counts}): "
                         f"nothing written")
     # 5. outputs
     report = {"data": args.data, "model": args.model, "pairs": len(data.pairs), "images": len(data.images),
@@ -635,9 +657,20 @@ def main(argv=None):
                   "min_size", "min_aspect", "low_information", "blurry", "changed_pixels")}},
               "dedup_eps": args.dedup_eps, "clusters": args.clusters or math.ceil(len(survivors) / 10000),
               "seconds": round(time.time() - started, 1),
-              "embedding_pairs_per_second": round(len(live) / embedding_seconds, 1)}
+              "embedding_seconds": round(embedding_seconds, 1)}       # chunks found on disk included
+    kept_images = sorted({data.pairs[n][0] for n in kept_pairs})
+    kept_emb, caption_row = torch.from_numpy(image_emb[[row_of[i] for i in kept_images]]).float(), dict(
+        zip(live, range(len(live))))
+
+    def neighbour(n):           # report.png: the kept image shown beside removed pair n
+        (reason, _, other), i = decisions[n], data.pairs[n][0]
+        if other is not None or i not in row_of:
+            return other if other is not None else kept_images[i % len(kept_images)]
+        query = text_emb[caption_row[n]] if reason == "low_clip_score" else image_emb[row_of[i]]
+        return kept_images[int((kept_emb @ torch.from_numpy(query).float()).argmax())]
+
     if dist.is_main():
-        write_outputs(data, args, decisions, kept_pairs, report, image_emb, row_of)
+        write_outputs(data, args, decisions, kept_pairs, report, neighbour)
         print(json.dumps({k: v for k, v in report.items() if k != "quality"}), flush=True)
     dist.barrier()
     dist.cleanup()
