@@ -460,16 +460,17 @@ def kmeans(x, k, iters, backend, seed=0):
     installed (or --kmeans faiss; the best of 3 random starts), else torch: Lloyd's iterations on the
     cosine, from greedy k-means++ (Arthur & Vassilvitskii 2007; of 2 + log k rows drawn by squared
     distance, the one that lowers the potential most) on a sample of 20 k rows when k <= 1,000 (it
-    costs O(20 k^2) dot products), from k random rows above that (use faiss there)."""
+    costs O(20 k^2) dot products), from k random rows above that; both train on at most 256 rows
+    per centroid, then assign every row once."""
     if backend == "faiss":
         import faiss
         km = faiss.Kmeans(x.shape[1], k, niter=iters, seed=seed, spherical=True, verbose=False, nredo=3,
                           max_points_per_centroid=256, min_points_per_centroid=1)
-        km.train(x.numpy())
-        centroids = torch.from_numpy(km.centroids)
+        km.train(x.cpu().numpy())
+        centroids = torch.from_numpy(km.centroids).to(x.device)
     else:
         g = torch.Generator().manual_seed(seed)
-        sample = x[torch.randperm(len(x), generator=g)[:20 * k if k <= 1000 else k]]
+        sample = x[torch.randperm(len(x), generator=g)[:20 * k if k <= 1000 else k]].cpu()
         centroids = sample[:k].clone()
         if k <= 1000:
             centroids = sample[:1].clone()
@@ -479,24 +480,27 @@ def kmeans(x, k, iters, backend, seed=0):
                 new = torch.minimum(d2[None], (2 - 2 * sample[trials] @ sample.T).clamp(min=0))
                 best = int(new.sum(1).argmin())
                 centroids, d2 = torch.cat([centroids, sample[trials[best]][None]]), new[best]
-        for _ in range(iters):
-            assign = torch.cat([(part @ centroids.T).argmax(1) for part in x.split(65536)])
-            sums = torch.zeros_like(centroids).index_add_(0, assign, x)
+        centroids = centroids.to(x.device)
+        train = x if len(x) <= 256 * k else x[torch.randperm(len(x), generator=g)[:256 * k]]
+        for _ in range(iters):                     # on 256 rows per centroid at most, as faiss trains
+            assign = torch.cat([(part @ centroids.T).argmax(1) for part in train.split(65536)])
+            sums = torch.zeros_like(centroids).index_add_(0, assign, train)
             filled = sums.norm(dim=1) > 0                      # an empty cluster keeps its centroid
             centroids[filled] = F.normalize(sums[filled], dim=1)
     centroids = F.normalize(centroids, dim=1)
     return torch.cat([(part @ centroids.T).argmax(1) for part in x.split(65536)]), centroids
 
 
-def semdedup(image_emb, candidates, args, block=4096):
+def semdedup(image_emb, candidates, args, block=4096, device="cpu"):
     """{image: (cosine, the kept image it repeats)} among `candidates` (image indices). SemDeDup (Abbas
     et al. 2023, Sec. 3 and their code): k-means on the embeddings (--clusters), each cluster ordered
     by distance to its centroid, farthest first (the code's keep_hard), and an image is removed when
     its cosine to any image before it exceeds 1 - eps (--dedup-eps). The within-cluster pairs are
-    computed `block` columns at a time: memory O(cluster size x block)."""
+    computed `block` columns at a time: memory O(cluster size x block). On `device` (a GPU when
+    there is one): every row is held there in float32, n x E x 4 bytes."""
     if len(candidates) < 2:
         return {}
-    x = F.normalize(torch.from_numpy(image_emb[candidates]).float(), dim=1)
+    x = F.normalize(torch.from_numpy(image_emb[candidates]).to(device).float(), dim=1)
     k = min(len(candidates), args.clusters or math.ceil(len(candidates) / 10000))
     backend = args.kmeans if args.kmeans != "auto" else ("faiss" if _has_faiss() else "torch")
     assign, centroids = kmeans(x, k, args.kmeans_iters, backend)
@@ -504,14 +508,14 @@ def semdedup(image_emb, candidates, args, block=4096):
     for c in range(k):
         members = (assign == c).nonzero().flatten()
         order = members[(x[members] @ centroids[c]).argsort()]           # farthest from the centroid first
-        e = x[order]
+        e, order = x[order], order.tolist()
         for s in range(1, len(order), block):
             sim = e[:s + block] @ e[s:s + block].T                         # (rows before, block)
-            rows = torch.arange(len(sim))[:, None]
-            sim[rows >= torch.arange(s, s + sim.shape[1])[None, :]] = -2     # only images before each
+            rows = torch.arange(len(sim), device=x.device)[:, None]
+            sim[rows >= torch.arange(s, s + sim.shape[1], device=x.device)[None, :]] = -2   # only rows before
             best, by = sim.max(0)
             for j in (best > 1 - args.dedup_eps).nonzero().flatten().tolist():
-                removed[candidates[order[s + j]]] = (float(best[j]), candidates[order[by[j]]])
+                removed[candidates[order[s + j]]] = (float(best[j]), candidates[order[int(by[j])]])
     return removed
 
 
@@ -636,7 +640,7 @@ def main(argv=None):
     decisions.update({n: ("low_clip_score", float(s), None) for n, s, k in zip(live, scores, keep) if not k})
     # 4. SemDeDup over the images that keep a caption
     survivors = sorted({data.pairs[n][0] for n, k in zip(live, keep) if k})
-    repeats = semdedup(image_emb, [row_of[i] for i in survivors], args)
+    repeats = semdedup(image_emb, [row_of[i] for i in survivors], args, device=device)
     for n, k in zip(live, keep):
         if k and row_of[data.pairs[n][0]] in repeats:
             cos, other = repeats[row_of[data.pairs[n][0]]]
