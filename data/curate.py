@@ -30,8 +30,8 @@ dataset and any model (docs/curate.md has the measurements behind them):
 - near duplicates: a perceptual hash within 4 bits finds the candidates, and at 64 px at most
   0.1 % of the pixels may differ (a re-encoding or a resize changes none; another object does);
 - the CLIP score without a threshold flag: a fixed cosine means nothing across models, so each
-  caption ranks its own image among 100 random images of the dataset (seeded) and the pair is kept
-  when at most 5 of them score higher (its image is in the caption's top 5 %);
+  caption ranks its own image among 100 other images of the dataset drawn at random (seeded; all of
+  them in a smaller set) and the pair is kept when at most 5 % score higher (its top 5 %);
 - SemDeDup's eps is 0.0001: only what the model sees as one image goes (the paper's 0.01-0.07
   would remove different images of one scene on the tiny data; choose it on purpose).
 
@@ -113,7 +113,7 @@ def read_shards(spec):
     images, pairs, samples, by_id = [], [], [], {}
     for url in urls:
         try:
-            with tarfile.open(url) as tar:
+            with tarfile.open(url, "r:") as tar:               # uncompressed: images are read at offsets
                 members = {}
                 for m in tar:
                     key, ext = base_plus_ext(m.name)            # webdataset's grouping of a sample's files
@@ -169,9 +169,9 @@ def write_kept(data, kept_pairs, out):
         text = io.StringIO()
         writer = csv.writer(text)
         writer.writerow(["image", "caption"])
-        writer.writerows([data.images[i], c] for i, caps in by_image.items() for c in caps)
+        writer.writerows([os.path.abspath(data.images[i]), c] for i, caps in by_image.items() for c in caps)
         return write_atomic(os.path.join(out, "kept.csv"), text.getvalue())
-    kept = [{"image": data.images[i], "caption": caps, "image_id": data.records[i]["image_id"]}
+    kept = [{"image": os.path.abspath(data.images[i]), "caption": caps, "image_id": data.records[i]["image_id"]}
             for i, caps in by_image.items()]
     return write_atomic(os.path.join(out, "kept.json"), json.dumps(kept, indent=1))
 
@@ -197,6 +197,12 @@ def model_kind(path):
                                 f"(a CLIPModel folder), CoCa (open_clip weights) or our CLIP/CoCa "
                                 f"checkpoints")
             return "clip"
+        config = os.path.join(path, "open_clip_config.json")
+        if os.path.isfile(config):
+            with open(config) as f:
+                if "multimodal_cfg" not in json.load(f).get("model_cfg", {}):
+                    raise UserError(f"--model {path}: open_clip CLIP weights; curate.py takes CLIP as a "
+                                    f"transformers CLIPModel folder or one of our checkpoints")
         return "coca"                          # open_clip's folder: coca_train's loader checks it
     if not os.path.isfile(path):
         raise UserError(f"--model {path} does not exist")
@@ -430,11 +436,12 @@ def embed(model, tokenizer, cfg, images, captions, args, device):
 
 # ---- 3. CLIP score (DataComp) ----
 
-def clip_score_filter(scores, image_emb, text_emb, args, draws=100, allowed=5):
+def clip_score_filter(scores, image_emb, text_emb, args, pair_row=None, draws=100, allowed=0.05):
     """(keep mask over the pairs, threshold or None, the rule in words). --min-clip-score S keeps
     score >= S; --keep-fraction F the top F (DataComp's rank cut). By default each caption is scored
-    against `draws` images of the dataset drawn at random (seeded) and the pair is kept when at most
-    `allowed` of them score above its own image: a rank, so no cosine tuned to the model."""
+    against `draws` images of the dataset drawn at random (seeded; all of them when there are fewer;
+    its own image, pair_row, left out) and the pair is kept when at most `allowed` of them score above its own image: a
+    rank, so no cosine tuned to the model."""
     if args.min_clip_score is not None:
         return scores >= args.min_clip_score, args.min_clip_score, f"score >= {args.min_clip_score}"
     if args.keep_fraction is not None:
@@ -442,15 +449,18 @@ def clip_score_filter(scores, image_emb, text_emb, args, draws=100, allowed=5):
         threshold = float(np.sort(scores)[::-1][k - 1])
         return scores >= threshold, threshold, f"the top {args.keep_fraction:g} (score >= {threshold:.4f})"
     g = torch.Generator().manual_seed(0)
-    images = torch.from_numpy(image_emb)
-    beaten = torch.zeros(len(scores), dtype=torch.long)
+    images, rows = torch.from_numpy(image_emb), torch.from_numpy(np.asarray(pair_row))
+    keep = torch.zeros(len(scores), dtype=torch.bool)
     for start in range(0, len(scores), 4096):
-        t = torch.from_numpy(text_emb[start:start + 4096]).float()                   # (b, E)
-        drawn = images[torch.randint(len(images), (len(t), draws), generator=g)].float()   # (b, M, E)
-        s = torch.einsum("be,bme->bm", t, drawn)
-        beaten[start:start + len(t)] = (s > torch.from_numpy(scores[start:start + len(t)])[:, None]).sum(1)
-    rule = f"rank: at most {allowed} of {draws} random images score above the pair's own"
-    return (beaten <= allowed).numpy(), None, rule
+        t, own = torch.from_numpy(text_emb[start:start + 4096]).float(), rows[start:start + 4096]   # (b, E)
+        drawn = (torch.randint(len(images), (len(t), draws), generator=g) if len(images) > draws + 1 else
+                 torch.arange(len(images)).expand(len(t), -1))           # (b, M); a small set: every image
+        s = torch.einsum("be,bme->bm", t, images[drawn].float())
+        own_score = torch.einsum("be,be->b", t, images[own].float())                  # the same arithmetic
+        other = drawn != own[:, None]
+        keep[start:start + len(t)] = ((s > own_score[:, None]) & other).sum(1) <= allowed * other.sum(1)
+    rule = f"rank: at most {allowed:.0%} of {draws} random other images score above the pair's own"
+    return keep.numpy(), None, rule
 
 
 # ---- 4. SemDeDup ----
@@ -636,7 +646,7 @@ def main(argv=None):
     pair_row = np.array([row_of[data.pairs[n][0]] for n in live])
     scores = (image_emb[pair_row].astype(np.float32) * text_emb.astype(np.float32)).sum(1)
     # 3. CLIP score (every rank decides the same; rank 0 writes)
-    keep, threshold, rule = clip_score_filter(scores, image_emb, text_emb, args)
+    keep, threshold, rule = clip_score_filter(scores, image_emb, text_emb, args, pair_row)
     decisions.update({n: ("low_clip_score", float(s), None) for n, s, k in zip(live, scores, keep) if not k})
     # 4. SemDeDup over the images that keep a caption
     survivors = sorted({data.pairs[n][0] for n, k in zip(live, keep) if k})

@@ -296,7 +296,10 @@ def test_models_of_other_kinds_are_one_line_errors_naming_them(small, model_data
     albef = tmp_path / "albef" / "checkpoint_last.pt"
     BertModel(BertConfig(vocab_size=30, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
                          intermediate_size=32)).save_pretrained(tmp_path / "bert")
-    for model, kind in ((albef, "ALBEF"), (tmp_path / "bert", "'bert'"), (tmp_path / "missing.pt", "exist")):
+    os.makedirs(tmp_path / "oc_clip")                    # an open_clip CLIP folder: no multimodal_cfg
+    (tmp_path / "oc_clip" / "open_clip_config.json").write_text(json.dumps({"model_cfg": {"embed_dim": 8}}))
+    for model, kind in ((albef, "ALBEF"), (tmp_path / "bert", "'bert'"), (tmp_path / "missing.pt", "exist"),
+                        (tmp_path / "oc_clip", "open_clip CLIP")):
         with pytest.raises(UserError) as e:
             curate_run(path, model, tmp_path / "out")
         assert str(model) in str(e.value) and kind in str(e.value) and "\n" not in str(e.value), e.value
@@ -487,6 +490,34 @@ def test_clip_score_cuts():
                                                   types.SimpleNamespace(min_clip_score=s, keep_fraction=None))
     assert keep[5] and threshold == s
     assert keep.tolist() == (scores >= s).tolist() and 0 < keep.sum() < 37
+
+
+@pytest.mark.parametrize("n", [1, 3, 10])
+def test_default_rank_rule_keeps_true_pairs_of_small_datasets_and_drops_swapped_ones(n):
+    """n images with one caption each that fits it (cosine ~0.9, ~0 to the others): every pair is
+    kept, though the random draws hit each pair's own image (left out) and n < 100 draws; with the
+    captions rolled by one (n > 1) every pair is removed."""
+    g = torch.Generator().manual_seed(n)
+    images = F.normalize(torch.randn(n, 64, generator=g), dim=1)
+    captions = F.normalize(images + 0.3 * torch.randn(n, 64, generator=g) / 8, dim=1)
+    args = types.SimpleNamespace(min_clip_score=None, keep_fraction=None)
+    for rows, want in [(np.arange(n), True)] + ([(np.roll(np.arange(n), 1), False)] if n > 1 else []):
+        scores = (images[rows] * captions).sum(1).numpy()
+        keep, _, _ = curate.clip_score_filter(scores, images.half().numpy(), captions.half().numpy(), args, rows)
+        assert keep.tolist() == [want] * n, (n, want, keep)
+
+
+def test_relative_image_root_gives_absolute_paths(small, clip_ckpt, tmp_path, monkeypatch):
+    """--image-root given relative to the working folder: kept.json's paths still resolve from OUT."""
+    with open(small.json) as f:
+        records = json.load(f)[:4]
+    monkeypatch.chdir(os.path.dirname(records[0]["image"]))
+    for r in records:
+        r["image"] = os.path.basename(r["image"])
+    (tmp_path / "rel.json").write_text(json.dumps(records))
+    curate_run(tmp_path / "rel.json", clip_ckpt, tmp_path / "out", "--image-root", ".", "--keep-fraction", "1")
+    kept = read_annotations(str(tmp_path / "out" / "kept.json"))
+    assert kept and all(os.path.isabs(r["image"]) and os.path.isfile(r["image"]) for r in kept)
 
 
 def test_image_checks_too_small_odd_aspect_and_copied_file(small, tmp_path):
