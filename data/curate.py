@@ -643,6 +643,13 @@ def main(argv=None):
     image_emb, text_emb = embed(model, tokenizer, cfg, [data.images[i] for i in good],
                                 [data.pairs[n][1] for n in live], args, device)
     embedding_seconds = time.time() - embedding_started
+    if dist.is_main():          # the keys of the arrays' rows: images_*.npy, then captions_*.npy
+        folder = os.path.join(args.out, "embeddings")
+        write_atomic(os.path.join(folder, "images.jsonl"), "".join(
+            json.dumps({"image": data.name(i)}) + "\n" for i in good))
+        write_atomic(os.path.join(folder, "captions.jsonl"), "".join(
+            json.dumps({"image": data.name(data.pairs[n][0]), "caption": data.pairs[n][1]}) + "\n"
+            for n in live))
     pair_row = np.array([row_of[data.pairs[n][0]] for n in live])
     scores = (image_emb[pair_row].astype(np.float32) * text_emb.astype(np.float32)).sum(1)
     # 3. CLIP score (every rank decides the same; rank 0 writes)

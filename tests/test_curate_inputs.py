@@ -197,6 +197,8 @@ def check_embeddings(out, want_images, want_captions):
                                  if f.startswith(kind + "_")]) for kind in ("images", "captions")}
     for kind, want in (("images", want_images), ("captions", want_captions)):
         assert got[kind].dtype == np.float16 and got[kind].shape == want.shape
+        with open(os.path.join(folder, f"{kind}.jsonl")) as f:          # the rows' keys
+            assert sum(1 for _ in f) == len(want)
         np.testing.assert_allclose(got[kind].astype(np.float32), want, atol=2e-3, rtol=0)
 
 
@@ -319,7 +321,7 @@ def test_a_second_run_recomputes_only_the_missing_chunk(json_run, small, clip_ck
     assert sum(f.startswith("captions_") for f in before) > 1
     os.remove(folder / "images_000001.npy")
     os.remove(out / "report.json")
-    mtimes = {f: os.stat(folder / f).st_mtime_ns for f in os.listdir(folder) if f != "manifest.json"}
+    mtimes = {f: os.stat(folder / f).st_mtime_ns for f in os.listdir(folder) if f.endswith(".npy")}
     encoded = collections.Counter()
     load = curate.load_model
 
