@@ -302,12 +302,14 @@ def _read_csv(path):
 # ---- images and transforms ----
 
 def load_rgb(path, name=None):
-    """Open an image (a path, or a file object with `name` for messages) as RGB. Grayscale and palette
-    images are converted; transparency is composited on white (a plain convert('RGB') would turn
+    """Open an image (a path, or a file object with `name` for messages) as RGB. Grayscale (8- and
+    16-bit) and palette images are converted; transparency is composited on white (a plain convert('RGB') would turn
     transparent pixels black or noise)."""
     try:
         with Image.open(path) as img:
             img.load()
+            if img.mode.startswith("I;16") or (img.mode == "I" and img.getextrema()[1] > 255):
+                img = img.point(lambda v: v * (1 / 256)).convert("L")   # 16-bit grey: convert() clips at 255
             if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
                 img = img.convert("RGBA")
                 canvas = Image.new("RGB", img.size, (255, 255, 255))

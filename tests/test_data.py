@@ -4,6 +4,7 @@ import logging
 import os
 import types
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -166,6 +167,15 @@ def test_skip_bad_replaces_a_broken_image_by_other_images_once_per_epoch(tmp_pat
                                                                  {"image": "g0.png", "caption": "y"}]))
     with pytest.raises(ValueError, match="none of the 2 training images is readable"):
         ImageTextDataset(only_bad, Example(train_transform(16), tok, 8), skip_bad=True)[0]
+
+
+def test_sixteen_bit_grayscale_keeps_its_levels(tmp_path):
+    """A 16-bit grey PNG (PIL mode I;16) scaled to 8 bits, not clipped to white by convert('RGB')."""
+    levels = np.repeat(np.array([0, 16384, 32768, 49152], dtype=np.uint16), 4).reshape(4, 4)
+    Image.fromarray(levels).save(tmp_path / "g16.png")
+    assert Image.open(tmp_path / "g16.png").mode.startswith("I")
+    got = np.asarray(load_rgb(str(tmp_path / "g16.png")))
+    assert got.shape == (4, 4, 3) and got[::1, 0, 0].tolist() == [0, 64, 128, 192]
 
 
 def test_grayscale_palette_rgba_become_rgb(tmp_path):
