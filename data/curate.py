@@ -260,6 +260,14 @@ def image_properties(ref):
             "md5": hashlib.md5(img.tobytes()).hexdigest(), "phash": phash(grey)}
 
 
+def readable_size(ref):
+    """Without --quality: only whether the image decodes (its size), None when it does not."""
+    try:
+        return {"size": open_image(ref).size}
+    except OSError:
+        return None
+
+
 def laplacian_var(grey):
     lap = grey.filter(ImageFilter.Kernel((3, 3), (0, 1, 0, 1, -4, 1, 0, 1, 0), 1, 128))
     return float(np.asarray(lap, dtype=np.float32)[1:-1, 1:-1].var())      # the border is padding
@@ -310,7 +318,7 @@ def image_checks(data, args):
     order: unreadable; too_small (shorter side < --min-size); odd_aspect_ratio (short / long <
     --min-aspect); low_information (entropy < --low-information x the median); blurry (blur >
     --blurry); exact_duplicate (the pixels of an image before it); near_duplicate (near_duplicates)."""
-    props = sharded_map(image_properties, data.images, args.workers)
+    props = sharded_map(image_properties if args.quality else readable_size, data.images, args.workers)
     failed = {i: ("unreadable", None, None) for i, p in enumerate(props) if p is None}
     readable = [p for p in props if p is not None]
     if not readable:
