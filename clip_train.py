@@ -38,6 +38,7 @@ from common.data import (Example, image_folder, load_tokenizer,
                          open_clip_cleaner, read_annotations, retrieval_texts, tiny_data,
                          train_loader, train_transform, training_records)
 from common.encoders import Block, TextTransformer, VisionTransformer
+from common.export import export_source
 from common.metrics import (embed_images, embed_texts, retrieval_metrics,
                             zeroshot_classifier_sharded, zeroshot_metrics)
 from common.run import (end_epoch, epochs, eval_only, finish, log_train, open_log, optimizer_step,
@@ -277,7 +278,7 @@ class Config(BaseConfig):
     unmasked_steps: int = 0         # FLIP: the last N steps keep every patch (unmasked tuning)
     # run
     output_dir: str = "runs/clip"
-    init_from: str = ""             # Hugging Face CLIPModel folder, or one of our checkpoints
+    init_from: str = ""             # transformers CLIPModel or open_clip folder, or our checkpoint
 
 
 MODEL_FIELDS = ("image_size", "patch_size", "vision_width", "vision_layers", "vision_heads",
@@ -332,10 +333,12 @@ def build_model(cfg, init, arch):
 def main(argv=None):
     rank, local_rank, world_size, device = dist.setup()
     cfg, ckpt = resolve_config(Config, PRESETS, argv, description=__doc__,
-                               choices={"loss": ["clip", "siglip", "diht"]})
+                               choices={"loss": ["clip", "siglip", "diht"],
+                                        "export_format": list(clip_weights.TARGETS)})
     precision = resolve_precision(cfg.precision, device)
     seed_everything(cfg.seed)                     # the same initial weights on every rank
-    init = clip_weights.read_init(cfg.init_from)  # a transformers folder, or one of our checkpoints
+    init = clip_weights.read_init(cfg.init_from)  # a transformers or open_clip folder, or ours
+    source = cfg.export and export_source(init, ckpt, cfg, "clip", MODEL_FIELDS, PRESETS)
     saved_tokenizer = init[1]["config"]["tokenizer"] if init[1] else ""   # one of our checkpoints'
     tokenizer = load_tokenizer(cfg.tokenizer or saved_tokenizer, cfg.init_from,
                                use_tiny=not (cfg.train_data or cfg.val_data or cfg.zeroshot_data),
@@ -343,12 +346,14 @@ def main(argv=None):
     arch = settle_config(cfg, init, tokenizer)    # from here on cfg is only read
     model = build_model(cfg, init, arch).to(device)
     del init
+    if ckpt:
+        model.load_state_dict(ckpt["model"])
+    if cfg.export:                     # --export DIR: the weights in the format their community loads
+        return clip_weights.export(model, cfg, tokenizer, source)
     if cfg.grad_checkpointing:
         model.set_grad_checkpointing()
     loader, sampler, val, zeroshot = build_data(cfg, tokenizer, rank, world_size)
     log = open_log(cfg, "clip", resumed=ckpt is not None)
-    if ckpt:
-        model.load_state_dict(ckpt["model"])
 
     def evaluate_run():
         return evaluate(model, cfg, val, zeroshot, tokenizer, device, precision)

@@ -49,6 +49,9 @@ class BaseConfig:
     save_every: int = 1000          # steps between checkpoint_last.pt saves (and at every epoch end)
     log_every: int = 10             # steps between train records in metrics.jsonl
     report_to: str = ""             # also send those records to "tensorboard", "wandb" or "tensorboard,wandb"
+    export: str = ""                # write the --init-from / --resume weights to this new folder in
+                                    # --export-format and exit (docs: "Publishing your model")
+    export_format: str = ""         # empty: the script's first target (see the script's --export)
 
 
 # ---- presets, task recipes, command line, checkpoint ----
@@ -113,8 +116,8 @@ def build_parser(config_cls, presets, description=None, choices=None, recipes_do
 # (--image-root is not one: it resolves the training annotations' image paths.)
 RESUME_MUTABLE = ("output_dir", "resume", "init_from", "eval_only", "workers", "log_every", "save_every", "report_to",
                   "precision", "compile", "grad_checkpointing", "fsdp", "val_data", "zeroshot_data",
-                  "max_bad_steps")
-RESUME_FRESH = ("output_dir", "resume", "init_from", "eval_only")
+                  "max_bad_steps", "export", "export_format")
+RESUME_FRESH = ("output_dir", "resume", "init_from", "eval_only", "export", "export_format")
 
 # Counts and intervals: the smallest value each may take (checked for the fields a Config has).
 AT_LEAST = {1: ("epochs", "batch_size", "accum_steps", "log_every", "save_every", "max_bad_steps", "k_test",

@@ -166,6 +166,7 @@ def checkpoint(run, name):
              "epoch": run.step // run.steps_per_epoch, "best": run.best, **run.guard.state_dict(),
              "evaluated": run.evaluated, "steps_per_epoch": run.steps_per_epoch,
              "world_size": dist.world_size(), "config": dataclasses.asdict(run.cfg), **run.extra,
+             "method": run.log.project,
              "rng": dist.gather_objects(rng_state()), "data": dist.gather_objects(run.sampler.state_dict())}
     if dist.is_main():
         save_checkpoint(os.path.join(run.cfg.output_dir, name), state)

@@ -592,6 +592,7 @@ class MetricLog:
                 raise UserError(f"--report-to {name!r}: expected tensorboard, wandb or both (comma-separated)")
             if importlib.util.find_spec(name) is None:
                 raise UserError(f"--report-to {name} needs the {name} package: pip install {name}")
+        self.project = project               # the method; checkpoints carry it (an --export checks it)
         self.path = os.path.join(output_dir, "metrics.jsonl") if dist.is_main() else None
         self.tensorboard = self.wandb = None
         if not dist.is_main():

@@ -4,7 +4,8 @@ tests/contract_keys.json from checkpoints written before the redesign of issue 2
 default run; evaluation skipped). A renamed parameter, a dropped or renamed config field or
 checkpoint field would leave earlier checkpoints unable to resume or initialise a run. Fields
 added since (issue 21: CLIP's loss, diht_alpha, diht_beta, patch_dropout, unmasked_steps; CoCa's
-patch_dropout, unmasked_steps) are in the lists too: a checkpoint without them resumes with
+patch_dropout, unmasked_steps; --export's export and export_format, and the checkpoint's method) are in
+the lists too: a checkpoint without them resumes with
 their defaults, which are the behaviour it was trained with."""
 import importlib
 import json

@@ -1,0 +1,155 @@
+"""clip_train.py --export: the trained tiny CLIP (the session's 160-step run) written as a transformers
+CLIPModel folder and as an open_clip folder, loaded there with the library's own calls, computes our
+embeddings, logits and loss; the library's own tokenizer and preprocessing give our ids and pixels, and
+so our retrieval numbers; our --init-from of each export holds every weight of the checkpoint."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import clip_train
+from common.data import Tokenizer, eval_transform, load_rgb, read_annotations, retrieval_texts
+from common.metrics import retrieval_metrics
+from common.utils import UserError, load_checkpoint
+from common.weights import clip as clip_weights
+from tests.test_distributed import ROOT
+
+open_clip = pytest.importorskip("open_clip")
+
+
+@pytest.fixture(scope="module")
+def run(trained_clip, tiny, tmp_path_factory):
+    """The checkpoint, our model on it, its val split (first 40 images) and the two exports."""
+    folder, _ = trained_clip
+    ckpt_path = str(folder / "checkpoint_best.pt")
+    ckpt = load_checkpoint(ckpt_path)
+    model = clip_train.CLIP(clip_train.Config(**ckpt["config"])).eval()
+    model.load_state_dict(ckpt["model"])
+    out = tmp_path_factory.mktemp("export")
+    for fmt in ("transformers", "open_clip"):
+        clip_train.main(["--init-from", ckpt_path, "--export", str(out / fmt), "--export-format", fmt])
+    val = read_annotations(os.path.join(tiny, "val.json"))[:40]
+    texts, txt2img = retrieval_texts(val)
+    return dict(ckpt_path=ckpt_path, ckpt=ckpt, model=model, out=out, val=val, texts=texts, txt2img=txt2img,
+                images=[load_rgb(r["image"]) for r in val],
+                ids=Tokenizer(ckpt["config"]["tokenizer"])(texts, ckpt["config"]["context_length"]))
+
+
+def ours(run):
+    """Our embeddings of the val images (our eval preprocessing) and texts, our CLIP loss over the
+    images and their first captions, and those captions' rows."""
+    model, size = run["model"], run["ckpt"]["config"]["image_size"]
+    pixels = torch.stack([eval_transform(size)(im) for im in run["images"]])
+    first = [run["txt2img"].tolist().index(i) for i in range(len(pixels))]    # each image's first caption
+    with torch.no_grad():
+        image_emb, text_emb = model.encode_image(pixels), model.encode_text(run["ids"])
+        loss = clip_train.clip_loss(image_emb, text_emb[first], model.logit_scale.exp())
+    return pixels, image_emb, text_emb, loss, first
+
+
+def test_transformers_clipmodel_computes_ours(run):
+    from transformers import AutoProcessor, CLIPModel
+    folder = str(run["out"] / "transformers")
+    hf, processor = CLIPModel.from_pretrained(folder).eval(), AutoProcessor.from_pretrained(folder)
+    pixels, image_emb, text_emb, loss, first = ours(run)
+    L = run["ckpt"]["config"]["context_length"]
+    ids = processor(text=run["texts"], padding="max_length", max_length=L, truncation=True,
+                    return_tensors="pt")["input_ids"]
+    assert torch.equal(ids, run["ids"])                                     # its tokenizer: our rows
+    their_pixels = processor(images=run["images"], return_tensors="pt")["pixel_values"]
+    torch.testing.assert_close(their_pixels, pixels, atol=1e-5, rtol=0)     # its preprocessing: ours
+    with torch.no_grad():
+        out = hf(input_ids=ids[first], pixel_values=pixels, return_loss=True)
+        full = hf(input_ids=ids, pixel_values=their_pixels)
+    torch.testing.assert_close(out.image_embeds, image_emb, atol=1e-5, rtol=0)
+    torch.testing.assert_close(out.text_embeds, text_emb[first], atol=1e-5, rtol=0)
+    scale = run["model"].logit_scale.exp()
+    torch.testing.assert_close(out.logits_per_image, scale * image_emb @ text_emb[first].T, atol=1e-5, rtol=1e-6)
+    torch.testing.assert_close(out.loss, loss, atol=1e-5, rtol=0)
+    # a user's retrieval numbers through transformers alone equal ours on the same split
+    theirs = retrieval_metrics(full.image_embeds @ full.text_embeds.T, run["txt2img"])
+    assert theirs == pytest.approx(retrieval_metrics(image_emb @ text_emb.T, run["txt2img"]), abs=1e-9)
+    assert theirs["r_mean"] > 20                                            # a trained model, not chance
+    card = (run["out"] / "transformers" / "README.md").read_text()
+    step = run["ckpt"]["step"]
+    assert "library_name: transformers" in card and f"| tiny | the built-in tiny set | {step} |" in card
+    assert "| r_mean |" in card and "python clip_train.py" in card and "--max-steps 160" in card
+
+
+def test_open_clip_folder_computes_ours(run):
+    folder = "local-dir:" + str(run["out"] / "open_clip")
+    model, _, preprocess = open_clip.create_model_and_transforms(folder)
+    tokenizer = open_clip.get_tokenizer(folder)
+    model.eval()
+    pixels, image_emb, text_emb, loss, first = ours(run)
+    ids = tokenizer(run["texts"])
+    assert torch.equal(ids, run["ids"])
+    their_pixels = torch.stack([preprocess(im) for im in run["images"]])
+    torch.testing.assert_close(their_pixels, pixels, atol=1e-5, rtol=0)
+    with torch.no_grad():
+        image_features, text_features, logit_scale = model(pixels, ids[first])
+        their_loss = open_clip.ClipLoss()(image_features, text_features, logit_scale)
+        all_images = model.encode_image(their_pixels, normalize=True)
+        all_texts = model.encode_text(ids, normalize=True)
+    torch.testing.assert_close(image_features, image_emb, atol=1e-5, rtol=0)
+    torch.testing.assert_close(text_features, text_emb[first], atol=1e-5, rtol=0)
+    torch.testing.assert_close(their_loss, loss, atol=1e-5, rtol=0)
+    theirs = retrieval_metrics(all_images @ all_texts.T, run["txt2img"])
+    assert theirs == pytest.approx(retrieval_metrics(image_emb @ text_emb.T, run["txt2img"]), abs=1e-9)
+    assert "library_name: open_clip" in (run["out"] / "open_clip" / "README.md").read_text()
+
+
+@pytest.mark.parametrize("fmt", ["transformers", "open_clip"])
+def test_init_from_the_export_holds_every_weight(run, fmt):
+    """The export read back through --init-from's own path (read_init, the architecture, load_init)."""
+    path = str(run["out"] / fmt)
+    init = clip_weights.read_init(path)
+    assert init[0] == {"transformers": "hf", "open_clip": "open_clip"}[fmt]
+    arch = clip_weights.init_architecture(init, path, clip_train.MODEL_FIELDS)
+    assert arch == {k: run["ckpt"]["config"][k] for k in clip_train.MODEL_FIELDS}
+    model = clip_train.CLIP(clip_train.Config(**arch))
+    clip_weights.load_init(model, init, path)
+    state = model.state_dict()
+    assert state.keys() == run["ckpt"]["model"].keys()
+    for key, value in run["ckpt"]["model"].items():
+        assert torch.equal(state[key], value), key
+
+
+def test_siglip_bias_goes_to_open_clip_and_the_card_says_what_transformers_lacks(run, tmp_path, monkeypatch):
+    monkeypatch.setattr(clip_train, "evaluate", lambda *a, **k: {})
+    clip_train.main(["--loss", "siglip", "--max-steps", "1", "--batch-size", "8", "--workers", "0",
+                     "--output-dir", str(tmp_path / "run")])
+    ckpt = str(tmp_path / "run" / "checkpoint_last.pt")
+    bias = load_checkpoint(ckpt)["model"]["logit_bias"]
+    clip_train.main(["--init-from", ckpt, "--export", str(tmp_path / "oc"), "--export-format", "open_clip"])
+    model, _, _ = open_clip.create_model_and_transforms("local-dir:" + str(tmp_path / "oc"))
+    assert torch.equal(model.logit_bias.detach().reshape(()), bias)
+    clip_train.main(["--init-from", ckpt, "--export", str(tmp_path / "hf")])
+    assert f"learned bias b = {bias.item():.4f} is not in CLIPModel" in (tmp_path / "hf" / "README.md").read_text()
+
+
+def test_export_refuses_what_it_cannot_write(run, tmp_path):
+    with pytest.raises(UserError, match="exists and is not empty"):
+        clip_train.main(["--init-from", run["ckpt_path"], "--export", str(run["out"] / "transformers")])
+    with pytest.raises(UserError, match="pass --init-from CHECKPOINT"):
+        clip_train.main(["--export", str(tmp_path / "none")])
+    old = {**run["ckpt"], "config": {"fusion_layer": 6}}
+    old.pop("method")
+    torch.save(old, tmp_path / "old.pt")               # saved before checkpoints named their method
+    with pytest.raises(UserError, match="is not a clip_train.py checkpoint"):
+        clip_train.main(["--init-from", str(tmp_path / "old.pt"), "--export", str(tmp_path / "x")])
+    assert not os.path.exists(tmp_path / "x") and not os.path.exists(tmp_path / "x.tmp")
+
+
+def test_another_scripts_checkpoint_is_one_line_exit_2(run, tmp_path):
+    torch.save({**run["ckpt"], "method": "albef"}, tmp_path / "albef.pt")
+    proc = subprocess.run([sys.executable, "clip_train.py", "--init-from", str(tmp_path / "albef.pt"),
+                           "--export", str(tmp_path / "hf")], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = [line for line in proc.stderr.splitlines() if line.strip() and "Warning" not in line]
+    assert lines == [f"error: {tmp_path / 'albef.pt'} is a albef checkpoint: export it with albef_train.py, "
+                     "not clip_train.py"], proc.stderr[-2000:]
