@@ -153,3 +153,12 @@ def test_another_scripts_checkpoint_is_one_line_exit_2(run, tmp_path):
     lines = [line for line in proc.stderr.splitlines() if line.strip() and "Warning" not in line]
     assert lines == [f"error: {tmp_path / 'albef.pt'} is a albef checkpoint: export it with albef_train.py, "
                      "not clip_train.py"], proc.stderr[-2000:]
+
+
+def test_resume_exports_the_same_weights(run, tmp_path):
+    from safetensors.torch import load_file
+    clip_train.main(["--resume", run["ckpt_path"], "--export", str(tmp_path / "hf"),
+                     "--output-dir", str(tmp_path / "untouched")])
+    assert not os.path.exists(tmp_path / "untouched")                  # an export writes no run folder
+    a, b = (load_file(str(d / "model.safetensors")) for d in (tmp_path / "hf", run["out"] / "transformers"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
