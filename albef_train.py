@@ -575,7 +575,8 @@ FINETUNE = {
                       epochs=5, batch_size=32, max_length=30, k_test=256, min_scale=0.5),
 }
 TASKS = ("pretrain", "retrieval")
-CHOICES = {"task": TASKS, "itm_negatives": ("local", "global"), "rerank_score": ("itm", "itm+itc")}
+CHOICES = {"task": TASKS, "itm_negatives": ("local", "global"), "rerank_score": ("itm", "itm+itc"),
+           "export_format": ("official",)}
 RESUME_MUTABLE = ("k_test", "itm_batch", "rerank_score")
 
 
@@ -638,8 +639,7 @@ def build_albef(cfg, tokenizer):
 
 
 def build_model(cfg, tokenizer, init):
-    """A fresh ALBEF, then the --init-from weights (`init`: albef_weights.read_init: an official
-    file, ours, or a DeiT/ViT) and the --init-text BERT."""
+    """A fresh ALBEF, the --init-from weights (`init`: read_init's) and the --init-text BERT."""
     model = build_albef(cfg, tokenizer)
     albef_weights.load_init(model, init, cfg.init_from, cfg.init_text)
     return model
@@ -664,8 +664,7 @@ def freeze_unused(model, task):
 
 
 def alpha_at(cfg, step, steps_per_epoch, device):
-    """Distillation weight, ramped linearly over the first epoch (Pretrain.py, Retrieval.py).
-    A 0-d tensor, so that a compiled step does not recompile for every new value."""
+    """Distillation weight, ramped over epoch 0 (Pretrain.py, Retrieval.py); 0-d: no recompiles."""
     return torch.tensor(cfg.alpha * min(1.0, step / steps_per_epoch), device=device)
 
 
@@ -679,20 +678,23 @@ def main(argv=None):
     precision = resolve_precision(cfg.precision, device)
     seed_everything(cfg.seed)                     # the same initial weights on every rank
     init = albef_weights.read_init(cfg.init_from)    # an official file, ours, a DeiT/ViT, or none
+    source = cfg.export and albef_weights.export_source(init, ckpt, cfg, MODEL_FIELDS, PRESETS)
     saved_tokenizer = init[1]["config"]["tokenizer"] if init[0] == "ours" else ""
     tokenizer = load_tokenizer(cfg.tokenizer or saved_tokenizer, cfg.init_text,
                                use_tiny=not (cfg.train_data or cfg.val_data))
     settle_config(cfg, init, tokenizer)           # from here on cfg is only read
     model = build_model(cfg, tokenizer, init)
     del init
+    if ckpt:
+        model.load_state_dict(ckpt["model"])
+    if cfg.export:                 # --export DIR: the official .pth layout (docs/albef.md); exit
+        return albef_weights.export(model, cfg, tokenizer, source)
     check_config(cfg, world_size)
     model.to(device)
     if cfg.grad_checkpointing:
         model.set_grad_checkpointing()
     loader, sampler, val = build_data(cfg, tokenizer, rank, world_size)
     log = open_log(cfg, "albef", resumed=ckpt is not None)
-    if ckpt:
-        model.load_state_dict(ckpt["model"])
 
     def evaluate_run():
         return evaluate(model, cfg, val, tokenizer, device, precision)
@@ -707,8 +709,7 @@ def main(argv=None):
     if cfg.compile:
         train_model = torch.compile(train_model)
     optimizer = adamw(param_groups(model, cfg.weight_decay), lr=cfg.lr)
-    # warm-up from warmup_lr, then cosine to min_lr, per step; the scaler, the non-finite guard;
-    # a resumed run's state
+    # the per-step schedule (warm-up, cosine to min_lr), the scaler, the non-finite guard, resume
     run = start_run(cfg, model, optimizer, loader, sampler, log, ckpt, precision)
     del ckpt
 

@@ -12,6 +12,7 @@ from contextlib import contextmanager
 
 import torch
 
+from . import dist
 from .utils import UserError
 
 
@@ -22,6 +23,8 @@ def export_source(init, ckpt, cfg, method, fields, presets):
     for one saved before checkpoints carried it, a missing architecture field of `fields`), or no
     weights at all, is a one-line error. Call it before the architecture is read from `init`."""
     script = f"{method}_train.py"
+    if dist.world_size() > 1:
+        raise UserError(f"--export runs in one process: python {script} ..., not torchrun")
     kind, saved = init if ckpt is None else ("ours", ckpt)
     path = cfg.init_from if ckpt is None else cfg.resume
     if kind is None:
@@ -78,7 +81,11 @@ def new_folder(folder):
     tmp = folder.rstrip("/") + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
-    yield tmp
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if os.path.isdir(folder):
         os.rmdir(folder)
     os.replace(tmp, folder)

@@ -4,17 +4,22 @@ retrieval), a DeiT / ViT to start the image encoder from (a timm state dict or a
 ViTModel folder), a transformers BERT folder for the text and fusion encoder, and one of our own
 checkpoints. The functions take the model (albef_train.ALBEF) and return plain dicts of Config
 fields; nothing here imports the script."""
+import json
 import os
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from .. import dist
+from ..export import (export_source as source_of, model_card, new_folder, save_json,
+                      save_safetensors, save_tokenizer)
 from ..encoders import (hf_bert_lm_head_map, hf_bert_map, hf_vit_map, load_mapped,
                         read_hf_checkpoint, read_weights_file, resize_pos_embed, timm_vit_map)
 from ..utils import UserError
 
 QUEUES = ("idx_queue", "image_queue", "queue_filled", "queue_ptr", "text_queue")
+WEIGHTS = "model.pth"           # --export's file: the official layout, {'model': state_dict}
 MOMENTUM = ("visual_encoder_m.", "text_encoder_m.", "mlm_head_m.", "vision_proj_m.", "text_proj_m.")
 
 
@@ -24,7 +29,9 @@ def read_init(path):
     folder); (None, None) without one."""
     if not path:
         return None, None
-    if os.path.isdir(path):
+    if os.path.isfile(os.path.join(path, WEIGHTS)):          # a folder written by --export
+        path = os.path.join(path, WEIGHTS)
+    elif os.path.isdir(path):
         return "vit", None
     saved, state = read_weights_file(path)
     if "visual_encoder.pos_embed" in state:
@@ -97,12 +104,45 @@ def official_architecture(state, path):
                     text_heads=text_width // 64,
                     text_mlp_dim=state[text + "encoder.layer.0.intermediate.dense.weight"].shape[0],
                     max_positions=state[text + "embeddings.position_embeddings.weight"].shape[0],
-                    type_vocab_size=len(state[text + "embeddings.token_type_embeddings.weight"]),
+                    type_vocab_size=token_types(state, text),
                     vocab_size=vocab, embed_dim=state["vision_proj.weight"].shape[0],
                     image_size=grid * patch)
     except (KeyError, ValueError) as e:
         raise UserError(f"{path}: not in the official ALBEF key layout ({type(e).__name__}: {e})") \
             from None
+
+
+def official_map(cfg, bert, *, lm_head=True, momentum=True):
+    """Our ALBEF's keys -> the official layout's, both ways (load_official, export). `bert`: the
+    text encoder's prefix, 'text_encoder.bert' in the pretraining model (xbert BertForMaskedLM) or
+    'text_encoder' in the retrieval model (a BertModel); `lm_head`: the file holds the MLM head
+    (text_encoder.cls.predictions; without it our decoder maps to the tied word embeddings);
+    `momentum`: the momentum copies (*_m). The token types are mapped when the model has them."""
+    L, f = cfg.text_layers, cfg.fusion_layer
+    mapping = {}
+    for s in ("", "_m")[:1 + momentum]:
+        vit, text = f"visual_encoder{s}", bert.replace("text_encoder", f"text_encoder{s}")
+        mapping.update(timm_vit_map(vit, vit, cfg.vision_layers))
+        mapping.update(hf_bert_map(f"text_encoder{s}", text, L, cross_layers=range(f, L),
+                                   token_types=cfg.type_vocab_size > 0))
+        words = text + ".embeddings.word_embeddings.weight"
+        if lm_head:
+            mapping.update(hf_bert_lm_head_map(f"mlm_head{s}", f"text_encoder{s}.cls.predictions",
+                                               tied_to=words))
+        else:
+            mapping[f"mlm_head{s}.decoder.weight"] = words          # tied: the word embeddings
+        for name in ("vision_proj", "text_proj"):
+            mapping.update({f"{name}{s}.{p}": f"{name}{s}.{p}" for p in ("weight", "bias")})
+    mapping.update({f"itm_head.{p}": f"itm_head.{p}" for p in ("weight", "bias")})
+    mapping["temp"] = "temp"
+    return mapping
+
+
+def token_types(state, text):
+    """Rows of the token-type matrix; 0 without one (LAVIS's BERT) or with one of zeros, which adds
+    nothing (the export of a run without token types writes zeros, which the official code adds)."""
+    rows = state.get(text + "embeddings.token_type_embeddings.weight")
+    return len(rows) if rows is not None and bool(rows.any()) else 0
 
 
 def load_official(model, state, path):
@@ -112,47 +152,27 @@ def load_official(model, state, path):
     no MLM head, no momentum model, no queues). Positions are interpolated to the model's image
     size. Every key is mapped and shape-checked; the parts a file may lack are named in the log and
     start as the official code would: the MLM head at BERT's initialisation, the momentum model as
-    a copy, the queues empty (a pretraining file's are loaded, as Retrieval.py does)."""
+    a copy, the queues empty (a pretraining file's are loaded, as Retrieval.py does). A zero
+    token-type matrix (--export of a run without token types) is read as none."""
     state = dict(state)
     cfg = model.cfg
-    L, f = cfg.text_layers, cfg.fusion_layer
     bert = "text_encoder.bert" if any(k.startswith("text_encoder.bert.") for k in state) \
         else "text_encoder"
+    momentum = any(k.startswith("visual_encoder_m.") for k in state)
+    lm_head = "text_encoder.cls.predictions.bias" in state
+    lacking = ([] if lm_head else ["MLM head"]) + ([] if momentum else ["momentum model"])
     grid = cfg.image_size // cfg.patch_size
-    mapping, lacking = {}, []
-    for suffix in ("", "_m"):
-        if suffix and not any(k.startswith("visual_encoder_m.") for k in state):
-            lacking.append("momentum model")
-            break
-        vit, text = f"visual_encoder{suffix}", bert.replace("text_encoder", f"text_encoder{suffix}")
+    for vit in ("visual_encoder", "visual_encoder_m")[:1 + momentum]:
         state[f"{vit}.pos_embed"] = resize_pos_embed(state[f"{vit}.pos_embed"][0], grid)
-        mapping.update(timm_vit_map(vit, vit, cfg.vision_layers))
-        mapping.update(hf_bert_map(f"text_encoder{suffix}", text, L, cross_layers=range(f, L),
-                                   token_types=True))
-        words = text + ".embeddings.word_embeddings.weight"
-        if f"text_encoder{suffix}.cls.predictions.bias" in state:
-            mapping.update(hf_bert_lm_head_map(f"mlm_head{suffix}",
-                                               f"text_encoder{suffix}.cls.predictions",
-                                               tied_to=words))
-        else:
-            mapping[f"mlm_head{suffix}.decoder.weight"] = words      # tied: the word embeddings
-            if not suffix:
-                lacking.append("MLM head")
-        for name in ("vision_proj", "text_proj"):
-            mapping.update({f"{name}{suffix}.{p}": f"{name}{suffix}.{p}"
-                            for p in ("weight", "bias")})
-    mapping.update({f"itm_head.{p}": f"itm_head.{p}" for p in ("weight", "bias")})
-    mapping["temp"] = "temp"
-    keep = list(QUEUES)
-    if "momentum model" in lacking:
-        keep += MOMENTUM
-    if "MLM head" in lacking:
+    mapping = official_map(cfg, bert, lm_head=lm_head, momentum=momentum)
+    keep = list(QUEUES) + ([] if momentum else list(MOMENTUM))
+    if not lm_head:
         keep += [f"mlm_head{s}.{n}" for s in ("", "_m")
                  for n in ("dense.", "LayerNorm.", "decoder.bias")]
     ignore = ("position_ids", "cls.predictions.decoder.", "image_queue", "text_queue", "idx_queue",
-              "queue_ptr")
+              "queue_ptr") + (() if cfg.type_vocab_size else ("token_type_embeddings",))
     load_mapped(model, state, mapping, source=path, ignore=ignore, keep_init=keep)
-    if "momentum model" in lacking:
+    if not momentum:
         model.copy_to_momentum()
     lacking += load_official_queues(model, state)
     if dist.is_main():
@@ -272,3 +292,143 @@ def load_text_init(model, path):
     load_mapped(holder, state, mapping, source=path, keep_init=keep,
                 ignore=("position_ids", "pooler.", "cls.seq_relationship.",
                         "cls.predictions.decoder."))
+
+
+# ---- --export: the official .pth layout ----
+
+def export_source(init, ckpt, cfg, fields, presets):
+    """common.export.export_source, a DeiT / ViT --init-from refused (not an ALBEF), and our
+    checkpoint's state dict ('state'), which export() writes as saved where the run's sizes are
+    the checkpoint's (--init-from rolls the queues and leaves idx_queue out)."""
+    if ckpt is None and init[0] == "vit":
+        raise UserError(f"--export writes an ALBEF: --init-from {cfg.init_from} is a ViT, not one")
+    source = source_of(init, ckpt, cfg, "albef", fields, presets)
+    return {**source, "state": init[1]["model"]} if ckpt is None and init[0] == "ours" else source
+
+
+def official_state(model, task):
+    """Our model in the layout the official code saves and loads: the pretraining model's
+    (ALBEF.pth: text_encoder.bert.*, the MLM head text_encoder.cls.predictions.*) or, for a
+    retrieval run, model_retrieval.py's (text_encoder.*, no MLM head, idx_queue); the momentum
+    copies, the queues, queue_ptr and temp; xbert's position_ids and the tied decoder entries, as
+    the files hold them. Returns (state dict, what differs from the official model's state)."""
+    cfg, ours = model.cfg, model.state_dict()
+    retrieval = task == "retrieval"
+    bert = "text_encoder" if retrieval else "text_encoder.bert"
+    mapping = official_map(cfg, bert, lm_head=not retrieval)
+    state = {}
+    for key, dst in mapping.items():              # the inverse of load_mapped: q, k, v split
+        dsts = dst if isinstance(dst, tuple) else (dst,)
+        value = ours[key].detach().cpu()
+        for d, part in zip(dsts, value.chunk(len(dsts)) if len(dsts) > 1 else (value,)):
+            lead = {"cls_token": 2, "pos_embed": 1}.get(d.rsplit(".", 1)[-1], 0)
+            state[d] = part.reshape((1,) * lead + part.shape).clone()
+    for s in ("", "_m"):
+        text = bert.replace("text_encoder", f"text_encoder{s}") + ".embeddings"
+        state[f"{text}.position_ids"] = torch.arange(cfg.max_positions)[None]
+        if not cfg.type_vocab_size:       # xbert always adds row 0: zeros add nothing
+            state[f"{text}.token_type_embeddings.weight"] = torch.zeros(2, cfg.text_width)
+        if not retrieval:                 # the decoder's entries: the same tensors (tied)
+            head = f"text_encoder{s}.cls.predictions"
+            state[f"{head}.decoder.weight"] = state[f"{text}.word_embeddings.weight"]
+            state[f"{head}.decoder.bias"] = state[f"{head}.bias"]
+    filled = model.queue_filled[0].cpu()
+    queues = {k: getattr(model, k).detach().cpu().clone() for k in ("image_queue", "text_queue")}
+    differences = []
+    if not filled.all():                  # the official queues start from random unit vectors
+        g = torch.Generator().manual_seed(0)
+        for q in queues.values():
+            q[:, ~filled] = F.normalize(torch.randn(q.shape[0], int((~filled).sum()), generator=g),
+                                        dim=0)
+        differences.append(f"{int((~filled).sum())} of the {cfg.queue_size} queue slots held no "
+                           "key yet (ours leave them out of ITC): they hold random unit vectors, "
+                           "as the official queues start, and take part in the official ITC")
+    state.update(queues, queue_ptr=model.queue_ptr.detach().cpu().clone())
+    if retrieval:                         # model_retrieval.py's buffer: the keys' image ids
+        state["idx_queue"] = model.idx_queue.detach().cpu().clone()
+    return state, differences
+
+
+def bert_config(cfg, tokenizer):
+    """configs/config_bert.json of the official code at our sizes (xbert reads fusion_layer and
+    encoder_width; LAVIS's med config add_type_embeddings: its BERT adds no token types anyway)."""
+    return {"architectures": ["BertForMaskedLM"], "attention_probs_dropout_prob": cfg.dropout,
+            "hidden_act": "gelu", "hidden_dropout_prob": cfg.dropout, "hidden_size": cfg.text_width,
+            "initializer_range": 0.02, "intermediate_size": cfg.text_mlp_dim,
+            "layer_norm_eps": cfg.text_eps, "max_position_embeddings": cfg.max_positions,
+            "model_type": "bert", "num_attention_heads": cfg.text_heads,
+            "num_hidden_layers": cfg.text_layers, "pad_token_id": tokenizer.pad_id,
+            "type_vocab_size": cfg.type_vocab_size or 2, "vocab_size": cfg.vocab_size,
+            "fusion_layer": cfg.fusion_layer, "encoder_width": cfg.vision_width,
+            "add_type_embeddings": False}
+
+
+def run_config(cfg):
+    """configs/Pretrain.yaml's model fields (bert_config, image_res, ...), and the ViT's sizes,
+    which the official model_pretrain.py fixes in code (ViT-B/16: 768 wide, 12 blocks, 12 heads)."""
+    fields = dict(bert_config="config.json", image_res=cfg.image_size,
+                  vision_width=cfg.vision_width, embed_dim=cfg.embed_dim, temp=cfg.temp,
+                  mlm_probability=cfg.mlm_probability, queue_size=cfg.queue_size,
+                  momentum=cfg.momentum, alpha=cfg.alpha,
+                  patch_size=cfg.patch_size, vision_layers=cfg.vision_layers,
+                  vision_heads=cfg.vision_heads, vision_mlp_dim=cfg.vision_mlp_dim,
+                  vision_eps=cfg.vision_eps)
+    return "".join(f"{k}: {v}\n" for k, v in fields.items())
+
+
+LOAD = """import torch, yaml
+from transformers import BertTokenizer
+state = torch.load("{path}/model.pth", map_location="cpu")["model"]
+# salesforce/ALBEF: models/model_pretrain.py (a retrieval run's file: model_retrieval.py), which
+# builds ViT-B/16 + bert-base; other sizes: its classes built at config.json / config.yaml's
+config = dict(yaml.safe_load(open("{path}/config.yaml")), bert_config="{path}/config.json")
+model = ALBEF(config=config, text_encoder="bert-base-uncased",
+              tokenizer=BertTokenizer.from_pretrained("{path}"), init_deit=False)
+msg = model.load_state_dict(state, strict=False)        # as Pretrain.py / Retrieval.py do
+# LAVIS: AlbefPretrain(...) at these sizes, then model.load_checkpoint("{path}/model.pth")
+# the same state dict, not pickled: safetensors.torch.load_file("{path}/model.safetensors")"""
+
+
+def export(model, cfg, tokenizer, source):
+    """--export DIR: model.pth ({'model': state_dict} in the official layout, which the official
+    code and LAVIS torch.load), model.safetensors (the same state dict), config.json (the BERT
+    config), config.yaml (Pretrain.yaml's model fields), the tokenizer and README.md. What our
+    loader would read back differently is refused, named (official_architecture reads the heads as
+    width / 64 and takes the LayerNorm epsilons as ALBEF's)."""
+    for name, ours, official in (("vision-heads", cfg.vision_heads, cfg.vision_width // 64),
+                                 ("text-heads", cfg.text_heads, cfg.text_width // 64),
+                                 ("vision-eps", cfg.vision_eps, 1e-6),
+                                 ("text-eps", cfg.text_eps, 1e-12)):
+        if ours != official:
+            raise UserError(f"--export official: --{name} {ours} is not ALBEF's {official}, "
+                            f"which the layout cannot record (read back as {official})")
+    task = (source["config"] or {}).get("task", cfg.task)
+    saved, ours = source.get("state"), model.state_dict()
+    if saved is not None and all(saved[k].shape == v.shape for k, v in ours.items()):
+        model.load_state_dict(saved)    # --init-from ours: its queues as saved, idx_queue too
+    state, differences = official_state(model.cpu().eval(), task)
+    differences.append("the official code and LAVIS update the momentum model at the start of "
+                       "each forward, ours right after each step: the file holds the last step's "
+                       "update, which their first training forward applies once more")
+    if cfg.type_vocab_size:
+        differences.append("LAVIS's BERT has no token-type embeddings (it drops text_encoder."
+                           "*.token_type_embeddings, whose row 0 the official code adds): LAVIS "
+                           "computes our numbers only for runs with --type-vocab-size 0")
+    with new_folder(cfg.export) as folder:
+        torch.save({"model": state}, os.path.join(folder, WEIGHTS))
+        save_safetensors(state, os.path.join(folder, "model.safetensors"))
+        save_json(bert_config(cfg, tokenizer), os.path.join(folder, "config.json"))
+        with open(os.path.join(folder, "config.yaml"), "w") as f:
+            f.write(run_config(cfg))
+        words = json.loads(save_tokenizer(tokenizer, folder, cfg.max_length)
+                           .backend_tokenizer.to_str())["model"]
+        if words["type"] == "WordPiece":  # BertTokenizer's vocab.txt (transformers 5 writes none)
+            with open(os.path.join(folder, "vocab.txt"), "w") as f:
+                f.write("".join(t + "\n" for t in sorted(words["vocab"], key=words["vocab"].get)))
+        model_card(folder, title=f"ALBEF {cfg.preset} ({task})", method="albef", source=source,
+                   target="the official ALBEF .pth layout", library="pytorch",
+                   load=LOAD.format(path=os.path.abspath(cfg.export)), tags=(task,),
+                   differences=differences)
+    if dist.is_main():
+        print(f"exported the official ALBEF layout to {cfg.export}", flush=True)
+    return {"export": cfg.export, "format": "official"}
