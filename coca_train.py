@@ -43,6 +43,7 @@ from common.data import (Example, image_folder, load_tokenizer,
                          open_clip_cleaner, read_annotations, retrieval_texts, tiny_data,
                          train_loader, train_transform, training_records)
 from common.encoders import Attention, Block, KVCache, MLP, TextTransformer, VisionTransformer
+from common.export import export_source
 from common.generation import beam_search, greedy_or_sample
 from common.metrics import (caption_metrics, embed_images, embed_texts, retrieval_metrics,
                             zeroshot_classifier_sharded, zeroshot_metrics)
@@ -521,7 +522,8 @@ PRESETS = {
                           batch_size=64, grad_checkpointing=True),
 }
 TASKS = ("pretrain", "caption")
-CHOICES = {"task": TASKS, "pooler": ("open_clip", "paper"), "cls_mask": ("correct", "legacy")}
+CHOICES = {"task": TASKS, "pooler": ("open_clip", "paper"), "cls_mask": ("correct", "legacy"),
+           "export_format": coca_weights.TARGETS}
 RESUME_MUTABLE = ("num_beams", "max_gen_length", "min_gen_length", "sample", "top_p")  # eval only
 # Caption fine-tuning (open_clip README, "Fine-tuning CoCa"): the captioning loss alone. On a
 # paper preset also its recipe: lr 1e-5, wd 0.1, batch 128, warm-up 1,000, one epoch.
@@ -615,18 +617,21 @@ def main(argv=None):
     precision = resolve_precision(cfg.precision, device)
     seed_everything(cfg.seed)                     # the same initial weights on every rank
     init = coca_weights.read_init(cfg.init_from)  # open_clip's weights, or one of our checkpoints
-    tokenizer = load_tokenizer(cfg.tokenizer or coca_weights.init_tokenizer(init), cfg.init_from,
+    source = cfg.export and export_source(init, ckpt, cfg, "coca", MODEL_FIELDS, PRESETS)
+    tokenizer = load_tokenizer(cfg.tokenizer or coca_weights.init_tokenizer(init, cfg.init_from),
+                               cfg.init_from,
                                use_tiny=not (cfg.train_data or cfg.val_data or cfg.zeroshot_data),
                                clean=open_clip_cleaner(cfg.text_clean))  # ftfy, HTML[, lower]
     arch = settle_config(cfg, init, tokenizer)    # from here on cfg is only read
     model = build_model(cfg, tokenizer, init, arch).to(device)
     del init
-    if cfg.grad_checkpointing:
-        model.set_grad_checkpointing()
-    loader, sampler, val, zeroshot = build_data(cfg, tokenizer, rank, world_size)
-    log = open_log(cfg, "coca", resumed=ckpt is not None)
     if ckpt:
         model.load_state_dict(ckpt["model"])
+    if cfg.export:                  # --export DIR: these weights as an open_clip folder, then exit
+        return coca_weights.export(model, cfg, tokenizer, source)
+    model.set_grad_checkpointing(cfg.grad_checkpointing)
+    loader, sampler, val, zeroshot = build_data(cfg, tokenizer, rank, world_size)
+    log = open_log(cfg, "coca", resumed=ckpt is not None)
 
     def evaluate_run():
         return evaluate(model, cfg, val, zeroshot, tokenizer, device, precision, cfg.output_dir)
@@ -636,8 +641,7 @@ def main(argv=None):
     # DDP, or FSDP2 sharding each transformer block and the rest (--fsdp)
     train_model = dist.parallelize(model, cfg.fsdp, device, (Block, CrossAttentionBlock),
                                    precision_dtype(precision))
-    if cfg.compile:
-        train_model = torch.compile(train_model)
+    train_model = torch.compile(train_model) if cfg.compile else train_model
     # AdamW (beta2 0.98, eps 1e-6), no decay on gains, biases, embeddings, CLS, temperature
     optimizer = adamw(param_groups(model, cfg.weight_decay, ("logit_scale",)), lr=cfg.lr,
                       betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
