@@ -51,7 +51,7 @@ from common.run import (end_epoch, epochs, eval_only, finish, log_train, open_lo
 from common.utils import (FeatureCache, MicroBatch, MissingFileError, Preemption, UserError, adamw,
                           autocast, cli, first_nonfinite_module, precision_dtype, resolve_precision,
                           seed_everything, sync_gradients)
-from common.weights import blip2 as blip2_weights
+from common.weights import blip2 as blip2_weights, blip2_export
 from common.weights.blip2 import (checkpoint_llm_layers, end_ids, llm_example,  # noqa: F401
                                   load_text_init, load_trainable, load_vision, prompt_batch,
                                   tiny_llm)
@@ -958,22 +958,26 @@ def place(model, device, precision):
 def main(argv=None):
     rank, local_rank, world_size, device = dist.setup()
     cfg, ckpt = resolve_config(Config, PRESETS, argv, description=__doc__, recipe=task_recipe,
-                               recipes_doc=RECIPES_DOC, choices={"task": TASKS, "stage": (1, 2),
-                                                                 "vision": ("eva", "clip-l")},
+                               recipes_doc=RECIPES_DOC, choices={
+                                   "task": TASKS, "stage": (1, 2), "vision": ("eva", "clip-l"),
+                                   "export_format": blip2_export.TARGETS},
                                resume_mutable=("k_test", "itm_batch", "vision_weights"))
     check_config(cfg)
     precision = resolve_precision(cfg.precision, device)
     seed_everything(cfg.seed)                     # the same initial weights on every rank
     init = blip2_weights.read_init(cfg.init_from)   # a folder, LAVIS's file, or our checkpoint
+    source = cfg.export and blip2_export.export_source(init, ckpt, cfg, PRESETS)   # and its stage
     tokenizer, llm_tokenizer = blip2_weights.load_tokenizers(cfg, init)
     settle_config(cfg, init, tokenizer, llm_tokenizer)   # from here on cfg is only read
     # a resumed run: its encoder source (resolve_config cleared --init-from), its weights below
     model = build_model(cfg, init, tokenizer, llm_tokenizer)
     del init
     # the frozen parts are not saved but rebuilt from their sources: fingerprints check them
-    fingerprints = {} if cfg.eval_only else blip2_weights.fingerprints(model)
+    fingerprints = {} if cfg.eval_only or cfg.export else blip2_weights.fingerprints(model)
     if ckpt:
         load_trainable(model, ckpt, cfg.resume)
+    if cfg.export:               # --export DIR: these weights in the format their community loads
+        return blip2_export.export(model, cfg, tokenizer, llm_tokenizer, source)
     place(model, device, precision)
     if cfg.stage == 1:
         loader, sampler, val = build_data(cfg, tokenizer, rank, world_size)

@@ -40,13 +40,17 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 # ---- the built-in tiny dataset ----
 
+def tiny_root():
+    """Where the built-in tiny dataset's versions are built: VLP_TINY_DIR or ~/.cache/vlp-reference."""
+    return os.environ.get("VLP_TINY_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "vlp-reference")
+
+
 def tiny_data(cache_dir=None):
     """Folder of the built-in tiny dataset, built on first use (deterministic, ~2 s).
 
     Built into a temporary folder and renamed into place, so concurrent ranks or test
     processes never see a half-written copy. Override the location with VLP_TINY_DIR."""
-    root = cache_dir or os.environ.get("VLP_TINY_DIR") or os.path.join(
-        os.path.expanduser("~"), ".cache", "vlp-reference")
+    root = cache_dir or tiny_root()
     spec = importlib.util.spec_from_file_location(
         "make_tiny", os.path.join(os.path.dirname(__file__), "..", "data", "make_tiny.py"))
     make_tiny = importlib.util.module_from_spec(spec)

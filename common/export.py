@@ -13,6 +13,7 @@ from contextlib import contextmanager
 import torch
 
 from . import dist
+from .data import tiny_root
 from .utils import UserError
 
 
@@ -128,8 +129,7 @@ def reproduce_command(script, saved, config_cls, presets):
     # where it ran, and what the script derives from the tokenizer (the built-in tiny one: the default)
     skip = {"output_dir", "resume", "eval_only", "export", "export_format", "preset", "vocab_size",
             "eos_id", "pad_id", "init_from"}
-    if "tiny" in str(saved.get("tokenizer")) and not saved.get("train_data"):
-        skip.add("tokenizer")
+    skip |= {k for k, v in saved.items() if isinstance(v, str) and v.startswith(tiny_root())}  # tiny's files
     args = [f"python {script}", f"--preset {saved.get('preset', 'tiny')}"]
     for key, value in saved.items():
         if key in skip or key not in base or base[key] == value:
@@ -168,7 +168,7 @@ def model_card(folder, *, title, method, source, target, load, library, tags=(),
         if metrics:
             lines += [f"## Metrics (step {metrics.get('step')}, split {metrics.get('split')})", "",
                       "| metric | value |", "|---|---|"]
-            lines += [f"| {k} | {v:.2f} |" for k, v in metrics.items()
+            lines += [f"| {k} | {v if float(v).is_integer() else f'{v:.2f}'} |" for k, v in metrics.items()
                       if k not in ("step", "epoch", "split") and isinstance(v, (int, float))]
             lines.append("")
     lines += ["## Load", "", "```python", load.strip(), "```", ""]

@@ -344,9 +344,13 @@ def read_init(path):
         return "lavis", state
     if isinstance(saved, dict) and "config" in saved and "qformer.embed_norm.weight" in state:
         return "ours", saved
+    other = saved.get("method") if isinstance(saved, dict) else None
+    if other and other != "blip2":
+        raise UserError(f"--init-from {path} is a {other} checkpoint ({other}_train.py's), not "
+                        f"one of blip2_train.py's")
     raise UserError(f"--init-from {path}: neither a transformers BLIP-2 folder, LAVIS's "
-                    f"blip2_pretrained.pth "
-                    f"nor one of our BLIP-2 checkpoints (its keys start {sorted(state)[:3]})")
+                    f"blip2_pretrained.pth nor one of our BLIP-2 checkpoints (its keys start "
+                    f"{sorted(state)[:3]})")
 
 
 def init_stage(kind, saved):
@@ -437,6 +441,14 @@ def load_hf(model, state, path):
                   f"{type(model.language_model).__name__})")
         return
     keep = ["lm_head.", "temp"]
+    itg = os.path.join(path, "itg_head.safetensors")       # our export's: ITG's head and temp
+    if text and os.path.isfile(itg):
+        from safetensors.torch import load_file
+        head = load_file(itg)
+        state.update(head)
+        mapping.update({k: k for k in head})
+        mapping["lm_head.decoder.weight"] = "embeddings.word_embeddings.weight"   # tied
+        keep = []
     if text:
         mapping.update({"qformer.word_embeddings.weight": "embeddings.word_embeddings.weight",
                         "qformer.position_embeddings.weight":
@@ -451,7 +463,9 @@ def load_hf(model, state, path):
                  for m in ("intermediate.", "output.", "output_norm.")]
     load_mapped(model, state, mapping, source=path, keep_init=keep,
                 ignore=("position_ids", "language_projection.", "language_model."))
-    if dist.is_main():
+    if dist.is_main() and not keep:
+        print(f"{path}: loaded every weight (ITG's head and temp from {os.path.basename(itg)})")
+    elif dist.is_main():
         lacking = "ITG's LM head" + (
             "" if text else ", the text side (embeddings, text FFNs, projections, ITM)")
         print(f"{path}: loaded every image-side and Q-Former weight; not in a transformers "
@@ -490,12 +504,33 @@ def load_lavis(model, state, path):
     names = ("ln_vision", "vision_proj", "text_proj", "itm_head")
     mapping.update({f"{n}.{p}": f"{n}.{p}" for n in names for p in ("weight", "bias")})
     mapping.update(query_tokens="query_tokens", temp="temp")
-    load_mapped(model, state, mapping, source=path, keep_init=("visual_encoder.",),
+    # a file with the encoder (a fine-tuned one's, or our export's of one not read from a file)
+    vision = any(k.startswith("visual_encoder.") for k in state)
+    if vision:
+        state = dict(state)
+        for i in range(cfg.vision_layers):          # EVA's q and v biases; k has none
+            b = f"visual_encoder.blocks.{i}.attn."
+            q, v = state.pop(b + "q_bias", None), state.pop(b + "v_bias", None)
+            if q is None or v is None:
+                raise UserError(f"{path}: no '{b}q_bias' / 'v_bias': its encoder is not an EVA "
+                                f"ViT of {cfg.vision_layers} blocks (--vision-layers)")
+            state[b + "qkv.bias"] = torch.cat([q, torch.zeros_like(q), v])
+        mapping.update(lavis_vision_map(cfg))
+    load_mapped(model, state, mapping, source=path,
+                keep_init=() if vision else ("visual_encoder.",),
                 ignore=("position_ids", "Qformer.cls.predictions.decoder."))
-    load_vision(model, cfg)
+    if not vision:
+        load_vision(model, cfg)
     if dist.is_main():
         print(f"{path}: loaded every Q-Former weight; the image encoder from "
-              f"{cfg.vision_weights or 'its seed'}")
+              f"{'the file' if vision else cfg.vision_weights or 'its seed'}")
+
+
+def lavis_vision_map(cfg):
+    """Our EVA <- LAVIS's visual_encoder (timm names; its q_bias and v_bias joined as qkv.bias)."""
+    m = timm_vit_map("visual_encoder", "visual_encoder", cfg.vision_layers)
+    del m["visual_encoder.ln_post.weight"], m["visual_encoder.ln_post.bias"]
+    return m
 
 
 def fingerprints(model):
@@ -597,9 +632,10 @@ def to_stage2(stage1, cfg, llm, model_class):
 
 def tiny_llm(cfg, tokenizer):
     """The tiny preset's language model: a random OPT (pre-LN decoder, learned positions) of the
-    llm_* sizes over the tokenizer's vocabulary, without dropout."""
+    llm_* sizes over the tokenizer's vocabulary and one row more, without dropout: the id
+    transformers' Blip2 gives its <image> token (OPT-2.7b's 50272 rows leave it room past 50265)."""
     from transformers import AutoModelForCausalLM, OPTConfig
-    config = OPTConfig(vocab_size=len(tokenizer), hidden_size=cfg.llm_width,
+    config = OPTConfig(vocab_size=len(tokenizer) + 1, hidden_size=cfg.llm_width,
                        num_hidden_layers=cfg.llm_layers, ffn_dim=cfg.llm_mlp_dim,
                        num_attention_heads=cfg.llm_heads, word_embed_proj_dim=cfg.llm_width,
                        max_position_embeddings=max(128, cfg.num_query_tokens + 2 * cfg.max_length),
