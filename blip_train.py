@@ -15,7 +15,7 @@ The paper, in this file:
     Sec. 5.1           retrieval: ITC top-k re-ranked by ITM      evaluate_retrieval
     Sec. 5.2           captioning: beam search after a prompt     evaluate_captions
     configs/*.yaml     pretraining and fine-tuning recipes        PRESETS, FINETUNE
-Published weights (transformers' BLIP folders) load through common/weights/blip.py.
+transformers' BLIP folders: loaded (--init-from) and written (--export) by common/weights/blip.py.
 
     python blip_train.py                                 # tiny built-in data, pretraining, CPU
     python blip_train.py --task caption                  # captioning fine-tuning (LM only)
@@ -598,7 +598,8 @@ FINETUNE = {
                     min_scale=0.5),
 }
 TASKS = ("pretrain", "retrieval", "caption", "capfilt")
-CHOICES = {"task": TASKS, "itm_negatives": ("auto", "local", "global")}
+CHOICES = {"task": TASKS, "itm_negatives": ("auto", "local", "global"),
+           "export_format": blip_weights.FORMATS}   # --export: the trained folders, or one
 # What a resumed run may change: how it evaluates and filters, not what it trains.
 RESUME_MUTABLE = ("k_test", "itm_batch", "num_beams", "max_gen_length", "min_gen_length", "top_p",
                   "capfilt_samples", "capfilt_threshold", "capfilt_output", "capfilt_filter")
@@ -681,18 +682,21 @@ def main(argv=None):
     precision = resolve_precision(cfg.precision, device)
     seed_everything(cfg.seed)                     # the same initial weights on every rank
     init = blip_weights.read_init(cfg.init_from)  # a transformers folder, or one of our checkpoints
+    source = cfg.export and blip_weights.export_source(init, ckpt, cfg, PRESETS)  # ours, checked
     saved_tokenizer = init[1]["config"]["tokenizer"] if init[1] else ""   # one of our checkpoints'
-    tokenizer = load_tokenizer(cfg.tokenizer or saved_tokenizer, cfg.init_from,
-                               use_tiny=not (cfg.train_data or cfg.val_data))
+    tokenizer = load_tokenizer(cfg.tokenizer or saved_tokenizer, blip_weights.hf_folders(
+        cfg.init_from)[0], use_tiny=not (cfg.train_data or cfg.val_data))   # an --export's: its own
     settle_config(cfg, init, tokenizer)           # from here on cfg is only read
     model = build_model(cfg, tokenizer, init).to(device)
     del init
+    if ckpt:
+        model.load_state_dict(ckpt["model"])
+    if cfg.export:      # --export DIR: transformers' retrieval and captioning folders, then exit
+        return blip_weights.export(model, cfg, tokenizer, source)
     prompt_length = check_config(cfg, tokenizer, world_size)
     model.set_grad_checkpointing(cfg.grad_checkpointing)
     loader, sampler, val, records = build_data(cfg, tokenizer, rank, world_size)
     log = open_log(cfg, "blip", resumed=ckpt is not None)
-    if ckpt:
-        model.load_state_dict(ckpt["model"])
 
     def evaluate_run():
         return evaluate(model, cfg, val, tokenizer, device, precision, cfg.output_dir)

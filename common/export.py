@@ -169,7 +169,8 @@ def model_card(folder, *, title, method, source, target, load, library, tags=(),
             lines += [f"## Metrics (step {metrics.get('step')}, split {metrics.get('split')})", "",
                       "| metric | value |", "|---|---|"]
             lines += [f"| {k} | {v if float(v).is_integer() else f'{v:.2f}'} |" for k, v in metrics.items()
-                      if k not in ("step", "epoch", "split") and isinstance(v, (int, float))]
+                      if k not in ("step", "epoch", "split") and isinstance(v, (int, float))
+                      and not k.endswith(("_s", "_pairs"))]                    # timings and counts
             lines.append("")
     lines += ["## Load", "", "```python", load.strip(), "```", ""]
     if saved is not None:
