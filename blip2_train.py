@@ -1001,10 +1001,8 @@ def main(argv=None):
     train_model = dist.parallelize(model, cfg.fsdp, device, (Block, QFormerLayer) + lm_blocks,
                                    precision_dtype(precision), unsharded=frozen_lm,
                                    methods=("itc_features",))   # the feature cache calls it
-    if cfg.compile:
-        train_model = torch.compile(train_model)
-    optimizer = adamw(param_groups(model, cfg), lr=cfg.lr)
-    # warm-up from warmup_lr, cosine to min_lr (each group's lr), the scaler, a resumed state
+    train_model = torch.compile(train_model) if cfg.compile else train_model
+    optimizer = adamw(param_groups(model, cfg), lr=cfg.lr)   # each group's lr: warm-up, cosine
     run = start_run(cfg, model, optimizer, loader, sampler, log, ckpt, precision, keep=keep,
                     extra=fingerprints)
     del ckpt

@@ -698,8 +698,7 @@ def main(argv=None):
     loader, sampler, val, records = build_data(cfg, tokenizer, rank, world_size)
     log = open_log(cfg, "blip", resumed=ckpt is not None)
 
-    def evaluate_run():
-        return evaluate(model, cfg, val, tokenizer, device, precision, cfg.output_dir)
+    evaluate_run = partial(evaluate, model, cfg, val, tokenizer, device, precision, cfg.output_dir)
     if cfg.task == "capfilt":
         return capfilt(model, cfg, records, tokenizer, device, precision, log)
     if cfg.eval_only:
@@ -710,11 +709,9 @@ def main(argv=None):
     # on every rank (enqueued from gathered keys): DDP re-sending them would cost queue_size x E.
     train_model = dist.parallelize(model, cfg.fsdp, device, (Block, BertLayer),
                                    precision_dtype(precision), broadcast_buffers=False)
-    if cfg.compile:
-        train_model = torch.compile(train_model)
+    train_model = torch.compile(train_model) if cfg.compile else train_model
     # AdamW, weight decay 0.05, not on biases, norms, embeddings, the temperature (docs/blip.md)
     optimizer = adamw(param_groups(model, cfg.weight_decay, ("temp",)), lr=cfg.lr)
-    # warm-up, cosine per step (docs/blip.md); the scaler, the non-finite guard; a resumed state
     run = start_run(cfg, model, optimizer, loader, sampler, log, ckpt, precision)
     del ckpt
 

@@ -254,16 +254,13 @@ class Config(BaseConfig):
     layer_norm_eps: float = 1e-5    # LayerNorm epsilon
     # data
     val_data: str = ""              # retrieval evaluation split; empty with tiny: its val split
-    zeroshot_data: str = ""         # image folder root/<class>/*; empty with tiny: its zero-shot
-                                    # set
+    zeroshot_data: str = ""         # root/<class>/* images; empty with tiny: its zero-shot set
     text_clean: str = "lower"       # open_clip's text clean-up: lower (its CLIP BPE), whitespace
                                     # (its HF tokenizers: ftfy, HTML and whitespace, case kept)
     # optimisation (open_clip params.py / paper Sec. 2.5)
     epochs: int = 2
-    batch_size: int = 128           # per process; the contrastive batch is batch_size * accum_steps
-                                    # * world_size
-    accum_steps: int = 1            # micro-batches per optimizer step (open_clip's accum_freq
-                                    # feature cache)
+    batch_size: int = 128           # per process; contrastive batch: x accum_steps x world_size
+    accum_steps: int = 1            # micro-batches per step (open_clip's accum_freq feature cache)
     lr: float = 5e-4
     weight_decay: float = 0.2
     beta1: float = 0.9              # AdamW beta1
@@ -290,8 +287,7 @@ _VIT_TEXT = dict(text_width=512, text_layers=12, text_heads=8, context_length=77
 _B = dict(_VIT_TEXT, vision_width=768, vision_layers=12, vision_heads=12, embed_dim=512)
 PRESETS = {
     "tiny": {},
-    # Table 19/20: ViT-B/32 and B/16 (width 768, 12 layers, 12 heads; text 512 x 12, 8 heads;
-    # embed 512)
+    # Table 19/20: ViT-B/32 and B/16 (768 x 12, 12 heads; text 512 x 12, 8 heads; embed 512)
     "vit-b-32": dict(_B, patch_size=32),
     "vit-b-16": dict(_B, patch_size=16),
     # ViT-L/14: vision 1024 x 24, 16 heads; text 768 x 12, 12 heads; embed 768
@@ -348,7 +344,7 @@ def main(argv=None):
     del init
     if ckpt:
         model.load_state_dict(ckpt["model"])
-    if cfg.export:                     # --export DIR: the weights in the format their community loads
+    if cfg.export:                     # --export DIR: in the format its community loads, then exit
         return clip_weights.export(model, cfg, tokenizer, source)
     if cfg.grad_checkpointing:
         model.set_grad_checkpointing()
@@ -395,8 +391,7 @@ def main(argv=None):
                     with cache.micro(j) as m, sync_gradients(train_model, m.last):
                         live, scalars = embed(batch)
                         emb = m.features(live)                      # (K*B, E) each
-                        # the temperature's (and bias') gradient is taken once per step (it is in
-                        # all K passes)
+                        # the temperature's (and bias') gradient: once per step, not K times
                         scalars = [s if m.last else s.detach() for s in scalars]
                         loss = loss_fn(emb["image"], emb["text"], *scalars)
                         run.scaler.scale(loss).backward()
