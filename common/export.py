@@ -7,6 +7,7 @@ import copy
 import dataclasses
 import json
 import os
+import shlex
 import shutil
 from contextlib import contextmanager
 
@@ -29,12 +30,15 @@ def export_source(init, ckpt, cfg, method, fields, presets):
     kind, saved = init if ckpt is None else ("ours", ckpt)
     path = cfg.init_from if ckpt is None else cfg.resume
     if kind is None:
-        raise UserError(f"--export writes trained weights: pass --init-from CHECKPOINT (or --resume) to {script}")
+        raise UserError(f"--export writes trained weights: pass --init-from CHECKPOINT (or --resume) "
+                        f"to {script}")
     if kind != "ours":
         return {"path": path, "config": None, "step": None, "script": script, "command": None}
     other = saved.get("method")
     if other is not None and other != method:
-        raise UserError(f"{path} is a {other} checkpoint: export it with {other}_train.py, not {script}")
+        article = "an" if other[0] in "aeiou" else "a"
+        raise UserError(f"{path} is {article} {other} checkpoint: export it with {other}_train.py, "
+                        f"not {script}")
     missing = [k for k in fields if k not in saved["config"]]
     if missing:
         raise UserError(f"{path} is not a {script} checkpoint (its config lacks {', '.join(missing[:3])})")
@@ -117,6 +121,8 @@ def save_tokenizer(tokenizer, folder, context_length, **extra_config):
         single=f"{bos} $A {eos}", pair=f"{bos} $A {eos} $B:1 {eos}:1",
         special_tokens=[(bos, tokenizer.bos_id), (eos, tokenizer.eos_id)])
     tok.model_max_length = context_length
+    if tok.pad_token is None:                   # ours pads with pad_id (0 without a pad token)
+        tok.pad_token = tok.convert_ids_to_tokens(tokenizer.pad_id)
     for key, value in extra_config.items():
         setattr(tok, key, value)
     tok.save_pretrained(folder)
@@ -124,18 +130,22 @@ def save_tokenizer(tokenizer, folder, context_length, **extra_config):
 
 
 def reproduce_command(script, saved, config_cls, presets):
-    """A command line that trains the same run: the preset and every field that differs from it."""
+    """A command line that trains the same run: the preset and every field that differs from it
+    (values shell-quoted), its --init-from included."""
     base = dataclasses.asdict(config_cls(**presets.get(saved.get("preset", "tiny"), {})))
-    # where it ran, and what the script derives from the tokenizer (the built-in tiny one: the default)
+    # where it ran, and what the script derives from the tokenizer
     skip = {"output_dir", "resume", "eval_only", "export", "export_format", "preset", "vocab_size",
-            "eos_id", "pad_id", "init_from"}
-    skip |= {k for k, v in saved.items() if isinstance(v, str) and v.startswith(tiny_root())}  # tiny's files
+            "eos_id", "pad_id"}
+    if not any(saved.get(k) for k in ("train_data", "val_data", "zeroshot_data")):
+        # the built-in data: its tokenizer (and other files) are the default
+        skip |= {k for k, v in saved.items() if isinstance(v, str) and v.startswith(tiny_root())}
     args = [f"python {script}", f"--preset {saved.get('preset', 'tiny')}"]
     for key, value in saved.items():
         if key in skip or key not in base or base[key] == value:
             continue
         flag = "--" + key.replace("_", "-")
-        args.append(flag if value is True else f"--no-{flag[2:]}" if value is False else f"{flag} {value}")
+        args.append(flag if value is True else f"--no-{flag[2:]}" if value is False
+                    else f"{flag} {shlex.quote(str(value))}")
     return " \\\n    ".join(args)
 
 

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import clip_train
-from common.data import Tokenizer, eval_transform, load_rgb, read_annotations, retrieval_texts
+from common.data import Tokenizer, eval_transform, open_clip_cleaner, load_rgb, read_annotations, retrieval_texts
 from common.metrics import retrieval_metrics
 from common.utils import UserError, load_checkpoint
 from common.weights import clip as clip_weights
@@ -33,8 +33,11 @@ def run(trained_clip, tiny, tmp_path_factory):
         clip_train.main(["--init-from", ckpt_path, "--export", str(out / fmt), "--export-format", fmt])
     val = read_annotations(os.path.join(tiny, "val.json"))[:40]
     texts, txt2img = retrieval_texts(val)
+    images = [load_rgb(r["image"]) for r in val]
     return dict(ckpt_path=ckpt_path, ckpt=ckpt, model=model, out=out, val=val, texts=texts, txt2img=txt2img,
-                images=[load_rgb(r["image"]) for r in val],
+                images=images, odd=images[0].resize((131, 97)),        # resized and cropped by both
+                raw="A Dog &amp;  Cat",                                  # cleaned up by ours first
+                clean=open_clip_cleaner(ckpt["config"]["text_clean"]),
                 ids=Tokenizer(ckpt["config"]["tokenizer"])(texts, ckpt["config"]["context_length"]))
 
 
@@ -61,6 +64,9 @@ def test_transformers_clipmodel_computes_ours(run):
     assert torch.equal(ids, run["ids"])                                     # its tokenizer: our rows
     their_pixels = processor(images=run["images"], return_tensors="pt")["pixel_values"]
     torch.testing.assert_close(their_pixels, pixels, atol=1e-5, rtol=0)     # its preprocessing: ours
+    size = run["ckpt"]["config"]["image_size"]
+    torch.testing.assert_close(processor(images=[run["odd"]], return_tensors="pt")["pixel_values"][0],
+                               eval_transform(size)(run["odd"]), atol=1e-5, rtol=0)
     with torch.no_grad():
         out = hf(input_ids=ids[first], pixel_values=pixels, return_loss=True)
         full = hf(input_ids=ids, pixel_values=their_pixels)
@@ -89,6 +95,14 @@ def test_open_clip_folder_computes_ours(run):
     assert torch.equal(ids, run["ids"])
     their_pixels = torch.stack([preprocess(im) for im in run["images"]])
     torch.testing.assert_close(their_pixels, pixels, atol=1e-5, rtol=0)
+    # a resized image: the PIL resize (open_clip) vs the tensor resize (ours) differ by 1-2 of 255
+    # levels (listed in the card); a wrong size, crop or interpolation would differ by far more
+    size = run["ckpt"]["config"]["image_size"]
+    diff = (preprocess(run["odd"]) - eval_transform(size)(run["odd"])).abs()
+    assert diff.max() < 2.5 / 255 / 0.26 and diff.mean() < 1e-3, (diff.max(), diff.mean())
+    # its tokenizer applies our text clean-up (tokenizer_kwargs): HTML, whitespace, case
+    tok = Tokenizer(run["ckpt"]["config"]["tokenizer"], run["clean"])
+    assert torch.equal(tokenizer([run["raw"]]), tok([run["raw"]], run["ckpt"]["config"]["context_length"]))
     with torch.no_grad():
         image_features, text_features, logit_scale = model(pixels, ids[first])
         their_loss = open_clip.ClipLoss()(image_features, text_features, logit_scale)
@@ -151,7 +165,7 @@ def test_another_scripts_checkpoint_is_one_line_exit_2(run, tmp_path):
                           env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
     assert proc.returncode == 2, proc.stderr[-2000:]
     lines = [line for line in proc.stderr.splitlines() if line.strip() and "Warning" not in line]
-    assert lines == [f"error: {tmp_path / 'albef.pt'} is a albef checkpoint: export it with albef_train.py, "
+    assert lines == [f"error: {tmp_path / 'albef.pt'} is an albef checkpoint: export it with albef_train.py, "
                      "not clip_train.py"], proc.stderr[-2000:]
 
 

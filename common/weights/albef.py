@@ -40,6 +40,9 @@ def read_init(path):
         return "ours", saved
     if "pos_embed" in state or "cls_token" in state:
         return "vit", state
+    other = saved.get("method") if isinstance(saved, dict) else None
+    if other:                                # one of our checkpoints, of another script
+        raise UserError(f"--init-from {path}: a checkpoint of {other}_train.py, not of albef_train.py")
     raise UserError(f"--init-from {path}: neither an ALBEF checkpoint (official or ours) nor a "
                     f"timm/DeiT ViT (its keys start {sorted(state)[:3]})")
 

@@ -106,6 +106,8 @@ def open_clip_architecture(path):
 def load_open_clip(model, path):
     """Every weight of an open_clip folder into `model` (built from open_clip_architecture)."""
     _, state = read_weights_file(os.path.join(path, OPEN_CLIP_WEIGHTS))
+    if "logit_bias" in state and model.logit_bias is None:
+        raise UserError(f"{path} holds SigLIP's logit_bias: pass --loss siglip")
     state = {k: v.T if k in OPEN_CLIP_TRANSPOSED.values() else v for k, v in state.items()}
     load_mapped(model, state, open_clip_map(model.cfg, "logit_bias" in state), source=path,
                 keep_init=("logit_bias",))
@@ -250,14 +252,23 @@ def export(model, cfg, tokenizer, source):
     if model.logit_bias is not None and fmt == "transformers":
         differences.append(f"SigLIP's learned bias b = {model.logit_bias.item():.4f} is not in CLIPModel: "
                            "add it to logits_per_image / logits_per_text before the sigmoid")
-    if cfg.text_clean != "whitespace":
-        differences.append(f"captions were cleaned with open_clip's '{cfg.text_clean}' clean-up (ftfy, HTML, "
-                           "whitespace, lower case) before tokenizing" + (
-                               "; apply it before the processor" if fmt == "transformers" else
-                               ": open_clip's tokenizer applies it (tokenizer_kwargs)"))
+    clean = {"lower": "ftfy, HTML unescaped twice, whitespace collapsed, lower case",
+             "whitespace": "ftfy, HTML unescaped twice, whitespace collapsed"}.get(cfg.text_clean, cfg.text_clean)
+    if fmt == "transformers":
+        differences.append(f"our captions are cleaned before tokenizing ({clean}): apply that before the "
+                           "processor (its tokenizer does only its own normalisation)")
+    else:
+        differences.append("open_clip's preprocess resizes the PIL image, ours the decoded tensor (both "
+                           "bicubic, antialiased): images not already at the model's size differ by 1-2 "
+                           "of 255 levels in a few pixels")
+        if not cfg.tokenizer or os.path.exists(cfg.tokenizer):
+            differences.append("the tokenizer is this folder's own: for an hf-hub: upload set "
+                               "model_cfg.text_cfg.hf_tokenizer_name in open_clip_config.json to the "
+                               "repository's name")
     with new_folder(cfg.export) as folder:
         TARGETS[fmt](model.cpu().eval(), cfg, tokenizer, folder)
-        model_card(folder, title=f"CLIP {cfg.preset} ({cfg.loss})", method="clip", source=source,
+        title = f"CLIP {cfg.preset} ({cfg.loss})" if source["config"] else "CLIP (converted weights)"
+        model_card(folder, title=title, method="clip", source=source,
                    target={"transformers": "a transformers CLIPModel", "open_clip": "an open_clip model"}[fmt],
                    load=LOAD[fmt].format(path=os.path.abspath(cfg.export)),
                    library={"transformers": "transformers", "open_clip": "open_clip"}[fmt],
