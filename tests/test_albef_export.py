@@ -103,7 +103,16 @@ def test_config_tokenizer_and_card(run):
     assert config["fusion_layer"] == c["fusion_layer"] and config["num_hidden_layers"] == c["text_layers"]
     assert config["hidden_size"] == c["text_width"] and config["encoder_width"] == c["vision_width"]
     assert config["vocab_size"] == c["vocab_size"] and config["type_vocab_size"] == c["type_vocab_size"]
-    assert f"image_res: {c['image_size']}\n" in (folder / "config.yaml").read_text()
+    for key, field in (("layer_norm_eps", "text_eps"), ("intermediate_size", "text_mlp_dim"),
+                       ("num_attention_heads", "text_heads"), ("max_position_embeddings", "max_positions")):
+        assert config[key] == c[field], key
+    assert config["add_cross_attention"] is True      # LAVIS's BERT has no cross-attention without
+    import yaml                                       # as the official code and LAVIS read it
+    run_yaml = yaml.safe_load((folder / "config.yaml").read_text())
+    assert run_yaml["image_res"] == c["image_size"] and run_yaml["bert_config"] == "config.json"
+    for key in ("vision_width", "patch_size", "vision_layers", "vision_heads", "vision_mlp_dim",
+                "vision_eps", "embed_dim", "queue_size", "temp", "momentum", "alpha", "mlm_probability"):
+        assert run_yaml[key] == c[key] and type(run_yaml[key]) is type(c[key]), key   # 1e-06: a float
     texts = ["a red circle left of a blue square", "green"]
     ids = AutoTokenizer.from_pretrained(folder)(texts, padding="max_length", max_length=c["max_length"],
                                                 truncation=True, return_tensors="pt")["input_ids"]

@@ -354,7 +354,8 @@ def official_state(model, task):
 
 def bert_config(cfg, tokenizer):
     """configs/config_bert.json of the official code at our sizes (xbert reads fusion_layer and
-    encoder_width; LAVIS's med config add_type_embeddings: its BERT adds no token types anyway)."""
+    encoder_width; LAVIS's med_config_albef.json adds add_cross_attention, without which its BERT
+    has no cross-attention, and add_type_embeddings: its BERT adds no token types anyway)."""
     return {"architectures": ["BertForMaskedLM"], "attention_probs_dropout_prob": cfg.dropout,
             "hidden_act": "gelu", "hidden_dropout_prob": cfg.dropout, "hidden_size": cfg.text_width,
             "initializer_range": 0.02, "intermediate_size": cfg.text_mlp_dim,
@@ -363,7 +364,7 @@ def bert_config(cfg, tokenizer):
             "num_hidden_layers": cfg.text_layers, "pad_token_id": tokenizer.pad_id,
             "type_vocab_size": cfg.type_vocab_size or 2, "vocab_size": cfg.vocab_size,
             "fusion_layer": cfg.fusion_layer, "encoder_width": cfg.vision_width,
-            "add_type_embeddings": False}
+            "add_cross_attention": True, "add_type_embeddings": False}
 
 
 def run_config(cfg):
@@ -376,7 +377,10 @@ def run_config(cfg):
                   patch_size=cfg.patch_size, vision_layers=cfg.vision_layers,
                   vision_heads=cfg.vision_heads, vision_mlp_dim=cfg.vision_mlp_dim,
                   vision_eps=cfg.vision_eps)
-    return "".join(f"{k}: {v}\n" for k, v in fields.items())
+    # YAML 1.1 (PyYAML) reads 1e-06 as a string: a float's mantissa needs its point (1.0e-06)
+    yaml = {k: repr(v).replace("e", ".0e") if isinstance(v, float) and "." not in repr(v) else v
+            for k, v in fields.items()}
+    return "".join(f"{k}: {v}\n" for k, v in yaml.items())
 
 
 LOAD = """import torch, yaml

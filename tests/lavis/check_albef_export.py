@@ -10,8 +10,13 @@ Without arguments it makes its own tiny run (2 steps, a full queue of 16, --type
 export with the project's Python (.venv/bin/python, or $PROJECT_PYTHON): our tokenizer is read by
 transformers 5, which LAVIS's environment does not have; our model itself imports here.
 
-LAVIS's AlbefPretrain is built at the run's sizes (tests/lavis/peer.py's pieces: LAVIS's ViT and
-BertForMaskedLM), with the exported tokenizer.json as its tokenizer. load_checkpoint is strict=False:
+LAVIS's AlbefPretrain is built from what the folder says, not from our run: its BERT from the
+exported config.json through BertConfig.from_json_file, as LAVIS's from_config reads
+med_config_albef.json (LAVIS then fixes fusion_layer at 6, bert-base's: the file's is kept), its
+ViT, embed_dim, queue, temperature, momentum, alpha and masking probability from config.yaml
+(what VisionTransformerEncoder.from_config fixes for ViT-B/16: the file's sizes, its LayerNorm
+epsilon as vit_layer_norm_epsilon), with the exported tokenizer.json as its tokenizer. So a wrong
+size, epsilon or setting in either file fails the load, the settings or the losses. load_checkpoint is strict=False:
 the check requires that LAVIS misses no key and lists exactly the keys it does not hold (the
 token-type matrices: LAVIS's BERT has none; the run has none either, so the file's are zeros).
 Two things are aligned as in check_albef.py: the masked positions (ours drawn once, given to
@@ -19,7 +24,9 @@ LAVIS) and the ITM hard negatives (the argmax on both sides). LAVIS, as the offi
 the momentum model at the start of forward, we right after each step: our model gets that one
 more EMA update before its forward, so that both see the same momentum weights.
 
-Exits non-zero when a key does not load as stated or a loss differs by more than 1e-5."""
+Exits non-zero when a key does not load as stated, a setting of the model built from the folder
+(LayerNorm epsilons, queue, momentum, alpha, ...) is not the run's or a loss differs by more than
+1e-5."""
 import json
 import os
 import random
@@ -51,34 +58,64 @@ def tiny_export(out):
 
 def lavis_tokenizer(folder):
     """Our exported tokenizer as LAVIS's transformers (4.26) reads it: tokenizer.json, whose
-    post-processor puts [CLS] ... [SEP] around every text, and the special tokens of its config."""
+    post-processor puts [CLS] ... [SEP] around every text, and the special tokens and length
+    (LAVIS's max_txt_len) of its config."""
     from transformers import PreTrainedTokenizerFast
     with open(os.path.join(folder, "tokenizer_config.json")) as f:
         config = json.load(f)
     special = {k: config[k] for k in ("pad_token", "cls_token", "sep_token", "mask_token",
-                                      "unk_token") if k in config}
+                                      "unk_token", "model_max_length") if k in config}
     return PreTrainedTokenizerFast(tokenizer_file=os.path.join(folder, "tokenizer.json"), **special)
+
+
+def lavis_model(folder, tok):
+    """AlbefPretrain as the folder's config.json and config.yaml describe it."""
+    from functools import partial
+
+    import yaml
+    from lavis.models.albef_models.albef_pretrain import AlbefPretrain
+    from lavis.models.med import BertConfig, BertForMaskedLM
+    from lavis.models.vit import VisionTransformerEncoder
+    med = BertConfig.from_json_file(os.path.join(folder, "config.json"))   # as from_config does
+    with open(os.path.join(folder, "config.yaml")) as f:
+        y = yaml.safe_load(f)
+    assert y["bert_config"] == "config.json"
+    vit = VisionTransformerEncoder(img_size=y["image_res"], patch_size=y["patch_size"],
+                                   embed_dim=y["vision_width"], depth=y["vision_layers"],
+                                   num_heads=y["vision_heads"],
+                                   mlp_ratio=y["vision_mlp_dim"] / y["vision_width"],
+                                   norm_layer=partial(torch.nn.LayerNorm, eps=y["vision_eps"]))
+    vit.vision_width = y["vision_width"]       # set by VisionTransformerEncoder.from_config
+    torch.manual_seed(0)
+    cls = type("ExportedAlbefPretrain", (AlbefPretrain,),
+               {"init_tokenizer": classmethod(lambda c: tok)})
+    return cls(image_encoder=vit, text_encoder=BertForMaskedLM(config=med), queue_size=y["queue_size"],
+               embed_dim=y["embed_dim"], mlm_mask_prob=y["mlm_probability"], temp=y["temp"],
+               momentum=y["momentum"], alpha=y["alpha"], max_txt_len=tok.model_max_length), y
 
 
 def check(folder, ckpt_path):
     """Loads the export into LAVIS and compares the losses; True when all is as stated."""
     ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
     cfg = albef_train.Config(**ckpt["config"])
-    assert cfg.vision_mlp_dim == 4 * cfg.vision_width, "LAVIS's ViT has MLP ratio 4"
     peer.import_lavis()
-    from lavis.models.albef_models.albef_pretrain import AlbefPretrain
-    from lavis.models.med import BertForMaskedLM
     tok = lavis_tokenizer(folder)
-    c = {k: getattr(cfg, k) for k in peer.CONFIGS["tiny"]}
-    med = peer._med_config(c, cfg.vocab_size, 0.0, fusion_layer=cfg.fusion_layer)
-    torch.manual_seed(0)
-    lavis = type("ExportedAlbefPretrain", (AlbefPretrain,), {"init_tokenizer": classmethod(lambda cls: tok)})(
-        image_encoder=peer._vit(c), text_encoder=BertForMaskedLM(config=med), queue_size=cfg.queue_size,
-        embed_dim=cfg.embed_dim, mlm_mask_prob=cfg.mlm_probability, temp=cfg.temp, momentum=cfg.momentum,
-        alpha=cfg.alpha, max_txt_len=cfg.max_length)
+    lavis, y = lavis_model(folder, tok)
     msg = lavis.load_checkpoint(os.path.join(folder, "model.pth"))          # LAVIS's own loader
     print(f"LAVIS load_checkpoint: missing {msg.missing_keys}, not held {msg.unexpected_keys}")
     bad = bool(msg.missing_keys)
+    # what the losses cannot tell apart (a LayerNorm epsilon of 1e-5 for 1e-12 moves them by
+    # ~5e-6; the temperature is the file's parameter; the masks are given): the run's, exactly
+    eps = {name: {m.eps for m in part.modules() if isinstance(m, torch.nn.LayerNorm)}
+           for name, part in (("vision", lavis.visual_encoder), ("text", lavis.text_encoder))}
+    built = dict(vision_eps=eps["vision"], text_eps=eps["text"], queue_size=lavis.queue_size,
+                 momentum=lavis.momentum, alpha=lavis.alpha, mlm_probability=lavis.mlm_probability,
+                 temp=y["temp"], max_length=lavis.max_txt_len)
+    for k, v in built.items():
+        run = {getattr(cfg, k)} if isinstance(v, set) else getattr(cfg, k)
+        if v != run:
+            bad = True
+            print(f"LAVIS's model from the folder has {k} {v}, the run {run}")
     if cfg.type_vocab_size == 0:
         expected = [f"text_encoder{s}.bert.embeddings.token_type_embeddings.weight" for s in ("", "_m")]
         bad |= sorted(msg.unexpected_keys) != expected
@@ -89,11 +126,12 @@ def check(folder, ckpt_path):
 
     B = 8
     rng = random.Random(0)
-    words = [w for w in tok.get_vocab() if not w.startswith("[")]
-    batch = {"image": torch.randn(B, 3, cfg.image_size, cfg.image_size, generator=torch.Generator().manual_seed(0)),
+    words = sorted(w for w in tok.get_vocab() if not w.startswith("["))
+    batch = {"image": torch.randn(B, 3, y["image_res"], y["image_res"], generator=torch.Generator().manual_seed(0)),
              "text_input": [" ".join(rng.choice(words) for _ in range(rng.randint(3, 8))) for _ in range(B)],
              "epoch": 0, "iters": 50, "num_iters_per_epoch": 100}
-    alpha = lavis.alpha * lavis._rampup_factor(batch["epoch"], batch["iters"], batch["num_iters_per_epoch"])
+    # LAVIS's forward ramps up its own alpha (config.yaml's); ours gets the run's
+    alpha = cfg.alpha * lavis._rampup_factor(batch["epoch"], batch["iters"], batch["num_iters_per_epoch"])
     enc = peer.tokenize(lavis, batch)
     assert (enc.input_ids[:, 0] == tok.cls_token_id).all() and (enc.input_ids == tok.sep_token_id).sum() == B
     g = torch.Generator().manual_seed(1)
