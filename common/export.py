@@ -178,7 +178,7 @@ def model_card(folder, *, title, method, source, target, load, library, tags=(),
         if metrics:
             lines += [f"## Metrics (step {metrics.get('step')}, split {metrics.get('split')})", "",
                       "| metric | value |", "|---|---|"]
-            lines += [f"| {k} | {v if float(v).is_integer() else f'{v:.2f}'} |" for k, v in metrics.items()
+            lines += [f"| {k} | {f'{v:.2f}' if isinstance(v, float) else v} |" for k, v in metrics.items()
                       if k not in ("step", "epoch", "split") and isinstance(v, (int, float))
                       and not k.endswith(("_s", "_pairs"))]                    # timings and counts
             lines.append("")

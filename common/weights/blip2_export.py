@@ -32,14 +32,21 @@ RUN_TEXT = ("max_length", "prompt", "text_end", "num_beams", "nucleus", "max_gen
 
 def export_source(init, ckpt, cfg, presets):
     """common.export.export_source for blip2_train.py; the stage is the source's (a stage-2
-    checkpoint exports stage 2 whatever --stage says), and so are RUN_TEXT's fields."""
+    checkpoint exports stage 2 whatever --stage says), and so are RUN_TEXT's fields unless given
+    on the command line."""
+    given = {k: getattr(cfg, k) for k in RUN_TEXT if k in getattr(cfg, "explicit_keys", ())}
     source = common_export_source(init, ckpt, cfg, "blip2", MODEL_FIELDS, presets)
     if ckpt is None:
         cfg.stage = init_stage(*init)
-        explicit = getattr(cfg, "explicit_keys", ())
-        saved = source["config"] or {}
-        cfg.__dict__.update({k: saved[k] for k in RUN_TEXT if k in saved and k not in explicit})
+    cfg.__dict__.update(given)
     return source
+
+
+def lavis_model_type(cfg, decoder):
+    """LAVIS's model_type for the run's language model (its names: pretrain_opt2.7b, ...)."""
+    name = os.path.basename(os.path.normpath(cfg.llm or "")).lower().replace("-", "")
+    known = ("opt2.7b", "opt6.7b") if decoder else ("flant5xl", "flant5xxl")
+    return f"pretrain_{name}" if name in known else "<a model_type whose config names your LM>"
 
 
 # ---- transformers ----
@@ -244,12 +251,15 @@ itc = model(**inputs, use_image_text_matching_head=False).logits_per_image  # be
         2: """from transformers import Blip2ForConditionalGeneration, Blip2Processor
 model = Blip2ForConditionalGeneration.from_pretrained("{path}")
 processor = Blip2Processor.from_pretrained("{path}")
-inputs = processor(images=image, text="{prompt}", return_tensors="pt")   # adds the <image> tokens
-out = model.generate(**inputs, num_beams={beams}, max_new_tokens={max_new})
-print(processor.batch_decode(out, skip_special_tokens=True))""",
+inputs = processor(images=image, text={prompt}, return_tensors="pt")   # adds the <image> tokens
+out = model.generate(**inputs, generation_config=model.generation_config)   # our decoding
+{cut}print([c.strip() for c in processor.batch_decode(out, skip_special_tokens=True)])""",
         "lavis": """from lavis.models import load_model
 model = load_model("{name}", "{model_type}", is_eval=True)  # its config's architecture
 model.load_checkpoint("{path}/{file}")"""}
+
+
+ECHO = 'out = out[:, inputs["input_ids"].shape[1]:]   # a decoder-only LM echoes the prompt\n'
 
 
 def differences(model, cfg, fmt, vision, llm):
@@ -266,7 +276,16 @@ def differences(model, cfg, fmt, vision, llm):
     if fmt == "transformers" and cfg.stage == 2 and cfg.llm:
         out.append(f"the language model is a copy of {cfg.llm}"
                    + (" (trained here)" if model.llm_from_checkpoint else " (unchanged)"))
+    if fmt == "transformers" and cfg.stage == 2:
+        out.append("generate() uses generation_config.json only when passed "
+                   "(generation_config=model.generation_config), as the load snippet does")
     if fmt == "lavis":
+        eps = [("ln_vision", cfg.ln_vision_eps, 1e-5), ("Q-Former", cfg.qformer_eps, 1e-12)]
+        eps += [("EVA encoder", cfg.vision_eps, 1e-6)] if cfg.vision == "eva" else []
+        for name, ours, theirs in eps:                   # LAVIS's are fixed in its code
+            if ours != theirs:
+                out.append(f"LAVIS builds its {name} LayerNorms with eps {theirs:g}, this run's "
+                           f"is {ours:g}")
         out.append("the image encoder is in the file" if vision else
                    f"the frozen image encoder is not in the file: LAVIS builds it ({cfg.vision}); "
                    f"ours was {cfg.vision_weights}")
@@ -299,11 +318,10 @@ def export(model, cfg, tokenizer, llm_tokenizer, source):
         path = os.path.abspath(cfg.export)
         decoder = cfg.stage == 2 and model.decoder_only
         load = LOAD["lavis" if fmt == "lavis" else cfg.stage].format(
-            path=path, prompt=cfg.prompt.rstrip(" ") if decoder else cfg.prompt,
-            beams=cfg.num_beams, max_new=cfg.max_gen_length, file=LAVIS_FILE,
+            path=path, prompt=repr(cfg.prompt.rstrip(" ") if decoder else cfg.prompt),
+            file=LAVIS_FILE, cut=ECHO if decoder else "",
             name="blip2" if cfg.stage == 1 else "blip2_opt" if decoder else "blip2_t5",
-            model_type="pretrain" if cfg.stage == 1 else "pretrain_opt2.7b" if decoder else
-            "pretrain_flant5xl")
+            model_type="pretrain" if cfg.stage == 1 else lavis_model_type(cfg, decoder))
         task = "image-text retrieval" if cfg.stage == 1 else "image-to-text"
         preset = (source["config"] or {}).get("preset", cfg.preset)
         model_card(folder, title=f"BLIP-2 {preset} (stage {cfg.stage})", method="blip2",
