@@ -234,7 +234,7 @@ def load_model(path, device, tokenizer_name=""):
     if not tokenizer_name and kind == "clip":
         tokenizer_name = init[1]["config"]["tokenizer"] if init[0] == "ours" else ""   # "": the folder's
     elif not tokenizer_name:
-        tokenizer_name = weights.init_tokenizer(init)      # ours: the run's; open_clip: OpenAI's BPE
+        tokenizer_name = weights.init_tokenizer(init, path)   # the run's, the folder's or BPE
     tokenizer = load_tokenizer(tokenizer_name, path, clean=open_clip_cleaner(cfg.text_clean))
     arch = script.settle_config(cfg, init, tokenizer)
     model = (script.build_model(cfg, init, arch) if kind == "clip" else

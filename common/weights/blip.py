@@ -234,9 +234,10 @@ ids = model.generate(**inputs, num_beams={num_beams}, max_length={max_length},
                      min_length={min_length})         # our evaluation's (generation_config.json)
 caption = processor.decode(ids[0], skip_special_tokens=True)
 # our LM loss of (image, caption) pairs: [DEC] first (generate() puts it there itself)
-inputs = processor(images=image, text=["a dog on the grass"], return_tensors="pt")
+inputs = processor(images=image, text=[{prompt!r} + "a dog on the grass"], return_tensors="pt")
 inputs["input_ids"][:, 0] = model.config.text_config.bos_token_id
 labels = inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, -100)
+labels[:, :{inputs_only}] = -100                 # [DEC] and the prompt are inputs, not targets
 loss = model(**inputs, labels=labels).loss   # smoothed: text_config.label_smoothing"""}
 
 
@@ -305,6 +306,8 @@ def export(model, cfg, tokenizer, source):
             model_card(folder, title=f"BLIP {cfg.preset} ({kind})", method="blip", source=source,
                        target=f"a transformers {ARCHITECTURES[kind]}", library="transformers",
                        load=LOAD[kind].format(path=path, enc_id=model.enc_id, prompt=prompt,
+                                             inputs_only=1 + len(tokenizer.tok(prompt, add_special_tokens=False)
+                                                                 ["input_ids"]) if prompt else 1,
                                              num_beams=cfg.num_beams, max_length=cfg.max_gen_length,
                                              min_length=cfg.min_gen_length),
                        tags=("image-text-retrieval",) if kind == "retrieval" else
