@@ -29,7 +29,7 @@ except ImportError:
     ftfy = None
 
 from . import dist
-from .utils import MissingFileError, UserError, ignore_preemption_signals
+from .utils import DataLoader, MissingFileError, UserError, ignore_preemption_signals
 
 log = logging.getLogger("data")
 
@@ -499,7 +499,7 @@ def eval_image_loader(paths, size, batch_size, workers, crop=False):
     """The images of `paths` in order through eval_transform: resized to size x size without
     cropping (BLIP's and ALBEF's evaluation), or with `crop` CLIP's short-side resize and centre
     crop; `batch_size` at a time, (images, index) batches."""
-    return torch.utils.data.DataLoader(ImageDataset(paths, eval_transform(size, crop=crop)),
+    return DataLoader(ImageDataset(paths, eval_transform(size, crop=crop)),
                                        batch_size=batch_size, num_workers=workers,
                                        worker_init_fn=ignore_preemption_signals)
 
@@ -657,7 +657,7 @@ def train_loader(data, example, cfg, rank, world_size, source, collate_fn=None):
                         f"{len(train_set)} image-caption pairs of {source}; use a smaller --batch-size")
     sampler = ShardedSampler(len(train_set), rank=rank, world_size=world_size, seed=seed)
     sampler.bad_files = train_set.bad_files
-    loader = torch.utils.data.DataLoader(train_set, batch_size=batch_size, sampler=sampler, drop_last=True,
+    loader = DataLoader(train_set, batch_size=batch_size, sampler=sampler, drop_last=True,
                                          num_workers=workers, pin_memory=torch.cuda.is_available(), collate_fn=collate_fn,
                                          persistent_workers=workers > 0, generator=torch.Generator().manual_seed(seed),
                                          worker_init_fn=ignore_preemption_signals)

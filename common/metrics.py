@@ -11,7 +11,7 @@ import torch
 
 from . import dist
 from .data import ImageDataset, eval_image_loader, eval_transform
-from .utils import autocast, ignore_preemption_signals, precision_dtype
+from .utils import DataLoader, autocast, ignore_preemption_signals, precision_dtype
 
 
 def _recall(ranks, ks=(1, 5, 10)):
@@ -161,7 +161,7 @@ def image_tokens(encode, paths, image_size, batch_size, workers, device, precisi
     split), resized to image_size x image_size without cropping (BLIP's and ALBEF's evaluation
     transform), kept in the autocast dtype: they are only read through linear layers that cast to
     it. An empty tensor when `paths` is empty."""
-    loader = torch.utils.data.DataLoader(ImageDataset(paths, eval_transform(image_size, crop=False)),
+    loader = DataLoader(ImageDataset(paths, eval_transform(image_size, crop=False)),
                                          batch_size=batch_size, num_workers=workers,
                                          worker_init_fn=ignore_preemption_signals)
     dtype = precision_dtype(precision)   # not get_autocast_dtype outside autocast: CUDA's default is fp16

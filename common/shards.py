@@ -39,7 +39,7 @@ import torch
 
 from . import dist
 from .data import load_rgb, read_json
-from .utils import MissingFileError, UserError, ignore_preemption_signals
+from .utils import DataLoader, MissingFileError, UserError, ignore_preemption_signals
 
 log = logging.getLogger("shards")
 
@@ -387,7 +387,7 @@ class ShardLoader:
     def __iter__(self):
         # its own generator: starting an epoch (or a resume) must not draw from the global RNG that
         # dropout, masking and negative sampling use (the workers' seeds are not used by the stream)
-        loader = torch.utils.data.DataLoader(self.dataset, batch_size=None, num_workers=self.workers,
+        loader = DataLoader(self.dataset, batch_size=None, num_workers=self.workers,
                                              pin_memory=torch.cuda.is_available(), persistent_workers=False,
                                              generator=torch.Generator().manual_seed(self.dataset.seed),
                                              worker_init_fn=ignore_preemption_signals)

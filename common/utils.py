@@ -285,6 +285,23 @@ def ignore_preemption_signals(worker_id=None):
     threading.Thread(target=_end_on_parents_sigterm, args=(os.getppid(),), daemon=True).start()
 
 
+class DataLoader(torch.utils.data.DataLoader):
+    """torch's DataLoader whose workers start with SIGTERM / SIGUSR1 blocked (a forked worker
+    inherits the mask), so a signal sent to the rank's process group while workers are starting
+    (every epoch of the shard loader, every evaluation) waits for `ignore_preemption_signals`
+    instead of killing a worker that has not run it yet. The main process unblocks them right after
+    and gets any that came meanwhile. (Under the spawn or forkserver start methods the mask is not
+    inherited and that window stays.)"""
+
+    def __iter__(self):
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, PREEMPTION_SIGNALS) if hasattr(signal, "pthread_sigmask") else None
+        try:
+            return super().__iter__()
+        finally:
+            if blocked is not None:
+                signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+
+
 def _end_on_parents_sigterm(parent):
     while True:
         info = signal.sigwaitinfo(PREEMPTION_SIGNALS)

@@ -41,12 +41,16 @@ def signal_at(monkeypatch, script, calls, name="TERM"):
     `calls`-th preemption check, sent as torchrun and SLURM send it: to the process and to its
     DataLoader workers (a rank's process group)."""
     import multiprocessing
+    import time
 
     class SignalAt(script.Preemption):
         def requested(self):
             self.calls = getattr(self, "calls", 0) + 1
             if self.calls == calls:
                 signal_processes([*(p.pid for p in multiprocessing.active_children()), os.getpid()], name)
+                deadline = time.time() + 30   # delivery is asynchronous: another thread may take it later
+                while self.received is None and time.time() < deadline:
+                    time.sleep(0.01)
             return super().requested()
     monkeypatch.setattr(script, "Preemption", SignalAt)
 

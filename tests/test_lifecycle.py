@@ -357,6 +357,31 @@ def test_data_workers_ignore_preemption_signals(tmp_path):
     assert workers and not any(w.is_alive() for w in workers) and {w.exitcode for w in workers} == {0}
 
 
+def _ignore_after_a_second(worker_id):
+    import time
+    from common.utils import ignore_preemption_signals
+    time.sleep(1.0)                                   # a worker still starting (loaded machine, slow imports)
+    ignore_preemption_signals(worker_id)
+
+
+def test_workers_still_starting_survive_a_signal():
+    """Workers start at every shard epoch and evaluation; a signal to the process group that comes
+    before a worker ran its worker_init_fn waits for it (our DataLoader starts them with the signals
+    blocked). Control: torch's own DataLoader loses that worker."""
+    from common.utils import DataLoader
+    for loader_class in (DataLoader, torch.utils.data.DataLoader):
+        loader = loader_class(list(range(8)), batch_size=2, num_workers=2, worker_init_fn=_ignore_after_a_second)
+        batches = iter(loader)
+        signal_processes([w.pid for w in batches._workers], "TERM")
+        signal_processes([w.pid for w in batches._workers], "USR1")
+        if loader_class is DataLoader:
+            assert [int(x) for batch in batches for x in batch] == list(range(8))
+        else:
+            with pytest.raises(RuntimeError, match="DataLoader worker"):   # killed by signal, exited unexpectedly
+                list(batches)
+        del batches
+
+
 def test_signal_outside_the_training_loop_is_recorded_not_fatal(tmp_path):
     """Under `cli` a SIGUSR1 / SIGTERM during start-up is not the default action's kill: the
     training loop's Preemption sees it at its first check; one during the final evaluation (after
