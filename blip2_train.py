@@ -442,8 +442,7 @@ class BLIP2(nn.Module):
                   use_cache=False).logits, labels
 
     def loss_llm(self, images, ids, mask, labels, count=None):
-        """Sec. 3.3: the (prefix) language modeling loss, no smoothing, over the global batch's
-        target tokens (as loss_lm)."""
+        """Sec. 3.3: the (prefix) language modeling loss, unsmoothed, over the global batch's targets."""
         logits, labels = self.llm_logits(images, ids, mask, labels)
         if count is None:
             count = dist.all_reduce_sum((labels != -100).sum().float())
@@ -842,6 +841,8 @@ FINETUNE = {
 }
 TASKS = ("pretrain", "retrieval", "caption", "vqa")
 STAGE_TASKS = {1: ("pretrain", "retrieval"), 2: ("pretrain", "caption", "vqa")}
+CHOICES = {"task": TASKS, "stage": (1, 2), "vision": ("eva", "clip-l"),
+           "export_format": blip2_export.TARGETS}
 # Zero-shot VQA (Sec. 4.1): length penalty -1 "encourages shorter answers"
 VQA_GENERATION = dict(num_beams=5, max_new_tokens=10, min_new_tokens=1, length_penalty=-1.0)
 # The tiny preset's stage 2 (a Q-Former and an LM both new) learns faster at a higher rate
@@ -958,9 +959,7 @@ def place(model, device, precision):
 def main(argv=None):
     rank, local_rank, world_size, device = dist.setup()
     cfg, ckpt = resolve_config(Config, PRESETS, argv, description=__doc__, recipe=task_recipe,
-                               recipes_doc=RECIPES_DOC, choices={
-                                   "task": TASKS, "stage": (1, 2), "vision": ("eva", "clip-l"),
-                                   "export_format": blip2_export.TARGETS},
+                               recipes_doc=RECIPES_DOC, choices=CHOICES,
                                resume_mutable=("k_test", "itm_batch", "vision_weights"))
     check_config(cfg)
     precision = resolve_precision(cfg.precision, device)
@@ -969,8 +968,7 @@ def main(argv=None):
     source = cfg.export and blip2_export.export_source(init, ckpt, cfg, PRESETS)   # and its stage
     tokenizer, llm_tokenizer = blip2_weights.load_tokenizers(cfg, init)
     settle_config(cfg, init, tokenizer, llm_tokenizer)   # from here on cfg is only read
-    # a resumed run: its encoder source (resolve_config cleared --init-from), its weights below
-    model = build_model(cfg, init, tokenizer, llm_tokenizer)
+    model = build_model(cfg, init, tokenizer, llm_tokenizer)   # resumed: the saved encoder source
     del init
     # the frozen parts are not saved but rebuilt from their sources: fingerprints check them
     fingerprints = {} if cfg.eval_only or cfg.export else blip2_weights.fingerprints(model)

@@ -677,8 +677,7 @@ def alpha_at(cfg, step, steps_per_epoch, device):
 def main(argv=None):
     rank, local_rank, world_size, device = dist.setup()
     cfg, ckpt = resolve_config(Config, PRESETS, argv, description=__doc__, recipe=task_recipe,
-                               recipes_doc=RECIPES_DOC, choices=CHOICES,
-                               resume_mutable=RESUME_MUTABLE)
+                               recipes_doc=RECIPES_DOC, choices=CHOICES, resume_mutable=RESUME_MUTABLE)
     precision = resolve_precision(cfg.precision, device)
     seed_everything(cfg.seed)                     # the same initial weights on every rank
     init = blip_weights.read_init(cfg.init_from)  # a transformers folder, or one of our checkpoints

@@ -34,9 +34,8 @@ import torch.nn.functional as F
 
 from common import dist
 from common.config import BaseConfig, resolve_config
-from common.data import (Example, image_folder, load_tokenizer,
-                         open_clip_cleaner, read_annotations, retrieval_texts, tiny_data,
-                         train_loader, train_transform, training_records)
+from common.data import (Example, image_folder, load_tokenizer, read_annotations, retrieval_texts,
+                         run_text_clean, tiny_data, train_loader, train_transform, training_records)
 from common.encoders import Block, TextTransformer, VisionTransformer
 from common.export import export_source
 from common.metrics import (embed_images, embed_texts, retrieval_metrics,
@@ -338,7 +337,7 @@ def main(argv=None):
     saved_tokenizer = init[1]["config"]["tokenizer"] if init[1] else ""   # one of our checkpoints'
     tokenizer = load_tokenizer(cfg.tokenizer or saved_tokenizer, cfg.init_from,
                                use_tiny=not (cfg.train_data or cfg.val_data or cfg.zeroshot_data),
-                               clean=open_clip_cleaner(cfg.text_clean))  # ftfy, HTML[, lower]
+                               clean=run_text_clean(cfg))   # ftfy, HTML[, lower]
     arch = settle_config(cfg, init, tokenizer)    # from here on cfg is only read
     model = build_model(cfg, init, arch).to(device)
     del init

@@ -39,9 +39,8 @@ from torch.utils.checkpoint import checkpoint as grad_checkpoint
 
 from common import dist
 from common.config import BaseConfig, resolve_config
-from common.data import (Example, image_folder, load_tokenizer,
-                         open_clip_cleaner, read_annotations, retrieval_texts, tiny_data,
-                         train_loader, train_transform, training_records)
+from common.data import (Example, image_folder, load_tokenizer, read_annotations, retrieval_texts,
+                         run_text_clean, tiny_data, train_loader, train_transform, training_records)
 from common.encoders import Attention, Block, KVCache, MLP, TextTransformer, VisionTransformer
 from common.export import export_source
 from common.generation import beam_search, greedy_or_sample
@@ -621,7 +620,7 @@ def main(argv=None):
     tokenizer = load_tokenizer(cfg.tokenizer or coca_weights.init_tokenizer(init, cfg.init_from),
                                cfg.init_from,
                                use_tiny=not (cfg.train_data or cfg.val_data or cfg.zeroshot_data),
-                               clean=open_clip_cleaner(cfg.text_clean))  # ftfy, HTML[, lower]
+                               clean=run_text_clean(cfg))   # ftfy, HTML[, lower]
     arch = settle_config(cfg, init, tokenizer)    # from here on cfg is only read
     model = build_model(cfg, tokenizer, init, arch).to(device)
     del init

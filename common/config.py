@@ -162,7 +162,8 @@ def resolve_config(config_cls, presets, argv=None, *, description=None, recipe=N
          and every rank's RNG depend on them), never a silent change.
 
     `cfg.explicit_keys` holds the fields set on purpose, by the command line or the task recipe (not
-    a dataclass field: never saved). Needs `dist.setup()` first: rank 0 decides which checkpoint to resume and every rank
+    a dataclass field: never saved); `cfg.given_keys` the command line's, `cfg.mutable_keys` the
+    fields a resumed run (or an export) may take from it. Needs `dist.setup()` first: rank 0 decides which checkpoint to resume and every rank
     loads that same file (or all fail together with the reason)."""
     parser = build_parser(config_cls, presets, description, choices, recipes_doc)
     args = parser.parse_args(argv)
@@ -175,6 +176,7 @@ def resolve_config(config_cls, presets, argv=None, *, description=None, recipe=N
     for key, value in recipe_values.items():
         setattr(cfg, key, value)
     cfg.explicit_keys = set(given) | set(recipe_values)   # set on purpose (command line or recipe), not by default
+    cfg.given_keys, cfg.mutable_keys = set(given), set(RESUME_MUTABLE) | set(resume_mutable)   # for --export
     check_ranges(cfg)
     ckpt_path = resume_path(cfg.resume, cfg.output_dir)
     if not ckpt_path:

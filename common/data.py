@@ -184,6 +184,23 @@ def open_clip_cleaner(kind):
     return cleaners[kind]
 
 
+def run_text_clean(cfg):
+    """The run's `--text-clean` function, as open_clip's get_tokenizer applies it: the command
+    line's; else an open_clip --init-from folder's own (text_cfg.tokenizer_kwargs.clean; without
+    one, 'whitespace' for a folder with hf_tokenizer_name, 'lower' for its SimpleTokenizer); else
+    the default. Sets cfg.text_clean, so the run saves and exports the one it used."""
+    config = os.path.join(cfg.init_from or "", "open_clip_config.json")
+    if cfg.init_from and os.path.isfile(config) and "text_clean" not in getattr(cfg, "explicit_keys", ()):
+        with open(config) as f:
+            text = json.load(f).get("model_cfg", {}).get("text_cfg", {})
+        cfg.text_clean = text.get("tokenizer_kwargs", {}).get("clean", "whitespace" if "hf_tokenizer_name" in text
+                                                              else "lower")
+        if cfg.text_clean not in ("lower", "whitespace"):
+            raise UserError(f"{config}: tokenizer_kwargs.clean {cfg.text_clean!r} is not one we apply (lower, "
+                            f"whitespace)")
+    return open_clip_cleaner(cfg.text_clean)
+
+
 def _clean_whitespace(text):
     if ftfy is not None:
         text = ftfy.fix_text(text)

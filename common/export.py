@@ -14,16 +14,22 @@ from contextlib import contextmanager
 import torch
 
 from . import dist
+from .config import RESUME_FRESH
 from .data import tiny_root
 from .utils import UserError
 
 
-def export_source(init, ckpt, cfg, method, fields, presets):
+def export_source(init, ckpt, cfg, method, fields, presets, mutable=()):
     """What an --export writes from: one of `method`'s own checkpoints (--init-from, or --resume:
     `ckpt`), or published weights the script loads (converted as they are). Returns {path,
     config, step, script, command} for the model card. Another script's checkpoint (its `method`;
     for one saved before checkpoints carried it, a missing architecture field of `fields`), or no
-    weights at all, is a one-line error. Call it before the architecture is read from `init`."""
+    weights at all, is a one-line error. Call it before the architecture is read from `init`.
+
+    The export is of that run: cfg takes the checkpoint's config. A field the command line sets is
+    kept where a resumed run could change it (how it evaluates and generates: the script's
+    resume-mutable fields, `mutable`); anywhere else a value other than the checkpoint's is a
+    one-line error, as on --resume, never silently dropped."""
     script = f"{method}_train.py"
     if dist.world_size() > 1:
         raise UserError(f"--export runs in one process: python {script} ..., not torchrun")
@@ -43,9 +49,14 @@ def export_source(init, ckpt, cfg, method, fields, presets):
     if missing:
         raise UserError(f"{path} is not a {script} checkpoint (its config lacks {', '.join(missing[:3])})")
     # the export is of that run: its loss (SigLIP's bias), preset, text clean-up, ... (not this command's)
+    given, kept = getattr(cfg, "given_keys", set()), set(getattr(cfg, "mutable_keys", ())) | set(mutable)
     for key, value in saved["config"].items():
-        if hasattr(cfg, key) and key not in ("output_dir", "resume", "init_from", "export", "export_format"):
-            setattr(cfg, key, value)
+        if not hasattr(cfg, key) or key in RESUME_FRESH or (key in given and key in kept):
+            continue
+        if key in given and getattr(cfg, key) != value:
+            raise UserError(f"--{key.replace('_', '-')} {getattr(cfg, key)} differs from {value!r} of {path}: an export "
+                            f"is of the run as trained; leave the flag out")
+        setattr(cfg, key, value)
     return {"path": path, "config": saved["config"], "step": saved.get("step"), "script": script,
             "command": reproduce_command(script, saved["config"], type(cfg), presets)}
 

@@ -35,8 +35,9 @@ dataset and any model (docs/curate.md has the measurements behind them):
 - SemDeDup's eps is 0.0001: only what the model sees as one image goes (the paper's 0.01-0.07
   would remove different images of one scene on the tiny data; choose it on purpose).
 
---model: one of our CLIP or CoCa checkpoints, a transformers CLIPModel folder, or open_clip CoCa
-weights (the loaders of clip_train.py and coca_train.py). --data: every source --train-data reads
+--model: one of our CLIP or CoCa checkpoints, a transformers CLIPModel folder, an open_clip CLIP
+folder (as our --export writes) or open_clip CoCa weights (the loaders of clip_train.py and
+coca_train.py). --data: every source --train-data reads
 (a JSON or CSV annotation file, local webdataset shards); the kept pairs are written in the same
 format (OUT/kept.json, OUT/kept.csv, or OUT/shards/ with sizes.json)."""
 import argparse
@@ -59,8 +60,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from common import dist  # noqa: E402
 from common.config import resolve_config  # noqa: E402
-from common.data import (eval_transform, load_rgb, load_tokenizer, open_clip_cleaner,  # noqa: E402
-                         read_annotations)
+from common.data import (eval_transform, load_rgb, load_tokenizer, read_annotations,  # noqa: E402
+                         run_text_clean)
 from common.shards import expand_shards, is_shards, _is_remote  # noqa: E402
 from common.utils import UserError, autocast, cli, load_checkpoint, resolve_precision  # noqa: E402
 from data.make_shards import add_member, write_sizes  # noqa: E402
@@ -194,15 +195,14 @@ def model_kind(path):
                 kind = json.load(f).get("model_type", "?")
             if kind != "clip":
                 raise UserError(f"--model {path}: a transformers {kind!r} folder; curate.py embeds with CLIP "
-                                f"(a CLIPModel folder), CoCa (open_clip weights) or our CLIP/CoCa "
-                                f"checkpoints")
+                                f"(a CLIPModel or open_clip folder), CoCa (open_clip weights) or our "
+                                f"CLIP/CoCa checkpoints")
             return "clip"
         config = os.path.join(path, "open_clip_config.json")
         if os.path.isfile(config):
             with open(config) as f:
                 if "multimodal_cfg" not in json.load(f).get("model_cfg", {}):
-                    raise UserError(f"--model {path}: open_clip CLIP weights; curate.py takes CLIP as a "
-                                    f"transformers CLIPModel folder or one of our checkpoints")
+                    return "clip"              # clip_train's loader checks it is a CLIP we build
         return "coca"                          # open_clip's folder: coca_train's loader checks it
     if not os.path.isfile(path):
         raise UserError(f"--model {path} does not exist")
@@ -235,7 +235,7 @@ def load_model(path, device, tokenizer_name=""):
         tokenizer_name = init[1]["config"]["tokenizer"] if init[0] == "ours" else ""   # "": the folder's
     elif not tokenizer_name:
         tokenizer_name = weights.init_tokenizer(init, path)   # the run's, the folder's or BPE
-    tokenizer = load_tokenizer(tokenizer_name, path, clean=open_clip_cleaner(cfg.text_clean))
+    tokenizer = load_tokenizer(tokenizer_name, path, clean=run_text_clean(cfg))
     arch = script.settle_config(cfg, init, tokenizer)
     model = (script.build_model(cfg, init, arch) if kind == "clip" else
              script.build_model(cfg, tokenizer, init, arch))
@@ -600,7 +600,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", required=True, help="annotation file (JSON, CSV) or local webdataset shards")
     p.add_argument("--image-root", default="", help="folder relative image paths start from")
-    p.add_argument("--model", required=True, help="our CLIP/CoCa checkpoint, CLIPModel folder, open_clip CoCa")
+    p.add_argument("--model", required=True,
+                   help="our CLIP/CoCa checkpoint, CLIPModel folder, open_clip CLIP/CoCa folder")
     p.add_argument("--tokenizer", default="", help="tokenizer folder or hub name (default: the model's)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--quality", action="store_true", help="run the image checks (step 1)")

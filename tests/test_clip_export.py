@@ -2,20 +2,20 @@
 CLIPModel folder and as an open_clip folder, loaded there with the library's own calls, computes our
 embeddings, logits and loss; the library's own tokenizer and preprocessing give our ids and pixels, and
 so our retrieval numbers; our --init-from of each export holds every weight of the checkpoint."""
+import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import clip_train
-from common.data import Tokenizer, eval_transform, open_clip_cleaner, load_rgb, read_annotations, retrieval_texts
+from common.config import resolve_config
+from common.data import (Tokenizer, eval_transform, load_rgb, open_clip_cleaner, read_annotations, retrieval_texts,
+                         run_text_clean)
 from common.metrics import retrieval_metrics
 from common.utils import UserError, load_checkpoint
 from common.weights import clip as clip_weights
-from tests.test_distributed import ROOT
+from tests.test_distributed import one_line_error
 
 open_clip = pytest.importorskip("open_clip")
 
@@ -132,6 +132,24 @@ def test_init_from_the_export_holds_every_weight(run, fmt):
         assert torch.equal(state[key], value), key
 
 
+def test_an_open_clip_folder_brings_its_text_clean_up(tmp_path):
+    """--init-from an open_clip folder reads text as open_clip's get_tokenizer does: its
+    tokenizer_kwargs.clean, else 'whitespace' with an hf_tokenizer_name, else 'lower'; a --text-clean
+    on the command line wins; one we do not apply is a one-line error."""
+    def clean_of(text_cfg, *flags):
+        folder = tmp_path / str(len(os.listdir(tmp_path)))
+        os.makedirs(folder)
+        (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": {"text_cfg": text_cfg}}))
+        cfg, _ = resolve_config(clip_train.Config, clip_train.PRESETS, ["--init-from", str(folder), *flags])
+        return run_text_clean(cfg)(" A  Dog &amp; Cat"), cfg.text_clean
+    assert clean_of({"tokenizer_kwargs": {"clean": "whitespace"}}) == ("A Dog & Cat", "whitespace")
+    assert clean_of({"hf_tokenizer_name": ""}) == ("A Dog & Cat", "whitespace")
+    assert clean_of({}) == ("a dog & cat", "lower")
+    assert clean_of({"tokenizer_kwargs": {"clean": "whitespace"}}, "--text-clean", "lower") == ("a dog & cat", "lower")
+    with pytest.raises(UserError, match="tokenizer_kwargs.clean 'canonicalize' is not one we apply"):
+        clean_of({"tokenizer_kwargs": {"clean": "canonicalize"}})
+
+
 def test_siglip_bias_goes_to_open_clip_and_the_card_says_what_transformers_lacks(run, tmp_path, monkeypatch):
     monkeypatch.setattr(clip_train, "evaluate", lambda *a, **k: {})
     clip_train.main(["--loss", "siglip", "--max-steps", "1", "--batch-size", "8", "--workers", "0",
@@ -155,18 +173,24 @@ def test_export_refuses_what_it_cannot_write(run, tmp_path):
     torch.save(old, tmp_path / "old.pt")               # saved before checkpoints named their method
     with pytest.raises(UserError, match="is not a clip_train.py checkpoint"):
         clip_train.main(["--init-from", str(tmp_path / "old.pt"), "--export", str(tmp_path / "x")])
+    # a flag that contradicts the run is refused, not dropped; one that equals it or only says how to
+    # evaluate (--workers) is fine
+    with pytest.raises(UserError, match=f"--loss siglip differs from 'clip' of {run['ckpt_path']}: an export is of"):
+        clip_train.main(["--init-from", run["ckpt_path"], "--export", str(tmp_path / "x"), "--loss", "siglip"])
+    size = run["ckpt"]["config"]["image_size"]
+    with pytest.raises(UserError, match=f"--image-size {size + 16} differs from {size}"):
+        clip_train.main(["--init-from", run["ckpt_path"], "--export", str(tmp_path / "x"),
+                         "--image-size", str(size + 16)])
     assert not os.path.exists(tmp_path / "x") and not os.path.exists(tmp_path / "x.tmp")
+    clip_train.main(["--init-from", run["ckpt_path"], "--export", str(tmp_path / "y"), "--workers", "0",
+                     "--image-size", str(size), "--loss", "clip"])
+    assert os.path.isfile(tmp_path / "y" / "model.safetensors")
 
 
 def test_another_scripts_checkpoint_is_one_line_exit_2(run, tmp_path):
     torch.save({**run["ckpt"], "method": "albef"}, tmp_path / "albef.pt")
-    proc = subprocess.run([sys.executable, "clip_train.py", "--init-from", str(tmp_path / "albef.pt"),
-                           "--export", str(tmp_path / "hf")], cwd=ROOT, capture_output=True, text=True,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    lines = [line for line in proc.stderr.splitlines() if line.strip() and "Warning" not in line]
-    assert lines == [f"error: {tmp_path / 'albef.pt'} is an albef checkpoint: export it with albef_train.py, "
-                     "not clip_train.py"], proc.stderr[-2000:]
+    line = one_line_error("clip_train.py", "--init-from", str(tmp_path / "albef.pt"), "--export", str(tmp_path / "hf"))
+    assert line == f"error: {tmp_path / 'albef.pt'} is an albef checkpoint: export it with albef_train.py, not clip_train.py"
 
 
 def test_resume_exports_the_same_weights(run, tmp_path):

@@ -9,8 +9,6 @@ import csv
 import json
 import os
 import shutil
-import subprocess
-import sys
 import tarfile
 import types
 
@@ -28,7 +26,7 @@ from common.utils import UserError
 from data import curate, make_shards
 from tests.test_clip_train import SMALL as CLIP_SMALL
 from tests.test_coca_train import SMALL as COCA_SMALL, tiny_open_clip_folder
-from tests.test_distributed import ROOT, torchrun
+from tests.test_distributed import ROOT, one_line_error, torchrun
 from tests.test_shards import Captions
 
 N_IMAGES = 40
@@ -287,21 +285,39 @@ def test_open_clip_coca_weights(small, model_data, tmp_path):
     check_embeddings(tmp_path / "out", *want)
 
 
+def test_open_clip_clip_folder(clip_ckpt, model_data, tmp_path):
+    """Our CLIP exported as an open_clip folder (its own tokenizer files): the embeddings are open_clip's
+    encode_image / encode_text, with open_clip's own tokenizer, on our preprocessing."""
+    open_clip = pytest.importorskip("open_clip")
+    path, images, captions = model_data
+    clip_train.main(["--init-from", str(clip_ckpt), "--export", str(tmp_path / "oc"), "--export-format", "open_clip"])
+    curate_run(path, tmp_path / "oc", tmp_path / "out", "--chunk", "5")
+    folder = "local-dir:" + str(tmp_path / "oc")
+    ref = open_clip.create_model_and_transforms(folder)[0].eval()
+    size = torch.load(clip_ckpt, weights_only=True)["config"]["image_size"]
+    want = reference_embeddings(ref.encode_image, ref.encode_text, images, captions, size,
+                                open_clip.get_tokenizer(folder))
+    check_embeddings(tmp_path / "out", *want)
+
+
 def test_models_of_other_kinds_are_one_line_errors_naming_them(small, model_data, tmp_path):
-    """One of our ALBEF checkpoints (1 step), a transformers BERT folder, a missing file."""
+    """One of our ALBEF checkpoints (1 step), a transformers BERT folder, a missing file, an open_clip
+    CLIP that pools the text at argmax (not ours)."""
     import albef_train
     from tests.test_albef_train import SMALL as ALBEF_SMALL
-    from transformers import BertConfig, BertModel
+    from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
     path = model_data[0]
     albef_train.main([*ALBEF_SMALL, "--train-data", str(path), "--tokenizer", small.tokenizer,
                       "--batch-size", "4", "--max-steps", "1", "--output-dir", str(tmp_path / "albef")])
     albef = tmp_path / "albef" / "checkpoint_last.pt"
     BertModel(BertConfig(vocab_size=30, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
                          intermediate_size=32)).save_pretrained(tmp_path / "bert")
-    os.makedirs(tmp_path / "oc_clip")                    # an open_clip CLIP folder: no multimodal_cfg
-    (tmp_path / "oc_clip" / "open_clip_config.json").write_text(json.dumps({"model_cfg": {"embed_dim": 8}}))
+    os.makedirs(tmp_path / "oc_clip")                    # an open_clip CLIP folder we do not build
+    (tmp_path / "oc_clip" / "open_clip_config.json").write_text(json.dumps({"model_cfg": {
+        "embed_dim": 8, "text_cfg": {"pool_type": "argmax"}}}))
+    PreTrainedTokenizerFast.from_pretrained(small.tokenizer).save_pretrained(tmp_path / "oc_clip")
     for model, kind in ((albef, "ALBEF"), (tmp_path / "bert", "'bert'"), (tmp_path / "missing.pt", "exist"),
-                        (tmp_path / "oc_clip", "open_clip CLIP")):
+                        (tmp_path / "oc_clip", "needs text_cfg.pool_type")):
         with pytest.raises(UserError) as e:
             curate_run(path, model, tmp_path / "out")
         assert str(model) in str(e.value) and kind in str(e.value) and "\n" not in str(e.value), e.value
@@ -409,14 +425,9 @@ def test_flags_and_empty_results_are_errors_that_write_nothing(small, clip_ckpt,
 
 def test_the_command_exits_2_with_one_line(clip_ckpt, tmp_path):
     missing = tmp_path / "nothing.json"
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "data", "curate.py"), "--data", str(missing),
-                           "--model", str(clip_ckpt), "--out", str(tmp_path / "out"), "--workers", "0"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 2
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error:") and str(missing) in lines[0], proc.stderr
-    assert "Traceback" not in proc.stderr
+    line = one_line_error(os.path.join("data", "curate.py"), "--data", str(missing), "--model", str(clip_ckpt),
+                          "--out", str(tmp_path / "out"), "--workers", "0")
+    assert str(missing) in line
 
 
 # ---- 6. the pieces ----

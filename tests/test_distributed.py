@@ -29,6 +29,17 @@ def preempt_at(monkeypatch, script, calls):
     monkeypatch.setattr(script, "Preemption", PreemptAt)
 
 
+def one_line_error(*args, timeout=300):
+    """Run `python *args` in the repository root as a user would: it must exit 2 with one `error: ...`
+    line on stderr (library warnings aside) and no traceback. Returns that line."""
+    proc = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    lines = [line for line in proc.stderr.splitlines() if line.strip() and "Warning" not in line]
+    assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    return lines[0]
+
+
 def signal_processes(pids, name="TERM"):
     """Send SIGTERM (or SIG`name`) to `pids` from another process, as torchrun or SLURM do (a
     DataLoader worker signalled by its own parent exits quietly instead). A worker that has just

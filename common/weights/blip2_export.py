@@ -31,14 +31,12 @@ RUN_TEXT = ("max_length", "prompt", "text_end", "num_beams", "nucleus", "max_gen
 
 
 def export_source(init, ckpt, cfg, presets):
-    """common.export.export_source for blip2_train.py; the stage is the source's (a stage-2
-    checkpoint exports stage 2 whatever --stage says), and so are RUN_TEXT's fields unless given
-    on the command line."""
-    given = {k: getattr(cfg, k) for k in RUN_TEXT if k in getattr(cfg, "explicit_keys", ())}
-    source = common_export_source(init, ckpt, cfg, "blip2", MODEL_FIELDS, presets)
+    """common.export.export_source for blip2_train.py: the stage is the source's, and RUN_TEXT's
+    fields given on the command line win over the checkpoint's (they shape only the export's
+    processor and generation_config)."""
+    source = common_export_source(init, ckpt, cfg, "blip2", MODEL_FIELDS, presets, mutable=RUN_TEXT)
     if ckpt is None:
         cfg.stage = init_stage(*init)
-    cfg.__dict__.update(given)
     return source
 
 
