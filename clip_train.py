@@ -24,7 +24,6 @@ arXiv:2301.02280), FLIP (Li et al. 2023, arXiv:2212.00794):
     python clip_train.py --init-from clip-vit-base-patch32/ --eval-only --val-data coco_test.json
 """
 import math
-import os
 from dataclasses import dataclass, replace
 from functools import partial
 
@@ -34,8 +33,7 @@ import torch.nn.functional as F
 
 from common import dist
 from common.config import BaseConfig, resolve_config
-from common.data import (Example, image_folder, load_tokenizer, read_annotations, retrieval_texts,
-                         run_text_clean, tiny_data, train_loader, train_transform, training_records)
+from common.data import contrastive_data, load_tokenizer, retrieval_texts, run_text_clean
 from common.encoders import Block, TextTransformer, VisionTransformer
 from common.export import export_source
 from common.metrics import (embed_images, embed_texts, retrieval_metrics,
@@ -72,9 +70,8 @@ class CLIP(nn.Module):
         nn.init.normal_(self.text_projection.weight, std=cfg.text_width ** -0.5)
         # Temperature tau as a log-parametrised scale, initialised to 1/0.07 (Sec. 2.5); SigLIP's
         # t' = log 10 and learned bias b = -10 (every pair starts near "no match", Sec. 3.2).
-        siglip = cfg.loss == "siglip"
-        self.logit_scale = nn.Parameter(torch.tensor(math.log(10 if siglip else 1 / 0.07)))
-        self.logit_bias = nn.Parameter(torch.tensor(-10.0)) if siglip else None
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(10 if cfg.loss == "siglip" else 1 / 0.07)))
+        self.logit_bias = nn.Parameter(torch.tensor(-10.0)) if cfg.loss == "siglip" else None
 
     def set_grad_checkpointing(self, enabled=True):
         self.visual.transformer.grad_checkpointing = enabled
@@ -180,27 +177,6 @@ def logged_scalars(model):
     return {"logit_scale": dist.value(model.logit_scale).exp().item(), **bias}
 
 
-# ---- data ----
-
-def build_data(cfg, tokenizer, rank, world_size):
-    """Training set and loader (None with --eval-only), evaluation sets. With no data flag at
-    all, the built-in tiny set (train, val and zero-shot splits)."""
-    tiny = None if (cfg.train_data or cfg.val_data or cfg.zeroshot_data) else tiny_data()
-    val_file = cfg.val_data or (os.path.join(tiny, "val.json") if tiny else "")
-    zs_root = cfg.zeroshot_data or (os.path.join(tiny, "zeroshot") if tiny else "")
-    root = cfg.image_root or None
-    val = read_annotations(val_file, root) if val_file else None
-    zeroshot = image_folder(zs_root) if zs_root else None
-    if cfg.eval_only:
-        return None, None, val, zeroshot
-    train_file = cfg.train_data or os.path.join(tiny_data(), "train.json")
-    # open_clip's training crop (scale 0.9-1, bicubic, no flip) at every preset
-    example = Example(train_transform(cfg.image_size), tokenizer, cfg.context_length)
-    records = training_records(train_file, root, cfg.skip_bad)   # an annotation file's, or shards
-    loader, sampler = train_loader(records, example, cfg, rank, world_size, train_file)
-    return loader, sampler, val, zeroshot
-
-
 # ---- evaluation ----
 
 @torch.no_grad()
@@ -216,15 +192,13 @@ def evaluate(model, cfg, val, zeroshot, tokenizer, device, precision):
     if val is not None:
         texts, txt2img = retrieval_texts(val)
         image_emb = images([r["image"] for r in val])
-        tokenize = lambda t: tokenizer(t, cfg.context_length)  # noqa: E731
-        text_emb = embed_texts(model.encode_text, texts, tokenize, cfg.batch_size, cfg.embed_dim,
-                               device, precision)
+        text_emb = embed_texts(model.encode_text, texts, lambda t: tokenizer(t, cfg.context_length),
+                               cfg.batch_size, cfg.embed_dim, device, precision)
         metrics.update(retrieval_metrics(image_emb @ text_emb.T, txt2img))
     if zeroshot is not None:
         paths, labels, classnames, templates = zeroshot
-        classifier = zeroshot_classifier_sharded(model.encode_text, tokenizer, classnames,
-                                                 templates, cfg.context_length, cfg.embed_dim,
-                                                 device, precision)
+        classifier = zeroshot_classifier_sharded(model.encode_text, tokenizer, classnames, templates,
+                                                 cfg.context_length, cfg.embed_dim, device, precision)
         image_emb = images(paths)
         metrics.update(zeroshot_metrics(image_emb @ classifier.T, labels))
     model.train(was_training)
@@ -277,6 +251,7 @@ class Config(BaseConfig):
     init_from: str = ""             # transformers CLIPModel or open_clip folder, or our checkpoint
 
 
+CHOICES = {"loss": ["clip", "siglip", "diht"], "export_format": list(clip_weights.TARGETS)}
 MODEL_FIELDS = ("image_size", "patch_size", "vision_width", "vision_layers", "vision_heads",
                 "text_width", "text_layers", "text_heads", "context_length", "vocab_size", "eos_id",
                 "embed_dim", "mlp_ratio", "act", "layer_norm_eps")
@@ -307,9 +282,8 @@ def settle_config(cfg, init, tokenizer):
     cfg.vocab_size = cfg.vocab_size or tokenizer.vocab_size
     cfg.eos_id = tokenizer.eos_id if cfg.eos_id < 0 else cfg.eos_id
     if cfg.vocab_size < tokenizer.vocab_size or cfg.eos_id != tokenizer.eos_id:
-        raise UserError(f"tokenizer {tokenizer.name} (vocab {tokenizer.vocab_size}, EOS "
-                        f"{tokenizer.eos_id}) does not fit the model (vocab {cfg.vocab_size}, EOS "
-                        f"{cfg.eos_id})")
+        raise UserError(f"tokenizer {tokenizer.name} (vocab {tokenizer.vocab_size}, EOS {tokenizer.eos_id})"
+                        f" does not fit the model (vocab {cfg.vocab_size}, EOS {cfg.eos_id})")
     return arch
 
 
@@ -327,9 +301,7 @@ def build_model(cfg, init, arch):
 
 def main(argv=None):
     rank, local_rank, world_size, device = dist.setup()
-    cfg, ckpt = resolve_config(Config, PRESETS, argv, description=__doc__,
-                               choices={"loss": ["clip", "siglip", "diht"],
-                                        "export_format": list(clip_weights.TARGETS)})
+    cfg, ckpt = resolve_config(Config, PRESETS, argv, description=__doc__, choices=CHOICES)
     precision = resolve_precision(cfg.precision, device)
     seed_everything(cfg.seed)                     # the same initial weights on every rank
     init = clip_weights.read_init(cfg.init_from)  # a transformers or open_clip folder, or ours
@@ -345,9 +317,8 @@ def main(argv=None):
         model.load_state_dict(ckpt["model"])
     if cfg.export:                     # --export DIR: in the format its community loads, then exit
         return clip_weights.export(model, cfg, tokenizer, source)
-    if cfg.grad_checkpointing:
-        model.set_grad_checkpointing()
-    loader, sampler, val, zeroshot = build_data(cfg, tokenizer, rank, world_size)
+    model.set_grad_checkpointing(cfg.grad_checkpointing)
+    loader, sampler, val, zeroshot = contrastive_data(cfg, tokenizer, rank, world_size)
     log = open_log(cfg, "clip", resumed=ckpt is not None)
 
     def evaluate_run():
@@ -357,8 +328,7 @@ def main(argv=None):
 
     # DDP, or FSDP2 sharding each transformer block and the rest (--fsdp)
     train_model = dist.parallelize(model, cfg.fsdp, device, (Block,), precision_dtype(precision))
-    if cfg.compile:
-        train_model = torch.compile(train_model)
+    train_model = torch.compile(train_model) if cfg.compile else train_model
     # AdamW as the paper (Sec. 2.5, beta2 0.98, eps 1e-6), decoupled decay off for gains,
     # biases, embeddings, the temperature and SigLIP's bias; the fused kernel.
     optimizer = adamw(param_groups(model, cfg.weight_decay, ("logit_",)), lr=cfg.lr,

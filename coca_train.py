@@ -39,8 +39,7 @@ from torch.utils.checkpoint import checkpoint as grad_checkpoint
 
 from common import dist
 from common.config import BaseConfig, resolve_config
-from common.data import (Example, image_folder, load_tokenizer, read_annotations, retrieval_texts,
-                         run_text_clean, tiny_data, train_loader, train_transform, training_records)
+from common.data import contrastive_data, load_tokenizer, retrieval_texts, run_text_clean
 from common.encoders import Attention, Block, KVCache, MLP, TextTransformer, VisionTransformer
 from common.export import export_source
 from common.generation import beam_search, greedy_or_sample
@@ -367,25 +366,6 @@ def compute_losses(train_model, cfg, batch, micro=None):
 
 # ---- data ----
 
-def build_data(cfg, tokenizer, rank, world_size):
-    """Training loader (None with --eval-only) and evaluation sets. With no data flag at all, the
-    built-in tiny set (train, val and zero-shot splits)."""
-    tiny = None if (cfg.train_data or cfg.val_data or cfg.zeroshot_data) else tiny_data()
-    val_file = cfg.val_data or (os.path.join(tiny, "val.json") if tiny else "")
-    zs_root = cfg.zeroshot_data or (os.path.join(tiny, "zeroshot") if tiny else "")
-    root = cfg.image_root or None
-    val = read_annotations(val_file, root) if val_file else None
-    zeroshot = image_folder(zs_root) if zs_root else None
-    if cfg.eval_only:
-        return None, None, val, zeroshot
-    train_file = cfg.train_data or os.path.join(tiny_data(), "train.json")
-    # open_clip's training crop (scale 0.9-1, bicubic, no flip) at every preset
-    example = Example(train_transform(cfg.image_size), tokenizer, cfg.context_length)
-    records = training_records(train_file, root, cfg.skip_bad)    # an annotation file's, or shards
-    loader, sampler = train_loader(records, example, cfg, rank, world_size, train_file)
-    return loader, sampler, val, zeroshot
-
-
 def trim_padding(ids, pad_id, multiple=8):
     """Drop the padding columns no caption reaches, keeping one (the legacy CLS mask reads it),
     rounded up to `multiple` (fewer shapes to compile). Exact: tokens see only earlier ones, padded
@@ -629,7 +609,7 @@ def main(argv=None):
     if cfg.export:                  # --export DIR: these weights as an open_clip folder, then exit
         return coca_weights.export(model, cfg, tokenizer, source)
     model.set_grad_checkpointing(cfg.grad_checkpointing)
-    loader, sampler, val, zeroshot = build_data(cfg, tokenizer, rank, world_size)
+    loader, sampler, val, zeroshot = contrastive_data(cfg, tokenizer, rank, world_size)
     log = open_log(cfg, "coca", resumed=ckpt is not None)
 
     def evaluate_run():

@@ -687,6 +687,26 @@ def training_records(source, image_root=None, skip_bad=False):
     return source if is_shards(source) else read_annotations(source, image_root, skip_bad)
 
 
+def contrastive_data(cfg, tokenizer, rank, world_size):
+    """CLIP's and CoCa's data: the training loader and sampler (None with --eval-only), the
+    retrieval split and the zero-shot set (None without them). With no data flag at all, the
+    built-in tiny set (train, val and zero-shot splits). Training images take open_clip's crop
+    (scale 0.9-1, bicubic, no flip) at every preset."""
+    tiny = None if (cfg.train_data or cfg.val_data or cfg.zeroshot_data) else tiny_data()
+    val_file = cfg.val_data or (os.path.join(tiny, "val.json") if tiny else "")
+    zs_root = cfg.zeroshot_data or (os.path.join(tiny, "zeroshot") if tiny else "")
+    root = cfg.image_root or None
+    val = read_annotations(val_file, root) if val_file else None
+    zeroshot = image_folder(zs_root) if zs_root else None
+    if cfg.eval_only:
+        return None, None, val, zeroshot
+    train_file = cfg.train_data or os.path.join(tiny_data(), "train.json")
+    example = Example(train_transform(cfg.image_size), tokenizer, cfg.context_length)
+    records = training_records(train_file, root, cfg.skip_bad)   # an annotation file's, or shards
+    loader, sampler = train_loader(records, example, cfg, rank, world_size, train_file)
+    return loader, sampler, val, zeroshot
+
+
 # OpenAI's 80 prompt templates for zero-shot ImageNet (CLIP notebooks / open_clip zero_shot_metadata).
 OPENAI_IMAGENET_TEMPLATES = [
     "a bad photo of a {}.", "a photo of many {}.", "a sculpture of a {}.", "a photo of the hard to see {}.",

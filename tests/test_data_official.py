@@ -18,7 +18,7 @@ import blip_train
 import clip_train
 import coca_train
 from common import data
-from common.data import (Example, RandomAugment, Tokenizer, clean_open_clip, pre_caption_albef,
+from common.data import (Example, RandomAugment, Tokenizer, clean_open_clip, contrastive_data, pre_caption_albef,
                          pre_caption_blip, pre_question_blip, train_transform)
 
 # ---- text ----
@@ -287,7 +287,8 @@ def preset_transform(module, preset, task, tiny):
         tok = AutoTokenizer.from_pretrained(os.path.join(tiny, "tokenizer_llm"))
         loader = module.build_data_stage2(cfg, tok, True, 0, 1)[0]
     else:
-        loader = module.build_data(cfg, Tokenizer(os.path.join(tiny, "tokenizer")), 0, 1)[0]
+        build = contrastive_data if module in (clip_train, coca_train) else module.build_data
+        loader = build(cfg, Tokenizer(os.path.join(tiny, "tokenizer")), 0, 1)[0]
     return cfg.image_size, describe(loader.dataset.example.transform)
 
 

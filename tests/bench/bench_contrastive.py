@@ -32,7 +32,7 @@ def worker(args):
     between the loop's steps (evaluations excluded)."""
     import torch
     import clip_train
-    from common.data import load_tokenizer, open_clip_cleaner
+    from common.data import contrastive_data, load_tokenizer, open_clip_cleaner
     torch.set_num_threads(args.threads)
     curve, clock = [], {"train": 0.0, "last": None}
     real_start_run, real_step_done = clip_train.start_run, clip_train.step_done
@@ -41,7 +41,7 @@ def worker(args):
     def start_run(cfg, *a, **k):
         run = real_start_run(cfg, *a, **k)
         tok = load_tokenizer(cfg.tokenizer, "", use_tiny=True, clean=open_clip_cleaner(cfg.text_clean))
-        _, _, val, zeroshot = clip_train.build_data(cfg, tok, 0, 1)
+        _, _, val, zeroshot = contrastive_data(cfg, tok, 0, 1)
         evaluation.update(val=val, zeroshot=zeroshot, tokenizer=tok)
         clock["last"] = time.perf_counter()
         return run
