@@ -16,8 +16,8 @@ the rest), which checks the EVA layout (timm names, q_bias and v_bias) as well.
 Checks: the file's keys are exactly those of LAVIS's Blip2Qformer.state_dict(); load_checkpoint
 reports no missing and no unexpected key; every tensor arrives unchanged; the three losses agree
 within 1e-5. Then stage 2 (stage2()): the blip2_opt layout, with the tiny LM in the file, loaded
-into LAVIS's Blip2OPT: the same keys, and its LM loss equal to ours within 1e-5. Exits non-zero
-otherwise."""
+into LAVIS's Blip2OPT: the same keys, its LM loss equal to ours within 1e-5, and its greedy
+captions (Blip2OPT.generate) equal to ours. Exits non-zero otherwise."""
 import dataclasses
 import os
 import sys
@@ -79,8 +79,8 @@ def stage2(bad):
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():
         for name, p in ours.named_parameters():
-            if not name.startswith("visual_encoder."):
-                p.add_(torch.randn(p.shape, generator=g) * 0.05)
+            if not name.startswith("visual_encoder."):     # the LM more: its greedy words vary
+                p.add_(torch.randn(p.shape, generator=g) * (1.0 if name.startswith("language_model.") else 0.05))
     ours.eval()
     # LAVIS's Blip2OPT with the peer's small encoder and Q-Former (from its Blip2Qformer builder)
     qformer_model, _ = peer.build_blip2("tiny", batch_size=4, seed=5)
@@ -131,6 +131,36 @@ def stage2(bad):
     a, b = float(got), float(ref)
     bad += abs(a - b) > TOL_LOSS
     print(f"stage 2 loss_lm: ours {a:.8f}  LAVIS Blip2OPT on our export {b:.8f}  diff {abs(a - b):.2e}")
+    return greedy_captions(ours, lavis, images, tok, end[0], bad)
+
+
+def greedy_captions(ours, lavis, images, tok, eos, bad, new_tokens=8):
+    """LAVIS's own Blip2OPT.generate (its prompt "", 1 beam, its end of text "\n") on our export
+    against our model's greedy decoding of the same images: the same captions. Ours is decoded
+    step by step from our forward pass (our BLIP2.generate needs generate(inputs_embeds=), which
+    LAVIS's transformers 4.26 lacks for OPT; it is compared with transformers' own BLIP-2 in
+    tests/test_blip2_export.py)."""
+    ids, mask = blip2_train.prompt_batch(tok, [""] * len(images), True)   # [BOS], as LAVIS's
+    if not torch.equal(ids, tok([""] * len(images), return_tensors="pt").input_ids):
+        return bad + 1
+    if eos != lavis.eos_token_id:
+        print(f"end of text: ours {eos}, LAVIS {lavis.eos_token_id}")
+        return bad + 1
+    with torch.no_grad():
+        theirs = lavis.generate({"image": images, "prompt": ""}, num_beams=1, max_length=new_tokens,
+                                min_length=1)
+        x, m = ours.llm_inputs(ours.soft_prompt(images), ids, mask)
+        rows = torch.empty(len(images), 0, dtype=torch.long)
+        for _ in range(new_tokens):
+            step = ours.language_model(inputs_embeds=x, attention_mask=m).logits[:, -1].argmax(-1)
+            rows = torch.cat([rows, step[:, None]], 1)
+            x = torch.cat([x, ours.language_model.get_input_embeddings()(step)[:, None]], 1)
+            m = torch.cat([m, m.new_ones(len(images), 1)], 1)
+    rows = [r[:r.index(eos)] if eos in r else r for r in rows.tolist()]      # up to the end of text
+    mine = [tok.decode(r, skip_special_tokens=True).strip() for r in rows]
+    bad += mine != theirs or not all(mine)
+    print(f"stage 2 greedy captions (ids {rows}): ours {mine}  LAVIS Blip2OPT on our export {theirs}  "
+          f"{'equal' if mine == theirs else 'DIFFER'}")
     return bad
 
 
