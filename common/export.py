@@ -19,6 +19,11 @@ from .data import tiny_root
 from .utils import UserError
 
 
+# Where the run's files are, not what it was: given with --export, these win (a tokenizer or LM on a
+# machine without the hub, a copy of the data) and a wrong one fails on loading or its checks
+WHERE = ("tokenizer", "llm", "vision_weights", "init_text", "image_root", "train_data", "val_data", "zeroshot_data")
+
+
 def export_source(init, ckpt, cfg, method, fields, presets, mutable=()):
     """What an --export writes from: one of `method`'s own checkpoints (--init-from, or --resume:
     `ckpt`), or published weights the script loads (converted as they are). Returns {path,
@@ -28,8 +33,8 @@ def export_source(init, ckpt, cfg, method, fields, presets, mutable=()):
 
     The export is of that run: cfg takes the checkpoint's config. A field the command line sets is
     kept where a resumed run could change it (how it evaluates and generates: the script's
-    resume-mutable fields, `mutable`); anywhere else a value other than the checkpoint's is a
-    one-line error, as on --resume, never silently dropped."""
+    resume-mutable fields, `mutable`) or where it says where files are (WHERE); anywhere else a
+    value other than the checkpoint's is a one-line error, as on --resume, never silently dropped."""
     script = f"{method}_train.py"
     if dist.world_size() > 1:
         raise UserError(f"--export runs in one process: python {script} ..., not torchrun")
@@ -49,7 +54,7 @@ def export_source(init, ckpt, cfg, method, fields, presets, mutable=()):
     if missing:
         raise UserError(f"{path} is not a {script} checkpoint (its config lacks {', '.join(missing[:3])})")
     # the export is of that run: its loss (SigLIP's bias), preset, text clean-up, ... (not this command's)
-    given, kept = getattr(cfg, "given_keys", set()), set(getattr(cfg, "mutable_keys", ())) | set(mutable)
+    given, kept = getattr(cfg, "given_keys", set()), {*getattr(cfg, "mutable_keys", ()), *mutable, *WHERE}
     for key, value in saved["config"].items():
         if not hasattr(cfg, key) or key in RESUME_FRESH or (key in given and key in kept):
             continue

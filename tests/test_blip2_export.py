@@ -198,7 +198,7 @@ def test_export_refuses_what_it_cannot_write(runs, tmp_path):
     other = load_checkpoint(runs["ckpts"][1])
     torch.save({**other, "method": "clip", "model": {"logit_scale": torch.tensor(1.0)}}, tmp_path / "clip.pt")
     line = one_line_error("blip2_train.py", "--init-from", str(tmp_path / "clip.pt"), "--export", str(tmp_path / "x"))
-    assert "is a clip checkpoint: export it with clip_train.py" in line
+    assert "is a clip checkpoint" in line and "clip_train.py" in line
     assert not os.path.exists(tmp_path / "x") and not os.path.exists(tmp_path / "x.tmp")
     # an LM with no free embedding row for transformers' <image> token
     model, cfg, _, tok = ours(runs["ckpts"][2])

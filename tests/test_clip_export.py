@@ -4,6 +4,7 @@ embeddings, logits and loss; the library's own tokenizer and preprocessing give 
 so our retrieval numbers; our --init-from of each export holds every weight of the checkpoint."""
 import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -164,6 +165,7 @@ def test_siglip_bias_goes_to_open_clip_and_the_card_says_what_transformers_lacks
 
 
 def test_export_refuses_what_it_cannot_write(run, tmp_path):
+    from safetensors.torch import load_file
     with pytest.raises(UserError, match="exists and is not empty"):
         clip_train.main(["--init-from", run["ckpt_path"], "--export", str(run["out"] / "transformers")])
     with pytest.raises(UserError, match="pass --init-from CHECKPOINT"):
@@ -173,8 +175,8 @@ def test_export_refuses_what_it_cannot_write(run, tmp_path):
     torch.save(old, tmp_path / "old.pt")               # saved before checkpoints named their method
     with pytest.raises(UserError, match="is not a clip_train.py checkpoint"):
         clip_train.main(["--init-from", str(tmp_path / "old.pt"), "--export", str(tmp_path / "x")])
-    # a flag that contradicts the run is refused, not dropped; one that equals it or only says how to
-    # evaluate (--workers) is fine
+    # a flag that contradicts the run is refused, not dropped; one that equals it, only says how to
+    # evaluate (--workers) or where a file is (the tokenizer, copied elsewhere) is fine
     with pytest.raises(UserError, match=f"--loss siglip differs from 'clip' of {run['ckpt_path']}: an export is of"):
         clip_train.main(["--init-from", run["ckpt_path"], "--export", str(tmp_path / "x"), "--loss", "siglip"])
     size = run["ckpt"]["config"]["image_size"]
@@ -182,9 +184,11 @@ def test_export_refuses_what_it_cannot_write(run, tmp_path):
         clip_train.main(["--init-from", run["ckpt_path"], "--export", str(tmp_path / "x"),
                          "--image-size", str(size + 16)])
     assert not os.path.exists(tmp_path / "x") and not os.path.exists(tmp_path / "x.tmp")
+    shutil.copytree(run["ckpt"]["config"]["tokenizer"], tmp_path / "tok")
     clip_train.main(["--init-from", run["ckpt_path"], "--export", str(tmp_path / "y"), "--workers", "0",
-                     "--image-size", str(size), "--loss", "clip"])
-    assert os.path.isfile(tmp_path / "y" / "model.safetensors")
+                     "--image-size", str(size), "--loss", "clip", "--tokenizer", str(tmp_path / "tok")])
+    a, b = (load_file(str(d / "model.safetensors")) for d in (tmp_path / "y", run["out"] / "transformers"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_another_scripts_checkpoint_is_one_line_exit_2(run, tmp_path):
