@@ -517,8 +517,8 @@ def eval_image_loader(paths, size, batch_size, workers, crop=False):
     cropping (BLIP's and ALBEF's evaluation), or with `crop` CLIP's short-side resize and centre
     crop; `batch_size` at a time, (images, index) batches."""
     return DataLoader(ImageDataset(paths, eval_transform(size, crop=crop)),
-                                       batch_size=batch_size, num_workers=workers,
-                                       worker_init_fn=ignore_preemption_signals)
+                      batch_size=batch_size, num_workers=workers,
+                      worker_init_fn=ignore_preemption_signals)
 
 
 def retrieval_texts(records, text=None):
@@ -675,9 +675,9 @@ def train_loader(data, example, cfg, rank, world_size, source, collate_fn=None):
     sampler = ShardedSampler(len(train_set), rank=rank, world_size=world_size, seed=seed)
     sampler.bad_files = train_set.bad_files
     loader = DataLoader(train_set, batch_size=batch_size, sampler=sampler, drop_last=True,
-                                         num_workers=workers, pin_memory=torch.cuda.is_available(), collate_fn=collate_fn,
-                                         persistent_workers=workers > 0, generator=torch.Generator().manual_seed(seed),
-                                         worker_init_fn=ignore_preemption_signals)
+                        num_workers=workers, pin_memory=torch.cuda.is_available(), collate_fn=collate_fn,
+                        persistent_workers=workers > 0, generator=torch.Generator().manual_seed(seed),
+                        worker_init_fn=ignore_preemption_signals)
     return loader, sampler
 
 

@@ -162,8 +162,8 @@ def image_tokens(encode, paths, image_size, batch_size, workers, device, precisi
     transform), kept in the autocast dtype: they are only read through linear layers that cast to
     it. An empty tensor when `paths` is empty."""
     loader = DataLoader(ImageDataset(paths, eval_transform(image_size, crop=False)),
-                                         batch_size=batch_size, num_workers=workers,
-                                         worker_init_fn=ignore_preemption_signals)
+                        batch_size=batch_size, num_workers=workers,
+                        worker_init_fn=ignore_preemption_signals)
     dtype = precision_dtype(precision)   # not get_autocast_dtype outside autocast: CUDA's default is fp16
     out = []
     for images, _ in loader:

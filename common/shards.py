@@ -388,9 +388,9 @@ class ShardLoader:
         # its own generator: starting an epoch (or a resume) must not draw from the global RNG that
         # dropout, masking and negative sampling use (the workers' seeds are not used by the stream)
         loader = DataLoader(self.dataset, batch_size=None, num_workers=self.workers,
-                                             pin_memory=torch.cuda.is_available(), persistent_workers=False,
-                                             generator=torch.Generator().manual_seed(self.dataset.seed),
-                                             worker_init_fn=ignore_preemption_signals)
+                            pin_memory=torch.cuda.is_available(), persistent_workers=False,
+                            generator=torch.Generator().manual_seed(self.dataset.seed),
+                            worker_init_fn=ignore_preemption_signals)
         for batch, meta in loader:
             if meta[0] == "error":
                 raise UserError(meta[1])
