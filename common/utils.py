@@ -294,12 +294,13 @@ class DataLoader(torch.utils.data.DataLoader):
     inherited and that window stays.)"""
 
     def __iter__(self):
-        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, PREEMPTION_SIGNALS) if hasattr(signal, "pthread_sigmask") else None
+        if not hasattr(signal, "pthread_sigmask"):          # not POSIX
+            return super().__iter__()
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, PREEMPTION_SIGNALS)
         try:
             return super().__iter__()
         finally:
-            if blocked is not None:
-                signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
 
 
 def _end_on_parents_sigterm(parent):
